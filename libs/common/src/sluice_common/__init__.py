@@ -1,0 +1,8 @@
+"""Sluice common library: what two or more Sluice services share.
+
+Settings, errors, database access and migrations, the workflow model and its validation,
+users and API tokens, the embedded servers of the local default, and the ``sluice`` CLI.
+Nothing here imports a service, and nothing opens a connection at import time.
+"""
+
+__version__ = "0.1.0"

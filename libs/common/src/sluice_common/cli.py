@@ -1,0 +1,247 @@
+"""The ``sluice`` command line.
+
+``sluice dev`` runs the whole system locally; ``sluice api|worker|scheduler`` run one service
+each (what the images run); ``sluice migrate`` and ``sluice users ...`` manage the database.
+Services are started as ``python -m sluice_<service>``, so this module never imports them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import psycopg
+
+from sluice_common import users
+from sluice_common.db import migrate
+from sluice_common.errors import SluiceError
+from sluice_common.logs import configure_logging
+from sluice_common.runtime import Endpoints, resolve_endpoints
+from sluice_common.settings import Settings, load_settings
+from sluice_common.supervisor import Child, Supervisor
+
+SERVICES = ("api", "worker", "scheduler")
+DEV_USER = "dev"
+
+
+def _settings() -> Settings:
+    try:
+        settings = load_settings()
+    except SluiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_logging(settings.log_level, "cli")
+    return settings
+
+
+@contextlib.contextmanager
+def _endpoints(settings: Settings, *, need_redis: bool = True) -> Iterator[Endpoints]:
+    try:
+        endpoints = resolve_endpoints(settings, need_redis=need_redis)
+    except SluiceError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        yield endpoints
+    finally:
+        endpoints.close()
+
+
+@contextlib.contextmanager
+def _connect(endpoints: Endpoints) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(endpoints.database_url) as conn:
+        yield conn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sluice-common", prog_name="sluice")
+def main() -> None:
+    """Sluice: a self-hosted workflow runner."""
+
+
+@main.command("migrate")
+def migrate_cmd() -> None:
+    """Apply pending database migrations (safe to run from several processes at once)."""
+    settings = _settings()
+    with _endpoints(settings, need_redis=False) as endpoints:
+        try:
+            applied = migrate(endpoints.database_url)
+        except SluiceError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+# users ---------------------------------------------------------------------------------------
+
+
+@main.group("users")
+def users_group() -> None:
+    """Manage users and their API tokens."""
+
+
+def _users_call(fn_name: str, *args: object) -> object:
+    settings = _settings()
+    with _endpoints(settings, need_redis=False) as endpoints:
+        migrate(endpoints.database_url)
+        with _connect(endpoints) as conn:
+            try:
+                return getattr(users, fn_name)(conn, *args)
+            except SluiceError as exc:
+                raise click.ClickException(str(exc)) from None
+
+
+@users_group.command("create")
+@click.argument("name")
+def users_create(name: str) -> None:
+    """Create a user; the last line printed is its API token (shown only once)."""
+    issued = _users_call("create_user", name)
+    assert isinstance(issued, users.IssuedToken)
+    click.echo(f"created user {name!r}; its API token (store it now, it is not shown again):")
+    click.echo(issued.token)
+
+
+@users_group.command("token")
+@click.argument("name")
+@click.option("--label", help="A note to tell this token apart.")
+def users_token(name: str, label: str | None) -> None:
+    """Issue another token for a user; the last line printed is the token."""
+    issued = _users_call("create_token", name, label)
+    assert isinstance(issued, users.IssuedToken)
+    click.echo(f"new API token for {name!r}:")
+    click.echo(issued.token)
+
+
+@users_group.command("revoke")
+@click.argument("name")
+@click.option("--prefix", help="Revoke only tokens starting with this (default: all).")
+def users_revoke(name: str, prefix: str | None) -> None:
+    """Revoke a user's tokens."""
+    count = _users_call("revoke_tokens", name, prefix)
+    click.echo(f"revoked {count} token(s) of {name!r}")
+
+
+@users_group.command("list")
+def users_list() -> None:
+    """List users and how many live tokens each has."""
+    rows = _users_call("list_users")
+    assert isinstance(rows, list)
+    for row in rows:
+        click.echo(f"{row['name']}\t{row['tokens']} token(s)\tcreated {row['created_at']:%Y-%m-%d}")
+
+
+# services ------------------------------------------------------------------------------------
+
+
+def _service_argv(service: str) -> list[str]:
+    return [sys.executable, "-m", f"sluice_{service}"]
+
+
+def _run_service(service: str) -> None:
+    """Run one service in this process's place, with the embedded servers if none are set."""
+    settings = _settings()
+    if settings.database_url and settings.redis_url:
+        argv = _service_argv(service)
+        os.execv(argv[0], argv)  # noqa: S606 - replaces this process with the service
+    with _endpoints(settings) as endpoints:
+        env = {
+            **os.environ,
+            "DATABASE_URL": endpoints.database_url,
+            "REDIS_URL": endpoints.redis_url,
+        }
+        sup = Supervisor([Child(service, _service_argv(service))], env)
+        raise SystemExit(_supervise(sup))
+
+
+def _supervise(sup: Supervisor) -> int:
+    previous = {sig: signal.signal(sig, sup.request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        sup.start()
+        status = sup.wait()
+    finally:
+        sup.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status
+
+
+@main.command("api")
+def api_cmd() -> None:
+    """Run the HTTP API (gunicorn)."""
+    _run_service("api")
+
+
+@main.command("worker")
+def worker_cmd() -> None:
+    """Run a worker process."""
+    _run_service("worker")
+
+
+@main.command("scheduler")
+def scheduler_cmd() -> None:
+    """Run the cron scheduler."""
+    _run_service("scheduler")
+
+
+def _ensure_dev_token(endpoints: Endpoints, token_file: Path) -> str:
+    if token_file.exists():
+        return token_file.read_text().strip()
+    with _connect(endpoints) as conn:
+        try:
+            issued = users.create_user(conn, DEV_USER)
+        except SluiceError:
+            issued = users.create_token(conn, DEV_USER, "dev")
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.touch(mode=0o600)
+    token_file.write_text(issued.token + "\n")
+    return issued.token
+
+
+@main.command("dev")
+def dev_cmd() -> None:
+    """Run the whole system locally: embedded servers if needed, migrations, all services."""
+    settings = _settings()
+    with _endpoints(settings) as endpoints:
+        try:
+            migrate(endpoints.database_url)
+        except SluiceError as exc:
+            raise click.ClickException(str(exc)) from None
+        token_file = settings.data_path / "dev-token"
+        _ensure_dev_token(endpoints, token_file)
+        host, port = settings.api_bind.rsplit(":", 1)
+        click.echo(
+            f"Sluice is starting. The dev user's API token is in {token_file}. Try:\n"
+            f'  curl -H "Authorization: Bearer $(cat {token_file})" '
+            f"http://{host}:{port}/api/workflows/queue/stats\n"
+            "Press Ctrl-C to stop.",
+            err=True,
+        )
+        env = {
+            **os.environ,
+            "DATABASE_URL": endpoints.database_url,
+            "REDIS_URL": endpoints.redis_url,
+        }
+        sup = Supervisor([Child(name, _service_argv(name)) for name in SERVICES], env)
+        status = _supervise(sup)
+    click.echo("Sluice stopped.", err=True)
+    raise SystemExit(status)
+
+
+@main.group("embedded")
+def embedded_group() -> None:
+    """Manage the embedded PostgreSQL and Redis of the data folder."""
+
+
+@embedded_group.command("stop")
+def embedded_stop() -> None:
+    """Stop the embedded servers of $SLUICE_DATA_DIR, whoever started them."""
+    from sluice_common.embedded import EmbeddedServers
+
+    EmbeddedServers(_settings().data_path).stop_all()
+    click.echo("embedded servers stopped")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""PostgreSQL access: connection pools and schema migrations.
+
+Pools are opened by a service after start-up (never at import). Migrations are SQL files in
+``sluice_common/migrations`` applied by yoyo; :func:`migrate` serialises concurrent callers with a
+PostgreSQL advisory lock, because yoyo's own lock table is created without one and two first
+runs at once can collide on it.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from sluice_common.errors import InfrastructureError
+from sluice_common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Any fixed 64-bit number works; it only has to be the same in every Sluice process.
+_MIGRATION_LOCK_ID = 0x51_1C_E0_00_00_00_01
+
+
+def open_pool(settings: Settings, database_url: str, *, name: str = "sluice") -> ConnectionPool:
+    """Open a connection pool and wait until it holds its minimum of connections."""
+    pool = ConnectionPool(
+        database_url,
+        min_size=settings.db_pool_min,
+        max_size=max(settings.db_pool_max, settings.db_pool_min),
+        kwargs={"row_factory": dict_row, "autocommit": False},
+        name=name,
+        open=False,
+    )
+    try:
+        pool.open(wait=True, timeout=15)
+    except Exception as exc:
+        pool.close()
+        raise InfrastructureError(f"cannot connect to PostgreSQL: {exc}") from exc
+    return pool
+
+
+def _yoyo_uri(database_url: str) -> str:
+    parts = urlsplit(database_url)
+    return urlunsplit(("postgresql+psycopg", *parts[1:]))
+
+
+def migrate(database_url: str) -> list[str]:
+    """Apply pending migrations; return the ids applied. Safe to run from several processes."""
+    from yoyo import get_backend, read_migrations
+
+    try:
+        lock_conn = psycopg.connect(database_url, autocommit=True)
+    except psycopg.OperationalError as exc:
+        raise InfrastructureError(f"cannot connect to PostgreSQL: {exc}") from exc
+    with lock_conn:
+        lock_conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK_ID,))
+        try:
+            backend = get_backend(_yoyo_uri(database_url))
+            try:
+                with resources.as_file(resources.files("sluice_common") / "migrations") as path:
+                    migrations = read_migrations(str(path))
+                    with backend.lock():
+                        pending = backend.to_apply(migrations)
+                        backend.apply_migrations(pending)
+                applied = [m.id for m in pending]
+            finally:
+                backend.connection.close()
+        finally:
+            lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
+    if applied:
+        log.info("applied migrations: %s", ", ".join(applied))
+    return applied

@@ -1,0 +1,116 @@
+"""Sluice settings: one typed, frozen object read from the environment, and only here.
+
+Every service and the CLI call :func:`load_settings` once at start-up and pass the result down.
+A bad value stops start-up with a :class:`~sluice_common.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from sluice_common.errors import ConfigError
+
+_BIND_RE = re.compile(r"^(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """All configuration of Sluice. Field aliases are the environment variable names."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", populate_by_name=False)
+
+    database_url: Annotated[str | None, Field(validation_alias=_env("DATABASE_URL"))] = None
+    redis_url: Annotated[str | None, Field(validation_alias=_env("REDIS_URL"))] = None
+    data_dir: Annotated[Path, Field(validation_alias=_env("SLUICE_DATA_DIR"))] = Path(".sluice")
+    api_bind: Annotated[str, Field(validation_alias=_env("SLUICE_API_BIND"))] = "127.0.0.1:8000"
+    api_workers: Annotated[int, Field(ge=1, le=64, validation_alias=_env("SLUICE_API_WORKERS"))] = 2
+    concurrency: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("SLUICE_CONCURRENCY"))] = 10
+    rate_limit_per_minute: Annotated[
+        int, Field(ge=1, validation_alias=_env("SLUICE_RATE_LIMIT_PER_MINUTE"))
+    ] = 100
+    max_attempts: Annotated[int, Field(ge=1, le=100, validation_alias=_env("SLUICE_MAX_ATTEMPTS"))] = 3
+    redis_prefix: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_REDIS_PREFIX"))] = "sluice"
+    db_pool_min: Annotated[int, Field(ge=0, le=100, validation_alias=_env("SLUICE_DB_POOL_MIN"))] = 1
+    db_pool_max: Annotated[int, Field(ge=1, le=200, validation_alias=_env("SLUICE_DB_POOL_MAX"))] = 10
+    log_level: Annotated[str, Field(validation_alias=_env("SLUICE_LOG_LEVEL"))] = "INFO"
+
+    @field_validator("api_bind")
+    @classmethod
+    def _check_bind(cls, value: str) -> str:
+        match = _BIND_RE.match(value)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise ValueError("must be HOST:PORT, for example 127.0.0.1:8000")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @property
+    def data_path(self) -> Path:
+        """The data folder as an absolute path (embedded servers, dev token)."""
+        return self.data_dir.expanduser().resolve()
+
+
+def _variable_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]) if loc else "?"
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return field
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``environ`` (default: the process environment).
+
+    Raises :class:`ConfigError` with one line per bad variable.
+    """
+    try:
+        if environ is None:
+            return Settings()
+        names = {
+            str(info.validation_alias.choices[0])
+            for info in Settings.model_fields.values()
+            if isinstance(info.validation_alias, AliasChoices)
+        }
+        values = {k: v for k, v in environ.items() if k in names}
+        # Reading from an explicit mapping must not fall back to the real environment.
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = _variable_name(err["loc"])
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

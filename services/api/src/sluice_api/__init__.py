@@ -1,0 +1,1 @@
+"""Sluice API service: the Falcon app (the producer) and its gunicorn runner."""

@@ -1,0 +1,50 @@
+"""``python -m sluice_api``: serve the API with gunicorn (bind and worker count from settings)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from sluice_common.errors import SluiceError
+from sluice_common.logs import configure_logging
+from sluice_common.settings import load_settings
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, options: dict[str, Any]) -> None:
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        from sluice_api.app import get_app
+
+        return get_app()
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SluiceError as exc:
+        raise SystemExit(str(exc)) from None
+    configure_logging(settings.log_level, "api")
+    _Gunicorn(
+        {
+            "bind": settings.api_bind,
+            "workers": settings.api_workers,
+            "worker_class": "gthread",
+            "threads": 4,
+            "graceful_timeout": 10,
+            "accesslog": None,
+            "loglevel": settings.log_level.lower(),
+            "proc_name": "sluice-api",
+        }
+    ).run()
+
+
+if __name__ == "__main__":
+    main()

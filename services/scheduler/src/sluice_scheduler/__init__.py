@@ -1,0 +1,1 @@
+"""Sluice scheduler service: fires cron triggers stored in the database."""

@@ -1,0 +1,1 @@
+"""Sluice worker service: executes runs from the queue."""

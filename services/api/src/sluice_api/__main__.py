@@ -42,6 +42,8 @@ def main() -> None:
             "accesslog": None,
             "loglevel": settings.log_level.lower(),
             "proc_name": "sluice-api",
+            # One shared control socket path per machine would clash between instances.
+            "control_socket_disable": True,
         }
     ).run()
 

@@ -6,6 +6,7 @@ plain 500 problem.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -45,7 +46,8 @@ def problem_body(status: int, title: str, detail: str | None, slug: str, **extra
 def _respond(resp: falcon.Response, status: int, body: dict[str, Any]) -> None:
     resp.status = status
     resp.content_type = PROBLEM_JSON
-    resp.media = body
+    # Serialised here: Falcon's media handlers are keyed by content type and know only JSON.
+    resp.text = json.dumps(body)
 
 
 def handle_sluice_error(

@@ -1,0 +1,56 @@
+# Sluice developer tasks. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv from PATH, else the copy `make uv` installs with pip (PyPI is all a fresh machine needs).
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+SYNC := $(UV) sync --all-packages --locked
+PYTEST_ARGS ?=
+
+.PHONY: help uv sync run test test-unit test-integration test-e2e lint fmt bench clean
+
+help: ## List the tasks
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
+
+uv: ## Install uv if it is missing
+	@if [ ! -x "$(UV)" ]; then \
+		echo "installing uv with pip"; \
+		python3 -m pip install --user --quiet uv || python3 -m pip install --user --quiet --break-system-packages uv; \
+	fi
+
+sync: uv ## Create or update the workspace virtualenv from uv.lock
+	@$(SYNC) --quiet
+
+run: sync ## Run the whole system (embedded PostgreSQL and Redis unless DATABASE_URL/REDIS_URL are set)
+	$(UV) run --no-sync sluice dev
+
+# pytest exits 5 when it collected no test; a selection that matches nothing is not a failure.
+define run_pytest
+	@$(UV) run --no-sync pytest $(1) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
+endef
+
+test: sync ## Run every test (unit, integration, end-to-end)
+	$(call run_pytest,tests)
+
+test-unit: sync ## Run the unit tests only (no network)
+	$(call run_pytest,tests/unit)
+
+test-integration: sync ## Run the integration tests (real PostgreSQL and Redis)
+	$(call run_pytest,tests/integration)
+
+test-e2e: sync ## Run the end-to-end tests (services as processes)
+	$(call run_pytest,tests/e2e)
+
+lint: sync ## ruff, mypy --strict on src, import contracts
+	$(UV) run --no-sync ruff check .
+	$(UV) run --no-sync ruff format --check .
+	$(UV) run --no-sync mypy libs/common/src services/api/src services/worker/src services/scheduler/src
+	$(UV) run --no-sync lint-imports
+
+fmt: sync ## Format and autofix
+	$(UV) run --no-sync ruff format .
+	$(UV) run --no-sync ruff check --fix .
+
+clean: ## Stop the embedded servers of ./.sluice and remove caches (keeps the data)
+	-$(UV) run --no-sync sluice embedded stop
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

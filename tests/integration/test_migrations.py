@@ -1,0 +1,136 @@
+"""Migrations against a real PostgreSQL: concurrent runs, and the schema's own guarantees."""
+
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from sluice_common.db import migrate
+from tests.conftest import Servers, with_database
+
+EXPECTED_TABLES = {"users", "api_tokens", "workflows", "runs", "run_attempts", "run_steps", "cron_fires"}
+
+
+@pytest.fixture
+def empty_database(servers: Servers) -> Iterator[str]:
+    name = f"sluice_test_mig_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_database(servers.admin_url, name)
+    finally:
+        with psycopg.connect(servers.admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def tables(url: str) -> set[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
+    return {r[0] for r in rows}
+
+
+def test_parallel_migrate_processes_on_an_empty_database(empty_database: str, service_env: dict[str, str]) -> None:
+    env = {**service_env, "DATABASE_URL": empty_database}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "sluice_common.cli", "migrate"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outputs
+    # Exactly one of them applied the migration; the others found nothing to do.
+    assert sum("applied 1 migration(s): 0001_initial" in o for o in outputs) == 1
+    assert sum("applied 0 migration(s)" in o for o in outputs) == 2
+    assert EXPECTED_TABLES <= tables(empty_database)
+
+
+def test_migrate_again_applies_nothing(database_url: str) -> None:
+    assert migrate(database_url) == []
+    assert EXPECTED_TABLES <= tables(database_url)
+
+
+def make_run(conn: psycopg.Connection[tuple[object, ...]], **overrides: object) -> None:
+    user = conn.execute(
+        "INSERT INTO users (name) VALUES (%s) RETURNING id", (f"u{uuid.uuid4().hex[:8]}",)
+    ).fetchone()
+    assert user is not None
+    wf = conn.execute(
+        "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
+        "VALUES (%s, 'w', 'manual', '{\"type\": \"manual\"}', '[]') RETURNING id",
+        (user[0],),
+    ).fetchone()
+    assert wf is not None
+    values = {
+        "workflow_id": wf[0],
+        "owner_id": user[0],
+        "workflow_version": 1,
+        "trigger_type": "manual",
+        "status": "queued",
+        "max_attempts": 3,
+        **overrides,
+    }
+    cols = sql.SQL(", ").join(sql.Identifier(k) for k in values)
+    params = sql.SQL(", ").join(sql.Placeholder() for _ in values)
+    conn.execute(sql.SQL("INSERT INTO runs ({}) VALUES ({})").format(cols, params), list(values.values()))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"priority": 0}, {"priority": 11}, {"status": "exploded"}, {"trigger_type": "telepathy"}, {"attempt": -1}],
+)
+def test_runs_reject_impossible_values(db: psycopg.Connection[tuple[object, ...]], bad: dict[str, object]) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation):
+        make_run(db, **bad)
+    db.rollback()
+
+
+def test_idempotency_key_is_unique_per_workflow(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    make_run(db, idempotency_key="k1")
+    row = db.execute("SELECT workflow_id, owner_id FROM runs WHERE idempotency_key = 'k1'").fetchone()
+    assert row is not None
+    db.execute(
+        "INSERT INTO runs (workflow_id, owner_id, workflow_version, trigger_type, status, max_attempts, "
+        "idempotency_key) VALUES (%s, %s, 1, 'manual', 'queued', 3, 'k2')",
+        row,
+    )
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute(
+            "INSERT INTO runs (workflow_id, owner_id, workflow_version, trigger_type, status, max_attempts, "
+            "idempotency_key) VALUES (%s, %s, 1, 'manual', 'queued', 3, 'k1')",
+            row,
+        )
+    db.rollback()
+
+
+def test_a_cron_slot_can_be_claimed_once(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    make_run(db)
+    wf = db.execute("SELECT workflow_id FROM runs LIMIT 1").fetchone()
+    assert wf is not None
+    claim = "INSERT INTO cron_fires (workflow_id, scheduled_at, outcome) VALUES (%s, '2026-01-01T00:00Z', 'fired')"
+    db.execute(claim, wf)
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute(claim, wf)
+    db.rollback()
+
+
+def test_queries_of_later_issues_use_indexes(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    db.execute("SET enable_seqscan = off")
+    plans = {
+        "unfinished": "SELECT count(*) FROM runs WHERE status IN ('queued','delayed') ORDER BY 1",
+        "finished": "SELECT count(*) FROM runs WHERE status = 'failed' AND finished_at > now() - interval '7 days'",
+        "listing": "SELECT id FROM runs WHERE owner_id = gen_random_uuid() ORDER BY queued_at DESC, id DESC LIMIT 20",
+        "cron": "SELECT id FROM workflows WHERE trigger_type = 'cron' AND status = 'active' AND deleted_at IS NULL",
+    }
+    for name, query in plans.items():
+        plan = "\n".join(r[0] for r in db.execute(f"EXPLAIN {query}").fetchall())  # type: ignore[misc]
+        assert "Index" in plan, f"{name}: {plan}"
+    db.rollback()

@@ -1,0 +1,76 @@
+"""Users and tokens against a real PostgreSQL, and the ``sluice users`` commands."""
+
+import subprocess
+import sys
+import uuid
+
+import psycopg
+import pytest
+
+from sluice_common import users
+from sluice_common.errors import AuthError, ConflictError, NotFoundError, ValidationFailed
+
+
+def name() -> str:
+    return f"user-{uuid.uuid4().hex[:8]}"
+
+
+def test_create_authenticate_revoke(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    n = name()
+    issued = users.create_user(db, n)
+    assert users.authenticate(db, issued.token) == issued.user
+    stored = db.execute("SELECT token_hash FROM api_tokens WHERE user_id = %s", (issued.user.id,)).fetchone()
+    assert stored is not None
+    assert stored[0] == users.hash_token(issued.token)
+    second = users.create_token(db, n, "ci")
+    assert users.authenticate(db, second.token).name == n
+    assert users.revoke_tokens(db, n, prefix=second.token[:10]) == 1
+    with pytest.raises(AuthError):
+        users.authenticate(db, second.token)
+    assert users.authenticate(db, issued.token).name == n  # the other token still works
+    assert users.revoke_tokens(db, n) == 1
+    with pytest.raises(AuthError):
+        users.authenticate(db, issued.token)
+
+
+def test_bad_names_and_duplicates(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    n = name()
+    users.create_user(db, n)
+    with pytest.raises(ConflictError):
+        users.create_user(db, n)
+    with pytest.raises(ValidationFailed):
+        users.create_user(db, "no spaces allowed")
+    with pytest.raises(NotFoundError):
+        users.create_token(db, name())
+
+
+def test_malformed_and_unknown_tokens(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    for token in ("", "Bearer x", "slc_" + "a" * 300, users.new_token()):
+        with pytest.raises(AuthError):
+            users.authenticate(db, token)
+
+
+def test_cli_users_create_prints_the_token_last(
+    service_env: dict[str, str], db: psycopg.Connection[tuple[object, ...]]
+) -> None:
+    n = name()
+    result = subprocess.run(
+        [sys.executable, "-m", "sluice_common.cli", "users", "create", n],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    token = result.stdout.strip().splitlines()[-1]
+    assert users.authenticate(db, token).name == n
+    again = subprocess.run(
+        [sys.executable, "-m", "sluice_common.cli", "users", "create", n],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert again.returncode != 0
+    assert "already exists" in again.stderr

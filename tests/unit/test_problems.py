@@ -1,0 +1,91 @@
+"""The API's one error mapping: every error is RFC 9457 problem JSON, never a traceback."""
+
+from typing import Any
+
+import falcon
+import falcon.testing
+import pytest
+
+from sluice_api import problems
+from sluice_common.errors import (
+    AuthError,
+    ConflictError,
+    FieldProblem,
+    InfrastructureError,
+    NotFoundError,
+    ValidationFailed,
+)
+
+
+class Raiser:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        raise self.exc
+
+
+def client_raising(exc: Exception) -> falcon.testing.TestClient:
+    app = falcon.App()
+    problems.install(app)
+    app.add_route("/boom", Raiser(exc))
+    return falcon.testing.TestClient(app)
+
+
+def problem(result: falcon.testing.Result) -> dict[str, Any]:
+    assert result.headers["content-type"] == "application/problem+json"
+    body = result.json
+    assert isinstance(body, dict)
+    assert {"type", "title", "status"} <= body.keys()
+    assert body["status"] == result.status_code
+    return body
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (NotFoundError("no such workflow"), 404),
+        (ConflictError("workflow is paused"), 409),
+        (AuthError("unknown token"), 401),
+        (InfrastructureError("redis down"), 503),
+    ],
+)
+def test_sluice_errors_map_to_status(exc: Exception, status: int) -> None:
+    result = client_raising(exc).simulate_get("/boom")
+    body = problem(result)
+    assert result.status_code == status
+    assert body["detail"] == str(exc)
+
+
+def test_auth_errors_ask_for_a_bearer_token() -> None:
+    result = client_raising(AuthError("x")).simulate_get("/boom")
+    assert result.headers["www-authenticate"] == "Bearer"
+
+
+def test_validation_lists_every_field() -> None:
+    exc = ValidationFailed([FieldProblem("$.name", "too short"), FieldProblem("$.steps[0].id", "bad")])
+    body = problem(client_raising(exc).simulate_get("/boom"))
+    assert body["status"] == 422
+    assert body["errors"] == [
+        {"path": "$.name", "message": "too short"},
+        {"path": "$.steps[0].id", "message": "bad"},
+    ]
+
+
+def test_unexpected_errors_hide_their_details() -> None:
+    result = client_raising(RuntimeError("secret internals")).simulate_get("/boom")
+    body = problem(result)
+    assert result.status_code == 500
+    assert "secret internals" not in result.text
+    assert "Traceback" not in result.text
+    assert body["title"] == "Internal Server Error"
+
+
+def test_falcon_errors_and_unknown_routes_are_problems() -> None:
+    client = client_raising(falcon.HTTPTooManyRequests(description="slow down", retry_after=7))
+    result = client.simulate_get("/boom")
+    assert problem(result)["detail"] == "slow down"
+    assert result.headers["retry-after"] == "7"
+    missing = client.simulate_get("/nowhere")
+    assert missing.status_code == 404
+    assert problem(missing)["status"] == 404

@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pydantic
+import pytest
+
+from sluice_common.errors import ConfigError
+from sluice_common.settings import load_settings
+
+
+def test_defaults_match_the_documented_values() -> None:
+    s = load_settings({})
+    assert s.database_url is None
+    assert s.redis_url is None
+    assert s.data_dir == Path(".sluice")
+    assert s.api_bind == "127.0.0.1:8000"
+    assert (s.concurrency, s.rate_limit_per_minute, s.max_attempts) == (10, 100, 3)
+
+
+def test_reads_each_variable() -> None:
+    s = load_settings(
+        {
+            "DATABASE_URL": "postgresql://u@db:5432/x",
+            "REDIS_URL": "redis://cache:6379/1",
+            "SLUICE_DATA_DIR": "/var/lib/sluice",
+            "SLUICE_API_BIND": "0.0.0.0:9000",
+            "SLUICE_CONCURRENCY": "20",
+            "SLUICE_RATE_LIMIT_PER_MINUTE": "200",
+            "SLUICE_MAX_ATTEMPTS": "5",
+            "SLUICE_LOG_LEVEL": "debug",
+        }
+    )
+    assert s.database_url == "postgresql://u@db:5432/x"
+    assert s.redis_url == "redis://cache:6379/1"
+    assert s.data_path == Path("/var/lib/sluice")
+    assert s.api_bind == "0.0.0.0:9000"
+    assert (s.concurrency, s.rate_limit_per_minute, s.max_attempts) == (20, 200, 5)
+    assert s.log_level == "DEBUG"
+
+
+def test_empty_urls_mean_embedded() -> None:
+    s = load_settings({"DATABASE_URL": "", "REDIS_URL": ""})
+    assert s.database_url is None
+    assert s.redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SLUICE_CONCURRENCY", "lots"),
+        ("SLUICE_CONCURRENCY", "0"),
+        ("SLUICE_RATE_LIMIT_PER_MINUTE", "-1"),
+        ("SLUICE_MAX_ATTEMPTS", "1.5"),
+        ("SLUICE_API_BIND", "8000"),
+        ("SLUICE_API_BIND", "host:99999"),
+        ("DATABASE_URL", "mysql://x"),
+        ("REDIS_URL", "http://x"),
+        ("SLUICE_LOG_LEVEL", "LOUD"),
+    ],
+)
+def test_bad_value_names_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({name: value})
+    assert name in str(info.value)
+    assert repr(value) in str(info.value)
+
+
+def test_every_bad_variable_is_reported_at_once() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"SLUICE_CONCURRENCY": "x", "SLUICE_MAX_ATTEMPTS": "y"})
+    assert "SLUICE_CONCURRENCY" in str(info.value)
+    assert "SLUICE_MAX_ATTEMPTS" in str(info.value)
+
+
+def test_settings_are_frozen() -> None:
+    s = load_settings({})
+    with pytest.raises(pydantic.ValidationError):
+        s.concurrency = 99  # type: ignore[misc]
+
+
+def test_process_environment_is_read_when_no_mapping_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLUICE_CONCURRENCY", "7")
+    assert load_settings().concurrency == 7

@@ -41,11 +41,12 @@ test-integration: sync ## Run the integration tests (real PostgreSQL and Redis)
 test-e2e: sync ## Run the end-to-end tests (services as processes)
 	$(call run_pytest,tests/e2e)
 
-lint: sync ## ruff, mypy --strict on src, import contracts
+lint: sync ## ruff, mypy --strict on src, import contracts, hadolint
 	$(UV) run --no-sync ruff check .
 	$(UV) run --no-sync ruff format --check .
 	$(UV) run --no-sync mypy libs/common/src services/api/src services/worker/src services/scheduler/src
 	$(UV) run --no-sync lint-imports
+	$(UV) run --no-sync hadolint deploy/Dockerfile
 
 fmt: sync ## Format and autofix
 	$(UV) run --no-sync ruff format .

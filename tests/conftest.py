@@ -100,9 +100,7 @@ def db(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
 
 
 @pytest.fixture
-def service_env(
-    servers: Servers, database_url: str, redis_prefix: str, tmp_path: Path
-) -> dict[str, str]:
+def service_env(servers: Servers, database_url: str, redis_prefix: str, tmp_path: Path) -> dict[str, str]:
     """Environment for a Sluice process bound to this run's database, Redis prefix and a temp dir."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
     env.update(

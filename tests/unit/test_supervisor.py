@@ -20,7 +20,10 @@ POLITE = "import time\nprint('hello', flush=True)\ntime.sleep(60)\n"
 def test_prefixes_lines_and_stops_every_child() -> None:
     out = io.StringIO()
     sup = Supervisor(
-        [Child("polite", [sys.executable, "-c", POLITE]), Child("stubborn", [sys.executable, "-c", STUBBORN])],
+        [
+            Child("polite", [sys.executable, "-c", POLITE]),
+            Child("stubborn", [sys.executable, "-c", STUBBORN]),
+        ],
         env={},
         out=out,
         colour=False,

@@ -13,7 +13,11 @@ def workflow(**overrides: Any) -> dict[str, Any]:
         "trigger": {"type": "cron", "config": {"schedule": "*/5 * * * *", "timezone": "Europe/Paris"}},
         "steps": [
             {"id": "fetch", "type": "http", "config": {"url": "https://example.com/data"}},
-            {"id": "check", "type": "condition", "config": {"if": "steps.fetch.status == 200", "else": "stop"}},
+            {
+                "id": "check",
+                "type": "condition",
+                "config": {"if": "steps.fetch.status == 200", "else": "stop"},
+            },
             {"id": "shape", "type": "transform", "config": {"value": {"n": 1}}},
         ],
     }

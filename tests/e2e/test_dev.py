@@ -21,9 +21,7 @@ def test_sluice_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
     data = tmp_path / "data"
     port = free_port()
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SLUICE_") and k not in ("DATABASE_URL", "REDIS_URL")
+        k: v for k, v in os.environ.items() if not k.startswith("SLUICE_") and k not in ("DATABASE_URL", "REDIS_URL")
     }
     env.update(SLUICE_DATA_DIR=str(data), SLUICE_API_BIND=f"127.0.0.1:{port}")
     log = (tmp_path / "dev.log").open("w+")

@@ -33,9 +33,7 @@ def tables(url: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def test_parallel_migrate_processes_on_an_empty_database(
-    empty_database: str, service_env: dict[str, str]
-) -> None:
+def test_parallel_migrate_processes_on_an_empty_database(empty_database: str, service_env: dict[str, str]) -> None:
     env = {**service_env, "DATABASE_URL": empty_database}
     procs = [
         subprocess.Popen(
@@ -50,7 +48,7 @@ def test_parallel_migrate_processes_on_an_empty_database(
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], outputs
     # Exactly one of them applied the migration; the others found nothing to do.
-    assert sum("applied 1 migration(s): 0001_initial" in o for o in outputs) == 1
+    assert sum("applied 2 migration(s): 0001_initial, 0002_dispatch" in o for o in outputs) == 1
     assert sum("applied 0 migration(s)" in o for o in outputs) == 2
     assert tables(empty_database) >= EXPECTED_TABLES
 
@@ -61,9 +59,7 @@ def test_migrate_again_applies_nothing(database_url: str) -> None:
 
 
 def make_run(conn: psycopg.Connection[tuple[object, ...]], **overrides: object) -> None:
-    user = conn.execute(
-        "INSERT INTO users (name) VALUES (%s) RETURNING id", (f"u{uuid.uuid4().hex[:8]}",)
-    ).fetchone()
+    user = conn.execute("INSERT INTO users (name) VALUES (%s) RETURNING id", (f"u{uuid.uuid4().hex[:8]}",)).fetchone()
     assert user is not None
     wf = conn.execute(
         "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
@@ -95,9 +91,7 @@ def make_run(conn: psycopg.Connection[tuple[object, ...]], **overrides: object) 
         {"attempt": -1},
     ],
 )
-def test_runs_reject_impossible_values(
-    db: psycopg.Connection[tuple[object, ...]], bad: dict[str, object]
-) -> None:
+def test_runs_reject_impossible_values(db: psycopg.Connection[tuple[object, ...]], bad: dict[str, object]) -> None:
     with pytest.raises(psycopg.errors.CheckViolation):
         make_run(db, **bad)
     db.rollback()
@@ -125,10 +119,7 @@ def test_a_cron_slot_can_be_claimed_once(db: psycopg.Connection[tuple[object, ..
     make_run(db)
     wf = db.execute("SELECT workflow_id FROM runs LIMIT 1").fetchone()
     assert wf is not None
-    claim = (
-        "INSERT INTO cron_fires (workflow_id, scheduled_at, outcome) "
-        "VALUES (%s, '2026-01-01T00:00Z', 'fired')"
-    )
+    claim = "INSERT INTO cron_fires (workflow_id, scheduled_at, outcome) VALUES (%s, '2026-01-01T00:00Z', 'fired')"
     db.execute(claim, wf)
     with pytest.raises(psycopg.errors.UniqueViolation):
         db.execute(claim, wf)
@@ -139,16 +130,9 @@ def test_queries_of_later_issues_use_indexes(db: psycopg.Connection[tuple[object
     db.execute("SET enable_seqscan = off")
     plans = {
         "unfinished": "SELECT count(*) FROM runs WHERE status IN ('queued','delayed') ORDER BY 1",
-        "finished": (
-            "SELECT count(*) FROM runs WHERE status = 'failed' AND finished_at > now() - interval '7 days'"
-        ),
-        "listing": (
-            "SELECT id FROM runs WHERE owner_id = gen_random_uuid() ORDER BY queued_at DESC, id DESC LIMIT 20"
-        ),
-        "cron": (
-            "SELECT id FROM workflows "
-            "WHERE trigger_type = 'cron' AND status = 'active' AND deleted_at IS NULL"
-        ),
+        "finished": ("SELECT count(*) FROM runs WHERE status = 'failed' AND finished_at > now() - interval '7 days'"),
+        "listing": ("SELECT id FROM runs WHERE owner_id = gen_random_uuid() ORDER BY queued_at DESC, id DESC LIMIT 20"),
+        "cron": ("SELECT id FROM workflows WHERE trigger_type = 'cron' AND status = 'active' AND deleted_at IS NULL"),
     }
     for name, query in plans.items():
         plan = "\n".join(r[0] for r in db.execute(f"EXPLAIN {query}").fetchall())  # type: ignore[misc]

@@ -13,7 +13,7 @@ from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
 from sluice_common.errors import InfrastructureError
@@ -21,16 +21,21 @@ from sluice_common.settings import Settings
 
 log = logging.getLogger(__name__)
 
+DictConnection = psycopg.Connection[DictRow]
+Pool = ConnectionPool[DictConnection]
+"""A pool whose rows are dicts: the one pool type of Sluice."""
+
 # Any fixed 64-bit number works; it only has to be the same in every Sluice process.
 _MIGRATION_LOCK_ID = 0x51_1C_E0_00_00_00_01
 
 
-def open_pool(settings: Settings, database_url: str, *, name: str = "sluice") -> ConnectionPool:
+def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", max_size: int | None = None) -> Pool:
     """Open a connection pool and wait until it holds its minimum of connections."""
-    pool = ConnectionPool(
+    pool: Pool = ConnectionPool(
         database_url,
+        connection_class=DictConnection,
         min_size=settings.db_pool_min,
-        max_size=max(settings.db_pool_max, settings.db_pool_min),
+        max_size=max(max_size or settings.db_pool_max, settings.db_pool_min),
         kwargs={"row_factory": dict_row, "autocommit": False},
         name=name,
         open=False,

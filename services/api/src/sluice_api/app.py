@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import falcon
 import redis
-from psycopg_pool import ConnectionPool
 
 from sluice_api import problems
-from sluice_common.db import open_pool
+from sluice_common.db import Pool, open_pool
 from sluice_common.runtime import resolve_endpoints
 from sluice_common.settings import Settings, load_settings
 
@@ -22,7 +21,7 @@ from sluice_common.settings import Settings, load_settings
 @dataclass(frozen=True)
 class Dependencies:
     settings: Settings
-    pool: ConnectionPool
+    pool: Pool
     redis: redis.Redis
 
 

@@ -50,9 +50,7 @@ def _respond(resp: falcon.Response, status: int, body: dict[str, Any]) -> None:
     resp.text = json.dumps(body)
 
 
-def handle_sluice_error(
-    req: falcon.Request, resp: falcon.Response, exc: SluiceError, params: dict[str, Any]
-) -> None:
+def handle_sluice_error(req: falcon.Request, resp: falcon.Response, exc: SluiceError, params: dict[str, Any]) -> None:
     for cls, status, slug in _STATUS:
         if isinstance(exc, cls):
             extra: dict[str, Any] = {}
@@ -76,9 +74,7 @@ def handle_http_error(
     _respond(resp, status, problem_body(status, exc.title or str(status), exc.description, slug))
 
 
-def handle_unexpected(
-    req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]
-) -> None:
+def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
     if isinstance(exc, falcon.HTTPError):
         handle_http_error(req, resp, exc, params)
         return

@@ -1,33 +1,114 @@
-"""Builds and runs the worker service.
+"""Builds and runs the worker service: a Dramatiq worker whose ``execute_run`` actor claims runs.
 
-For now the service connects to PostgreSQL and Redis, reports ready, and stops cleanly on
-SIGTERM or SIGINT; the run pipeline (Dramatiq actors) arrives with its own change.
+``create_worker`` takes its dependencies (settings, pool, broker, rate limiter) and registers the
+actor on the given broker; nothing is opened at import time. A housekeeping thread renews the
+leases of this process's runs and recovers runs whose worker died (any worker may do it; the
+conditional UPDATE makes it safe to race).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
+import uuid
+from dataclasses import dataclass
 
+import dramatiq
+import httpx
 import redis
+from dramatiq import Worker
 
-from sluice_common.db import open_pool
+from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker
+from sluice_common.db import Pool, open_pool
 from sluice_common.lifecycle import service_main
+from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
+from sluice_common.runs import recover_expired
 from sluice_common.runtime import Endpoints
 from sluice_common.settings import Settings
+from sluice_worker.executor import RunExecutor
 
 log = logging.getLogger(__name__)
 
+# How long an idle consumer waits between polls of Redis (Dramatiq's default is 1 s, which
+# alone would add ~0.5 s to every run's start).
+POLL_MS = 5
+
+
+@dataclass
+class WorkerApp:
+    executor: RunExecutor
+    worker: Worker
+    housekeeping: threading.Thread
+    stopping: threading.Event
+
+    def start(self) -> None:
+        self.worker.start()
+        self.housekeeping.start()
+
+    def stop(self, timeout_ms: int = 30_000) -> None:
+        self.stopping.set()
+        self.worker.stop(timeout=timeout_ms)
+        self.housekeeping.join(timeout=5)
+
+
+def create_worker(
+    settings: Settings,
+    pool: Pool,
+    broker: dramatiq.Broker,
+    limiter: RateLimiter,
+    *,
+    http: httpx.Client | None = None,
+    worker_id: str | None = None,
+    threads: int | None = None,
+) -> WorkerApp:
+    stopping = threading.Event()
+    worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    client = http or httpx.Client(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+    executor = RunExecutor(settings, pool, broker, limiter, client, worker_id, stopping)
+    dramatiq.Actor(
+        executor.handle,
+        broker=broker,
+        actor_name=RUN_ACTOR,
+        queue_name=RUN_QUEUE,
+        priority=0,
+        options={"max_retries": 5},
+    )
+    concurrency = threads or settings.concurrency
+    worker = Worker(broker, worker_threads=concurrency, worker_timeout=POLL_MS)
+    # Prefetch no more wake-ups than there are threads, so a busy process does not sit on
+    # messages an idle process could run.
+    worker.queue_prefetch = concurrency
+
+    def housekeeping() -> None:
+        interval = max(0.5, settings.lease_seconds / 3)
+        while not stopping.wait(interval):
+            try:
+                executor.renew_leases()
+                recover_expired(pool, broker)
+            except Exception:
+                log.warning("lease housekeeping failed; retrying", exc_info=True)
+
+    thread = threading.Thread(target=housekeeping, name="sluice-leases", daemon=True)
+    return WorkerApp(executor, worker, thread, stopping)
+
 
 def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:
-    pool = open_pool(settings, endpoints.database_url, name="worker")
+    # One connection per run thread, plus housekeeping and spare.
+    pool = open_pool(settings, endpoints.database_url, name="worker", max_size=settings.concurrency + 4)
+    broker = make_broker(settings, endpoints.redis_url)
     client = redis.Redis.from_url(endpoints.redis_url)
     try:
-        client.ping()
-        log.info("worker ready")
+        limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
+        app = create_worker(settings, pool, broker, limiter)
+        app.start()
+        log.info("worker %s ready: %d threads", app.executor.worker_id, settings.concurrency)
         stopping.wait()
-        log.info("worker stopping")
+        log.info("worker stopping: finishing or handing back in-flight runs")
+        app.stop()
     finally:
+        broker.close()
         client.close()
         pool.close()
 

@@ -1,0 +1,136 @@
+"""The global run-start rate limit: ``N`` starts in any sliding 60-second window.
+
+With Redis the window lives in one sorted set shared by every worker, updated by a Lua script so
+that check-and-record is atomic. Standalone mode uses the same algorithm in process. The limit
+can be changed at run time (``sluice config rate-limit N``): it is read from Redis on each check,
+falling back to ``SLUICE_RATE_LIMIT_PER_MINUTE``.
+
+``acquire`` never sleeps: it answers how many milliseconds to wait, so a held-back run is simply
+woken again at that time (no attempt used, no busy loop).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Protocol
+
+import redis
+
+WINDOW_MS = 60_000
+
+# KEYS[1] window zset, KEYS[2] limit override; ARGV: now_ms, default limit, window_ms, member
+_ACQUIRE = """
+local now = tonumber(ARGV[1])
+local limit = tonumber(redis.call('GET', KEYS[2]) or ARGV[2])
+local window = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+local used = redis.call('ZCARD', KEYS[1])
+if used < limit then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], used - limit, used - limit, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + window - now)
+"""
+
+
+class RateLimiter(Protocol):
+    def acquire(self) -> int:
+        """Record one start and return 0, or return the milliseconds to wait (nothing recorded)."""
+
+    def release(self) -> None:
+        """Give back the start recorded by the last successful ``acquire`` of this thread."""
+
+    def limit(self) -> int: ...
+
+    def set_limit(self, per_minute: int) -> None: ...
+
+    def used(self) -> int: ...
+
+
+class RedisRateLimiter:
+    def __init__(self, client: redis.Redis, prefix: str, default_limit: int) -> None:
+        self._client = client
+        self._window_key = f"{prefix}:ratelimit:starts"
+        self._limit_key = f"{prefix}:ratelimit:per_minute"
+        self._default = default_limit
+        self._script = client.register_script(_ACQUIRE)
+        self._local = threading.local()
+
+    def acquire(self) -> int:
+        member = uuid.uuid4().hex
+        now_ms = int(time.time() * 1000)
+        wait = int(
+            self._script(keys=[self._window_key, self._limit_key], args=[now_ms, self._default, WINDOW_MS, member])
+        )
+        if wait == 0:
+            self._local.member = member
+        return wait
+
+    def release(self) -> None:
+        member = getattr(self._local, "member", None)
+        if member is not None:
+            self._client.zrem(self._window_key, member)
+            self._local.member = None
+
+    def limit(self) -> int:
+        value = self._client.get(self._limit_key)
+        return int(value) if value is not None else self._default
+
+    def set_limit(self, per_minute: int) -> None:
+        if per_minute < 1:
+            raise ValueError("the rate limit must be at least 1 run per minute")
+        self._client.set(self._limit_key, per_minute)
+
+    def used(self) -> int:
+        now_ms = int(time.time() * 1000)
+        return int(self._client.zcount(self._window_key, now_ms - WINDOW_MS, "+inf"))
+
+
+class LocalRateLimiter:
+    """The same sliding window for one process (standalone mode)."""
+
+    def __init__(self, default_limit: int) -> None:
+        self._limit = default_limit
+        self._starts: deque[float] = deque()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _trim(self, now: float) -> None:
+        while self._starts and self._starts[0] <= now - WINDOW_MS / 1000:
+            self._starts.popleft()
+
+    def acquire(self) -> int:
+        with self._lock:
+            now = time.time()
+            self._trim(now)
+            if len(self._starts) < self._limit:
+                self._starts.append(now)
+                self._local.stamp = now
+                return 0
+            oldest = self._starts[len(self._starts) - self._limit]
+            return max(1, int((oldest + WINDOW_MS / 1000 - now) * 1000))
+
+    def release(self) -> None:
+        stamp = getattr(self._local, "stamp", None)
+        with self._lock:
+            if stamp is not None and stamp in self._starts:
+                self._starts.remove(stamp)
+        self._local.stamp = None
+
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, per_minute: int) -> None:
+        if per_minute < 1:
+            raise ValueError("the rate limit must be at least 1 run per minute")
+        self._limit = per_minute
+
+    def used(self) -> int:
+        with self._lock:
+            self._trim(time.time())
+            return len(self._starts)

@@ -1,0 +1,342 @@
+"""Runs from the producer's side: enqueue, cancel, reconcile, recover, and exact queue stats.
+
+The run row is written (and committed) before its wake-up message is sent, so a crash between
+the two leaves a queued run in PostgreSQL that :func:`reconcile` wakes up later: nothing
+accepted is lost. Dispatch order is ``dispatch_at``: the time the run is ready plus
+``(priority - 1) * SLUICE_PRIORITY_AGING_SECONDS``. Priority 1 therefore always goes before
+priority 10 that became ready less than nine aging steps (9 minutes by default) earlier, and no
+run waits behind later, higher-priority work for longer than that: starvation is bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from uuid import UUID
+
+import dramatiq
+from psycopg.types.json import Jsonb
+
+from sluice_common.broker import RUN_QUEUE, send_run_message
+from sluice_common.db import Pool
+from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
+from sluice_common.ratelimit import RateLimiter
+from sluice_common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRIGGER_TYPES = ("manual", "cron", "webhook", "workflow", "retry")
+MAX_DELAY_MS = 7 * 86_400_000  # Dramatiq's limit for one delayed message
+
+
+@dataclass(frozen=True)
+class EnqueuedRun:
+    run_id: UUID
+    status: str
+    created: bool  # False when an idempotency key matched an existing run
+
+
+def dispatch_delay(settings: Settings, priority: int) -> timedelta:
+    return timedelta(seconds=(priority - 1) * settings.priority_aging_seconds)
+
+
+def _check_options(priority: int, delay_ms: int, trigger_type: str) -> None:
+    problems = []
+    if not 1 <= priority <= 10:
+        problems.append(FieldProblem("$.priority", "must be an integer from 1 (first) to 10 (last)"))
+    if not 0 <= delay_ms <= MAX_DELAY_MS:
+        problems.append(FieldProblem("$.delay", f"must be from 0 to {MAX_DELAY_MS} milliseconds (7 days)"))
+    if trigger_type not in TRIGGER_TYPES:
+        problems.append(FieldProblem("$.triggerType", f"must be one of {', '.join(TRIGGER_TYPES)}"))
+    if problems:
+        raise ValidationFailed(problems)
+
+
+def enqueue_run(
+    pool: Pool,
+    broker: dramatiq.Broker,
+    settings: Settings,
+    *,
+    workflow_id: UUID | str,
+    owner_id: UUID | str,
+    trigger_type: str = "manual",
+    trigger_data: Any = None,
+    priority: int = 5,
+    delay_ms: int = 0,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
+    parent_run_id: UUID | str | None = None,
+) -> EnqueuedRun:
+    """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name."""
+    _check_options(priority, delay_ms, trigger_type)
+    with pool.connection() as conn, conn.transaction():
+        wf = conn.execute(
+            "SELECT version, status, settings FROM workflows WHERE id = %s AND owner_id = %s AND deleted_at IS NULL",
+            (str(workflow_id), str(owner_id)),
+        ).fetchone()
+        if wf is None:
+            raise NotFoundError("no such workflow")
+        if wf["status"] != "active":
+            raise ConflictError("the workflow is paused; activate it to run it")
+        max_attempts = (wf["settings"] or {}).get("maxAttempts") or settings.max_attempts
+        row = conn.execute(
+            """
+            INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type,
+                              trigger_data, priority, status, max_attempts, not_before, dispatch_at,
+                              idempotency_key, traceparent)
+            SELECT %(wf)s, %(owner)s, %(version)s, %(parent)s, %(trigger)s, %(data)s, %(priority)s,
+                   CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END, %(max_attempts)s,
+                   CASE WHEN %(delay)s > 0 THEN ready END, ready + %(aging)s, %(key)s, %(traceparent)s
+            FROM (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
+            ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+            RETURNING id, status
+            """,
+            {
+                "wf": str(workflow_id),
+                "owner": str(owner_id),
+                "version": wf["version"],
+                "parent": str(parent_run_id) if parent_run_id else None,
+                "trigger": trigger_type,
+                "data": Jsonb(trigger_data if trigger_data is not None else {}),
+                "priority": priority,
+                "delay": delay_ms,
+                "max_attempts": max_attempts,
+                "aging": dispatch_delay(settings, priority),
+                "key": idempotency_key,
+                "traceparent": traceparent,
+            },
+        ).fetchone()
+        if row is None:
+            existing = conn.execute(
+                "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
+                (str(workflow_id), idempotency_key),
+            ).fetchone()
+            assert existing is not None
+            return EnqueuedRun(existing["id"], existing["status"], created=False)
+    try:
+        send_run_message(broker, str(row["id"]), delay_ms=delay_ms, traceparent=traceparent)
+    except Exception:
+        # The run is safe in PostgreSQL; the reconciler sends its wake-up once Redis is back.
+        log.warning("run %s stored but its message could not be sent yet", row["id"], exc_info=True)
+    return EnqueuedRun(row["id"], row["status"], created=True)
+
+
+def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
+    """Cancel a run: a queued or delayed one never starts; a running one stops at its next step.
+
+    Returns the run's status after the call (``cancelled``, or ``running`` while it winds down).
+    """
+    with pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT status FROM runs WHERE id = %s AND owner_id = %s FOR UPDATE",
+            (str(run_id), str(owner_id)),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError("no such run")
+        status = str(row["status"])
+        if status in ("queued", "delayed"):
+            conn.execute(
+                "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
+                "error = 'cancelled before it started' WHERE id = %s",
+                (str(run_id),),
+            )
+            return "cancelled"
+        if status == "running":
+            conn.execute("UPDATE runs SET cancel_requested = true, updated_at = now() WHERE id = %s", (str(run_id),))
+            return "running"
+        raise ConflictError(f"the run has already finished ({status})")
+
+
+# Reconciling and recovering ---------------------------------------------------------------------
+
+
+def _pending_messages(broker: dramatiq.Broker) -> tuple[int, int]:
+    """Wake-ups held by the broker: (ready or in flight, delayed)."""
+    from dramatiq.brokers.redis import RedisBroker
+
+    if isinstance(broker, RedisBroker):
+        ns = broker.namespace
+        pipe = broker.client.pipeline()
+        pipe.hlen(f"{ns}:{RUN_QUEUE}.msgs")
+        pipe.hlen(f"{ns}:{RUN_QUEUE}.DQ.msgs")
+        ready, delayed = pipe.execute()
+        return int(ready), int(delayed)
+    queues = getattr(broker, "queues", {})
+    ready_q = queues.get(RUN_QUEUE)
+    delayed_q = queues.get(f"{RUN_QUEUE}.DQ")
+    return (ready_q.qsize() if ready_q else 0), (delayed_q.qsize() if delayed_q else 0)
+
+
+def reconcile(pool: Pool, broker: dramatiq.Broker) -> int:
+    """Send wake-ups for runs that PostgreSQL holds but the broker has lost; return how many.
+
+    Counts are compared rather than ids, because a wake-up may start any run: a spare one costs
+    a no-op, a missing one would strand a run. Runs in flight hold their message until they end.
+    """
+    with pool.connection() as conn:
+        counts = conn.execute(
+            """
+            SELECT count(*) FILTER (WHERE status IN ('queued', 'delayed')
+                                      AND coalesce(not_before, '-infinity') <= now()) AS due,
+                   count(*) FILTER (WHERE status = 'running') AS running
+            FROM runs WHERE status IN ('queued', 'delayed', 'running')
+            """
+        ).fetchone()
+        assert counts is not None
+        held_ready, held_delayed = _pending_messages(broker)
+        deficit = counts["due"] - max(0, held_ready - counts["running"])
+        due_ids = (
+            conn.execute(
+                "SELECT id FROM runs WHERE status IN ('queued', 'delayed') "
+                "AND coalesce(not_before, '-infinity') <= now() ORDER BY dispatch_at LIMIT %s",
+                (deficit,),
+            ).fetchall()
+            if deficit > 0
+            else []
+        )
+        future = conn.execute(
+            "SELECT id, (extract(epoch FROM not_before - now()) * 1000)::bigint AS wait_ms FROM runs "
+            "WHERE status = 'delayed' AND not_before > now() ORDER BY not_before"
+        ).fetchall()
+    sent = 0
+    for row in due_ids:
+        send_run_message(broker, str(row["id"]))
+        sent += 1
+    if len(future) > held_delayed:
+        # Which delayed wake-ups are missing is unknown; resending all of them is safe.
+        for row in future:
+            send_run_message(broker, str(row["id"]), delay_ms=max(1, int(row["wait_ms"])))
+            sent += 1
+    if sent:
+        log.info("reconciler sent %d wake-up(s)", sent)
+    return sent
+
+
+def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
+    """Hand back runs whose worker stopped renewing its lease (killed, frozen, cut off).
+
+    The lost attempt counts, so a run that kills its workers cannot loop forever; with attempts
+    left it is queued again at its old place in line, and completed steps are not repeated.
+    """
+    with pool.connection() as conn, conn.transaction():
+        rows = conn.execute(
+            """
+            WITH lost AS (
+                SELECT id, attempt, max_attempts, worker_id FROM runs
+                WHERE status = 'running' AND lease_expires_at < now()
+                FOR UPDATE SKIP LOCKED
+            ), attempts AS (
+                UPDATE run_attempts a SET status = 'failed', finished_at = now(),
+                       error = 'worker lost (' || coalesce(lost.worker_id, '?') || ')'
+                FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND a.status = 'running'
+            )
+            UPDATE runs r SET
+                status = CASE WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END,
+                finished_at = CASE WHEN lost.attempt >= lost.max_attempts THEN now() END,
+                error = 'worker lost during attempt ' || lost.attempt,
+                worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+            FROM lost WHERE r.id = lost.id
+            RETURNING r.id, r.status
+            """
+        ).fetchall()
+    requeued = [row["id"] for row in rows if row["status"] == "queued"]
+    for run_id in requeued:
+        send_run_message(broker, str(run_id))
+    if rows:
+        log.warning("recovered %d run(s) from lost workers", len(rows))
+    return [row["id"] for row in rows]
+
+
+# Queue stats -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    waiting: int
+    active: int
+    completed: int  # succeeded in the last 24 hours
+    failed: int  # failed in the last 7 days
+    delayed: int
+    waiting_by_priority: dict[int, int]
+    concurrency: int
+    rate_limit_per_minute: int
+    rate_used: int
+    redis: bool
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.active + self.waiting
+
+
+def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, redis: bool) -> QueueStats:
+    """Exact counts from two index-only queries (unfinished runs, recent finished ones)."""
+    with pool.connection() as conn:
+        live = conn.execute(
+            """
+            SELECT priority,
+                   count(*) FILTER (WHERE status IN ('queued', 'delayed')
+                                      AND coalesce(not_before, '-infinity') <= now()) AS waiting,
+                   count(*) FILTER (WHERE status = 'delayed' AND not_before > now()) AS delayed,
+                   count(*) FILTER (WHERE status = 'running') AS active
+            FROM runs WHERE status IN ('queued', 'delayed', 'running') GROUP BY priority
+            """
+        ).fetchall()
+        done = conn.execute(
+            """
+            SELECT (SELECT count(*) FROM runs WHERE status = 'succeeded'
+                      AND finished_at > now() - interval '24 hours') AS completed,
+                   (SELECT count(*) FROM runs WHERE status = 'failed'
+                      AND finished_at > now() - interval '7 days') AS failed
+            """
+        ).fetchone()
+    assert done is not None
+    return QueueStats(
+        waiting=sum(r["waiting"] for r in live),
+        active=sum(r["active"] for r in live),
+        completed=int(done["completed"]),
+        failed=int(done["failed"]),
+        delayed=sum(r["delayed"] for r in live),
+        waiting_by_priority={int(r["priority"]): int(r["waiting"]) for r in live if r["waiting"]},
+        concurrency=settings.concurrency,
+        rate_limit_per_minute=limiter.limit(),
+        rate_used=limiter.used(),
+        redis=redis,
+    )
+
+
+def seeds_stats_body(stats: QueueStats, scheduler: dict[str, Any]) -> dict[str, Any]:
+    """The seeds' ``/api/workflows/queue/stats`` body, plus Sluice's extra fields."""
+    queue: dict[str, Any] = {
+        "available": True,
+        "redis": stats.redis,
+        "stats": {
+            "waiting": stats.waiting,
+            "active": stats.active,
+            "completed": stats.completed,
+            "failed": stats.failed,
+            "delayed": stats.delayed,
+            "total": stats.total,
+        },
+        "waitingByPriority": {str(k): v for k, v in sorted(stats.waiting_by_priority.items())},
+        "rateLimit": {"perMinute": stats.rate_limit_per_minute, "usedLastMinute": stats.rate_used},
+        "concurrency": stats.concurrency,
+    }
+    capacity: dict[str, Any]
+    if stats.redis:
+        capacity = {
+            "message": f"Running up to {stats.concurrency} workflows concurrently. "
+            f"{stats.active} active, {stats.waiting} queued."
+        }
+    else:
+        # The seeds' wording; Sluice still queues, retries and limits without Redis.
+        capacity = {"recommendation": "Set REDIS_URL to enable queued execution"}
+    alerts = []
+    if stats.waiting > 50:
+        alerts.append("Queue backlog growing - consider scaling")
+    finished = stats.completed + stats.failed
+    if finished and stats.failed / finished > 0.1:
+        alerts.append("High failure rate detected")
+    return {"queue": queue, "scheduler": scheduler, "capacity": capacity, "alerts": alerts}

@@ -19,7 +19,6 @@ from dramatiq.middleware import (
     CurrentMessage,
     Pipelines,
     Retries,
-    ShutdownNotifications,
     TimeLimit,
 )
 
@@ -38,12 +37,13 @@ def middleware(settings: Settings) -> list[dramatiq.Middleware]:
     Dramatiq's Retries only cover infrastructure failures around a run (PostgreSQL or Redis
     briefly unreachable); run attempts themselves are counted and backed off in PostgreSQL.
     The run time limit is enforced per run by the worker, so TimeLimit only guards the
-    message handler as a whole (a generous ceiling above the longest run).
+    message handler as a whole (a generous ceiling above the longest run). There is no
+    ShutdownNotifications: on SIGTERM a run finishes its current step and is handed back at the
+    step boundary, instead of being interrupted mid-step.
     """
     return [
         AgeLimit(),
         TimeLimit(time_limit=(7 * 86400 + 600) * 1000, interval=1000),
-        ShutdownNotifications(notify_shutdown=True),
         Callbacks(),
         Pipelines(),
         Retries(max_retries=5, min_backoff=500, max_backoff=30_000),

@@ -149,6 +149,28 @@ def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
         raise ConflictError(f"the run has already finished ({status})")
 
 
+def change_rate_limit(pool: Pool, broker: dramatiq.Broker, limiter: RateLimiter, per_minute: int) -> int:
+    """Set the global rate limit at run time; wake held-back runs that now fit. Returns wake-ups sent.
+
+    Runs held back by the limit sleep until their computed slot; raising the limit sends one
+    immediate wake-up per newly free slot so they do not wait for the old schedule.
+    """
+    before = limiter.limit()
+    limiter.set_limit(per_minute)
+    extra = per_minute - before
+    if extra <= 0:
+        return 0
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) AS due FROM runs WHERE status IN ('queued', 'delayed') "
+            "AND coalesce(not_before, '-infinity') <= now()"
+        ).fetchone()
+    wakeups = min(extra, int(row["due"]) if row else 0)
+    for _ in range(wakeups):
+        send_run_message(broker, "rate-limit-raised")
+    return wakeups
+
+
 # Reconciling and recovering ---------------------------------------------------------------------
 
 

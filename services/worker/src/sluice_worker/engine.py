@@ -68,7 +68,9 @@ def _remaining(ctx: RunContext) -> float:
 
 
 def _http(step_id: str, config: HttpConfig, client: httpx.Client, timeout: float) -> Any:
-    kwargs: dict[str, Any] = {"params": config.query, "headers": config.headers}
+    kwargs: dict[str, Any] = {"headers": config.headers}
+    if config.query:  # httpx replaces the URL's own query string with `params`, even an empty one
+        kwargs["params"] = config.query
     if config.json_body is not None:
         kwargs["json"] = config.json_body
     elif config.body is not None:

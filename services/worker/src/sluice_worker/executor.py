@@ -31,6 +31,7 @@ from sluice_worker.engine import Outcome, RunContext, execute
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 256 * 1024
+CLAIM_LOCK_ID = 0x51_1C_E0_00_00_00_02
 
 CLAIM_SQL = """
 WITH capped AS (
@@ -161,11 +162,13 @@ class RunExecutor:
         self.http = http
         self.worker_id = worker_id
         self.stopping = stopping
+        self.wakeups = 0  # messages handled, for metrics and to prove waits do not spin
 
     # The actor body --------------------------------------------------------------------------
 
     def handle(self, hint_run_id: str) -> None:
         """Handle one wake-up (``hint_run_id`` names the run it was sent for; any may start)."""
+        self.wakeups += 1
         if self.stopping.is_set():
             send_run_message(self.broker, hint_run_id)  # hand the wake-up to another process
             return

@@ -1,0 +1,280 @@
+"""The run pipeline against real PostgreSQL and Redis, with real Dramatiq workers."""
+
+from __future__ import annotations
+
+import time
+
+from sluice_common.broker import send_run_message
+from sluice_common.runs import cancel_run, change_rate_limit, get_queue_stats, reconcile, seeds_stats_body
+from tests.httpserver import LocalServer
+from tests.integration.conftest import Pipeline
+
+NOOP = [{"id": "a", "type": "transform", "config": {"value": {"ok": True}}}]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def test_a_run_goes_from_queued_to_succeeded_with_its_steps(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    steps = [
+        {"id": "fetch", "type": "http", "config": {"url": f"{http_server.base}/ok?key=one"}},
+        {"id": "shape", "type": "transform", "config": {"value": [1, 2, 3]}},
+    ]
+    wf = pipeline.workflow(owner, steps)
+    run = pipeline.enqueue(wf, owner, trigger_data={"x": 1})
+    assert pipeline.run(run.run_id)["status"] == "queued"
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert row["status"] == "succeeded"
+    assert row["attempt"] == 1
+    assert row["started_at"] >= row["queued_at"]
+    assert row["finished_at"] >= row["started_at"]
+    recorded = pipeline.steps(run.run_id)
+    assert [s["step_id"] for s in recorded] == ["fetch", "shape"]
+    assert recorded[0]["output"]["status"] == 200
+    assert recorded[0]["output"]["body"]["key"] == "one"
+    assert recorded[1]["output"] == [1, 2, 3]
+    assert [a["status"] for a in pipeline.attempts(run.run_id)] == ["succeeded"]
+
+
+def test_priority_is_strict_across_the_queue(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    low = [pipeline.enqueue(wf, owner, priority=10).run_id for _ in range(100)]
+    urgent = pipeline.enqueue(wf, owner, priority=1).run_id
+    pipeline.start_worker(threads=1, user_concurrency=1000)
+    rows = pipeline.wait_for([*low, urgent], TERMINAL, timeout=60)
+    assert all(r["status"] == "succeeded" for r in rows)
+    order = sorted(rows, key=lambda r: r["started_at"])
+    assert order[0]["id"] == urgent
+    # The priority-10 runs kept their own first-in first-out order.
+    assert [r["id"] for r in order[1:]] == low
+
+
+def test_a_delayed_run_waits_and_shows_as_delayed(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    pipeline.start_worker()
+    run = pipeline.enqueue(wf, owner, delay_ms=1500)
+    row = pipeline.run(run.run_id)
+    assert row["status"] == "delayed"
+    stats = get_queue_stats(pipeline.pool, pipeline.settings, pipeline.limiter, redis=True)
+    assert (stats.delayed, stats.waiting) == (1, 0)
+    time.sleep(0.8)
+    assert pipeline.run(run.run_id)["status"] == "delayed"
+    [done] = pipeline.wait_for([run.run_id], TERMINAL, timeout=15)
+    assert done["status"] == "succeeded"
+    assert (done["started_at"] - row["queued_at"]).total_seconds() >= 1.5
+
+
+def test_retry_then_success(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(
+        owner, [{"id": "f", "type": "http", "config": {"url": f"{http_server.base}/flaky?key=r&fail=2"}}]
+    )
+    run = pipeline.enqueue(wf, owner)
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert row["status"] == "succeeded"
+    assert row["attempt"] == 3
+    attempts = pipeline.attempts(run.run_id)
+    assert [a["status"] for a in attempts] == ["failed", "failed", "succeeded"]
+    assert "answered 500" in attempts[0]["error"]
+    # Backoff separated the attempts (at least the configured minimum of 50 ms).
+    assert (attempts[1]["started_at"] - attempts[0]["finished_at"]).total_seconds() >= 0.05
+    assert http_server.hits["r"] == 3
+
+
+def test_final_failure_after_max_attempts(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "f", "type": "http", "config": {"url": f"{http_server.base}/fail?key=ff"}}])
+    run = pipeline.enqueue(wf, owner)
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert row["status"] == "failed"
+    assert row["attempt"] == 3
+    assert "answered 500" in row["error"]
+    assert len(pipeline.attempts(run.run_id)) == 3
+    assert http_server.hits["ff"] == 3
+
+
+def test_per_workflow_attempts_override(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    steps = [{"id": "f", "type": "http", "config": {"url": f"{http_server.base}/fail?key=once"}}]
+    wf = pipeline.workflow(owner, steps, maxAttempts=1)
+    run = pipeline.enqueue(wf, owner)
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert (row["status"], row["attempt"]) == ("failed", 1)
+
+
+def test_a_fail_step_is_final(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "guard", "type": "fail", "config": {"message": "no input"}}])
+    run = pipeline.enqueue(wf, owner)
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert (row["status"], row["attempt"]) == ("failed", 1)
+    assert "no input" in row["error"]
+
+
+def test_rate_limit_holds_runs_without_failing_or_spinning(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    pipeline.limiter.set_limit(3)
+    app = pipeline.start_worker(threads=2, user_concurrency=100)
+    runs = [pipeline.enqueue(wf, owner).run_id for _ in range(6)]
+    time.sleep(3)
+    rows = [pipeline.run(r) for r in runs]
+    assert sorted(r["status"] for r in rows) == ["queued"] * 3 + ["succeeded"] * 3
+    held = [r for r in rows if r["status"] == "queued"]
+    assert all(r["attempt"] == 0 and r["error"] is None for r in held)
+    # Held-back wake-ups sleep until the window frees a slot: a handful of messages, not a loop.
+    assert app.executor.wakeups < 20
+    # Raising the limit at run time releases them at once, without a restart.
+    assert change_rate_limit(pipeline.pool, pipeline.broker, pipeline.limiter, 100) == 3
+    rows = pipeline.wait_for(runs, TERMINAL, timeout=10)
+    assert all(r["status"] == "succeeded" for r in rows)
+
+
+def test_one_users_burst_does_not_starve_another(pipeline: Pipeline, http_server: LocalServer) -> None:
+    hog, other = pipeline.user(), pipeline.user()
+    slow = pipeline.workflow(hog, [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=0.2"}}])
+    quick = pipeline.workflow(other, NOOP)
+    burst = [pipeline.enqueue(slow, hog).run_id for _ in range(40)]
+    mine = pipeline.enqueue(quick, other).run_id
+    pipeline.start_worker(threads=2, user_concurrency=1)
+    [row] = pipeline.wait_for([mine], TERMINAL, timeout=10)
+    assert row["status"] == "succeeded"
+    waiting = [r for r in (pipeline.run(b) for b in burst) if r["status"] == "queued"]
+    assert len(waiting) >= 30  # the other user's run did not wait behind the burst
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE runs SET status = 'cancelled' WHERE status = 'queued'")
+
+
+def test_redelivered_messages_never_run_a_finished_run_again(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "h", "type": "http", "config": {"url": f"{http_server.base}/ok?key=once"}}])
+    run = pipeline.enqueue(wf, owner)
+    app = pipeline.start_worker(threads=2)
+    pipeline.wait_for([run.run_id], TERMINAL)
+    for _ in range(5):
+        send_run_message(pipeline.broker, str(run.run_id))
+    deadline = time.monotonic() + 10
+    while app.executor.wakeups < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert app.executor.wakeups >= 6
+    row = pipeline.run(run.run_id)
+    assert (row["status"], row["attempt"]) == ("succeeded", 1)
+    assert http_server.hits["once"] == 1
+    assert len(pipeline.attempts(run.run_id)) == 1
+
+
+def test_idempotency_key_returns_the_same_run(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    first = pipeline.enqueue(wf, owner, idempotency_key="order-42")
+    again = pipeline.enqueue(wf, owner, idempotency_key="order-42")
+    other = pipeline.enqueue(wf, owner, idempotency_key="order-43")
+    assert first.created
+    assert not again.created
+    assert again.run_id == first.run_id
+    assert other.run_id != first.run_id
+
+
+def test_reconciler_restores_runs_after_redis_loses_everything(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    due = [pipeline.enqueue(wf, owner).run_id for _ in range(5)]
+    later = pipeline.enqueue(wf, owner, delay_ms=1000).run_id
+    # What FLUSHDB does to Sluice, limited to this test's keys (the Redis may be shared).
+    keys = list(pipeline.redis.scan_iter(match=f"{pipeline.settings.redis_prefix}*"))
+    assert keys
+    pipeline.redis.delete(*keys)
+    pipeline.start_worker(threads=2)
+    time.sleep(1.5)
+    assert {pipeline.run(r)["status"] for r in due} == {"queued"}  # nothing left to wake them
+    sent = reconcile(pipeline.pool, pipeline.broker)
+    assert sent >= 6
+    rows = pipeline.wait_for([*due, later], TERMINAL, timeout=15)
+    assert all(r["status"] == "succeeded" and r["attempt"] == 1 for r in rows)
+    assert reconcile(pipeline.pool, pipeline.broker) == 0
+
+
+def test_cancel_queued_and_running(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    quick = pipeline.workflow(owner, NOOP)
+    queued = pipeline.enqueue(quick, owner, delay_ms=500)
+    assert cancel_run(pipeline.pool, queued.run_id, owner) == "cancelled"
+    steps = [
+        {"id": "wait", "type": "http", "config": {"url": f"{http_server.base}/slow?s=1&key=c1"}},
+        {"id": "after", "type": "http", "config": {"url": f"{http_server.base}/ok?key=c2"}},
+    ]
+    slow = pipeline.workflow(owner, steps)
+    running = pipeline.enqueue(slow, owner)
+    pipeline.start_worker()
+    pipeline.wait_for([running.run_id], {"running"})
+    assert cancel_run(pipeline.pool, running.run_id, owner) == "running"
+    [row] = pipeline.wait_for([running.run_id], TERMINAL)
+    assert row["status"] == "cancelled"
+    assert http_server.hits["c1"] == 1
+    assert http_server.hits["c2"] == 0
+    time.sleep(0.7)
+    assert pipeline.run(queued.run_id)["started_at"] is None
+
+
+def test_run_time_limit_is_enforced(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    steps = [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=5"}}]
+    wf = pipeline.workflow(owner, steps, timeoutSeconds=1, maxAttempts=1)
+    run = pipeline.enqueue(wf, owner)
+    started = time.monotonic()
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert row["status"] == "failed"
+    assert "timed out" in row["error"]
+    assert time.monotonic() - started < 4
+
+
+def test_shutdown_hands_back_and_completed_steps_are_not_repeated(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    steps = [
+        {"id": "one", "type": "http", "config": {"url": f"{http_server.base}/slow?s=1&key=s1"}},
+        {"id": "two", "type": "http", "config": {"url": f"{http_server.base}/ok?key=s2"}},
+    ]
+    wf = pipeline.workflow(owner, steps)
+    run = pipeline.enqueue(wf, owner)
+    first = pipeline.start_worker()
+    pipeline.wait_for([run.run_id], {"running"})
+    first.stop()  # step one finishes, then the run is handed back
+    row = pipeline.run(run.run_id)
+    assert (row["status"], row["attempt"]) == ("queued", 0)
+    pipeline.workers.remove(first)
+    pipeline.start_worker()
+    [done] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert (done["status"], done["attempt"]) == ("succeeded", 1)
+    assert http_server.hits["s1"] == 1
+    assert http_server.hits["s2"] == 1
+
+
+def test_queue_stats_are_exact_and_fit_the_seeds_shape(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    done = [pipeline.enqueue(wf, owner).run_id for _ in range(3)]
+    pipeline.start_worker()
+    pipeline.wait_for(done, TERMINAL)
+    pipeline.workers[0].stop()
+    pipeline.workers.clear()
+    for priority in (1, 1, 5):
+        pipeline.enqueue(wf, owner, priority=priority)
+    pipeline.enqueue(wf, owner, delay_ms=60_000)
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = %s", (done[0],))
+    stats = get_queue_stats(pipeline.pool, pipeline.settings, pipeline.limiter, redis=True)
+    assert (stats.waiting, stats.active, stats.completed, stats.failed, stats.delayed) == (3, 0, 2, 1, 1)
+    assert stats.total == 3
+    assert stats.waiting_by_priority == {1: 2, 5: 1}
+    body = seeds_stats_body(stats, {"initialized": False, "scheduledWorkflows": 0})
+    assert body["queue"]["stats"] == {"waiting": 3, "active": 0, "completed": 2, "failed": 1, "delayed": 1, "total": 3}
+    assert body["queue"]["redis"] is True
+    assert body["capacity"] == {"message": "Running up to 10 workflows concurrently. 0 active, 3 queued."}
+    assert body["alerts"] == ["High failure rate detected"]

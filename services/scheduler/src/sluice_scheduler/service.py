@@ -1,7 +1,9 @@
 """Builds and runs the scheduler service.
 
-For now the service connects to PostgreSQL and Redis, reports ready, and stops cleanly on
-SIGTERM or SIGINT; cron firing arrives with its own change.
+Today it runs the pipeline's maintenance on a fixed interval (``SLUICE_RECONCILE_SECONDS``): the
+reconciler, which wakes runs PostgreSQL holds but Redis lost, and the recovery of runs whose
+worker died. Both are safe to run from several replicas at once. Cron firing arrives with its
+own change.
 """
 
 from __future__ import annotations
@@ -9,26 +11,43 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
+import dramatiq
 
-from sluice_common.db import open_pool
+from sluice_common.broker import make_broker
+from sluice_common.db import Pool, open_pool
 from sluice_common.lifecycle import service_main
+from sluice_common.runs import reconcile, recover_expired
 from sluice_common.runtime import Endpoints
 from sluice_common.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
+def maintain(pool: Pool, broker: dramatiq.Broker) -> None:
+    """One maintenance pass; errors are logged and retried on the next pass."""
+    try:
+        recover_expired(pool, broker)
+        reconcile(pool, broker)
+    except Exception:
+        log.warning("maintenance pass failed; will retry", exc_info=True)
+
+
+def maintenance_loop(settings: Settings, pool: Pool, broker: dramatiq.Broker, stopping: threading.Event) -> None:
+    while True:
+        maintain(pool, broker)
+        if stopping.wait(settings.reconcile_seconds):
+            return
+
+
 def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:
     pool = open_pool(settings, endpoints.database_url, name="scheduler")
-    client = redis.Redis.from_url(endpoints.redis_url)
+    broker = make_broker(settings, endpoints.redis_url)
     try:
-        client.ping()
-        log.info("scheduler ready")
-        stopping.wait()
+        log.info("scheduler ready (maintenance every %.1fs)", settings.reconcile_seconds)
+        maintenance_loop(settings, pool, broker, stopping)
         log.info("scheduler stopping")
     finally:
-        client.close()
+        broker.close()
         pool.close()
 
 

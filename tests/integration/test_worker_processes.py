@@ -1,0 +1,98 @@
+"""Worker processes killed and stopped for real: nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.httpserver import LocalServer
+from tests.integration.conftest import Pipeline
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+def spawn(pipeline: Pipeline) -> Iterator[object]:
+    procs: list[subprocess.Popen[bytes]] = []
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+    env.update(
+        DATABASE_URL=pipeline.settings.database_url or "",
+        REDIS_URL=pipeline.redis_url,
+        SLUICE_REDIS_PREFIX=pipeline.settings.redis_prefix,
+        SLUICE_LEASE_SECONDS="3",
+        SLUICE_CONCURRENCY="2",
+        SLUICE_RATE_LIMIT_PER_MINUTE="100000",
+    )
+
+    def start(service: str = "worker") -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", f"sluice_{service}"], env=env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_sigkilled_workers_run_completes_elsewhere(
+    pipeline: Pipeline, http_server: LocalServer, spawn: object
+) -> None:
+    owner = pipeline.user()
+    steps = [
+        {"id": "first", "type": "http", "config": {"url": f"{http_server.base}/ok?key=k1"}},
+        {"id": "slow", "type": "http", "config": {"url": f"{http_server.base}/slow?s=3&key=k2"}},
+    ]
+    wf = pipeline.workflow(owner, steps)
+    victim = spawn()  # type: ignore[operator]
+    run = pipeline.enqueue(wf, owner)
+    [row] = pipeline.wait_for([run.run_id], {"running"}, timeout=30)
+    deadline = time.monotonic() + 10
+    while http_server.hits["k2"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert http_server.hits["k2"] == 1  # killed in the middle of its second step
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    killed_at = time.monotonic()
+    spawn()  # type: ignore[operator]
+    [done] = pipeline.wait_for([run.run_id], TERMINAL, timeout=60)
+    assert time.monotonic() - killed_at < 60
+    assert done["status"] == "succeeded"
+    assert done["attempt"] == 2
+    attempts = pipeline.attempts(run.run_id)
+    assert [a["status"] for a in attempts] == ["failed", "succeeded"]
+    assert "worker lost" in attempts[0]["error"]
+    assert attempts[0]["worker_id"] != attempts[1]["worker_id"]
+    assert http_server.hits["k1"] == 1  # the checkpointed first step was not repeated
+    assert http_server.hits["k2"] == 2
+
+
+def test_sigterm_lets_the_worker_finish_and_exit(pipeline: Pipeline, http_server: LocalServer, spawn: object) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=1"}}])
+    worker = spawn()  # type: ignore[operator]
+    run = pipeline.enqueue(wf, owner)
+    pipeline.wait_for([run.run_id], {"running"}, timeout=30)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    row = pipeline.run(run.run_id)
+    assert (row["status"], row["attempt"]) == ("succeeded", 1)
+
+
+def test_scheduler_maintenance_wakes_runs_redis_lost(pipeline: Pipeline, spawn: object) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "a", "type": "transform", "config": {"value": 1}}])
+    runs = [pipeline.enqueue(wf, owner).run_id for _ in range(3)]
+    keys = list(pipeline.redis.scan_iter(match=f"{pipeline.settings.redis_prefix}*"))
+    pipeline.redis.delete(*keys)
+    spawn("worker")  # type: ignore[operator]
+    spawn("scheduler")  # type: ignore[operator]
+    rows = pipeline.wait_for(runs, TERMINAL, timeout=30)
+    assert all(r["status"] == "succeeded" for r in rows)

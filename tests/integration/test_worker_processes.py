@@ -53,7 +53,7 @@ def test_a_sigkilled_workers_run_completes_elsewhere(
     wf = pipeline.workflow(owner, steps)
     victim = spawn()  # type: ignore[operator]
     run = pipeline.enqueue(wf, owner)
-    [row] = pipeline.wait_for([run.run_id], {"running"}, timeout=30)
+    pipeline.wait_for([run.run_id], {"running"}, timeout=30)
     deadline = time.monotonic() + 10
     while http_server.hits["k2"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -139,18 +139,16 @@ def _service_argv(service: str) -> list[str]:
     return [sys.executable, "-m", f"sluice_{service}"]
 
 
-def _run_service(service: str) -> None:
+def _run_service(service: str, *, need_redis: bool = True) -> None:
     """Run one service in this process's place, with the embedded servers if none are set."""
     settings = _settings()
-    if settings.database_url and settings.redis_url:
+    if settings.database_url and (settings.redis_url or not need_redis):
         argv = _service_argv(service)
         os.execv(argv[0], argv)  # noqa: S606 - replaces this process with the service
-    with _endpoints(settings) as endpoints:
-        env = {
-            **os.environ,
-            "DATABASE_URL": endpoints.database_url,
-            "REDIS_URL": endpoints.redis_url,
-        }
+    with _endpoints(settings, need_redis=need_redis) as endpoints:
+        env = {**os.environ, "DATABASE_URL": endpoints.database_url}
+        if need_redis:
+            env["REDIS_URL"] = endpoints.redis_url
         sup = Supervisor([Child(service, _service_argv(service))], env)
         raise SystemExit(_supervise(sup))
 
@@ -183,6 +181,12 @@ def worker_cmd() -> None:
 def scheduler_cmd() -> None:
     """Run the cron scheduler."""
     _run_service("scheduler")
+
+
+@main.command("standalone")
+def standalone_cmd() -> None:
+    """Run everything in one process on PostgreSQL alone (no Redis): api, worker threads, scheduler."""
+    _run_service("standalone", need_redis=False)
 
 
 def _ensure_dev_token(endpoints: Endpoints, token_file: Path) -> str:

@@ -31,7 +31,7 @@ def stop_event() -> threading.Event:
     return event
 
 
-def service_main(name: str, run: ServiceRun) -> None:
+def service_main(name: str, run: ServiceRun, *, need_redis: bool = True) -> None:
     try:
         settings = load_settings()
     except SluiceError as exc:
@@ -39,7 +39,7 @@ def service_main(name: str, run: ServiceRun) -> None:
     configure_logging(settings.log_level, name)
     stopping = stop_event()
     try:
-        endpoints = resolve_endpoints(settings)
+        endpoints = resolve_endpoints(settings, need_redis=need_redis)
         try:
             run(settings, endpoints, stopping)
         finally:

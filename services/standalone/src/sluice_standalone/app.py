@@ -1,0 +1,82 @@
+"""Builds the standalone process from its parts (``create_standalone``) and serves it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import dramatiq
+
+from sluice_api.app import Dependencies, create_app
+from sluice_common.broker import make_broker
+from sluice_common.db import Pool
+from sluice_common.ratelimit import LocalRateLimiter
+from sluice_common.runs import reconcile
+from sluice_common.settings import Settings
+from sluice_scheduler.service import maintenance_loop
+from sluice_worker.service import WorkerApp, create_worker
+
+log = logging.getLogger(__name__)
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        log.debug("%s - %s", self.address_string(), format % args)
+
+
+@dataclass
+class Standalone:
+    settings: Settings
+    pool: Pool
+    broker: dramatiq.Broker
+    limiter: LocalRateLimiter
+    worker: WorkerApp
+    stopping: threading.Event
+    maintenance: threading.Thread
+
+    def start(self) -> None:
+        # Runs queued when the last process stopped have no wake-up in this new broker yet.
+        woken = reconcile(self.pool, self.broker)
+        if woken:
+            log.info("resuming %d run(s) left queued by the previous process", woken)
+        self.worker.start()
+        self.maintenance.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.worker.stop()
+        self.maintenance.join(timeout=5)
+        self.broker.close()
+
+
+def create_standalone(settings: Settings, pool: Pool) -> Standalone:
+    broker = make_broker(settings, None)
+    limiter = LocalRateLimiter(settings.rate_limit_per_minute)
+    worker = create_worker(settings, pool, broker, limiter)
+    stopping = threading.Event()
+    maintenance = threading.Thread(
+        target=maintenance_loop, args=(settings, pool, broker, stopping), name="sluice-maintenance", daemon=True
+    )
+    return Standalone(settings, pool, broker, limiter, worker, stopping, maintenance)
+
+
+def serve(app: Standalone, stopping: threading.Event) -> None:
+    """Serve the API on ``SLUICE_API_BIND`` until ``stopping`` is set."""
+    host, port = app.settings.api_bind.rsplit(":", 1)
+    wsgi = create_app(Dependencies(app.settings, app.pool, None))
+    server = make_server(host.strip("[]"), int(port), wsgi, _ThreadingWSGIServer, _QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="sluice-http", daemon=True)
+    thread.start()
+    log.info("standalone Sluice listening on http://%s (no Redis)", app.settings.api_bind)
+    try:
+        stopping.wait()
+    finally:
+        server.shutdown()
+        server.server_close()

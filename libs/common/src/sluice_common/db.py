@@ -36,7 +36,9 @@ def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", ma
         connection_class=DictConnection,
         min_size=settings.db_pool_min,
         max_size=max(max_size or settings.db_pool_max, settings.db_pool_min),
-        kwargs={"row_factory": dict_row, "autocommit": False},
+        # Autocommit: a single statement costs one round trip; multi-statement work opens
+        # an explicit ``conn.transaction()``.
+        kwargs={"row_factory": dict_row, "autocommit": True},
         name=name,
         open=False,
     )

@@ -134,3 +134,58 @@ class LocalRateLimiter:
         with self._lock:
             self._trim(time.time())
             return len(self._starts)
+
+
+# Parked wake-ups --------------------------------------------------------------------------------
+
+_UNPARK = """
+local v = tonumber(redis.call('GET', KEYS[1]) or '0')
+if v > 0 then
+  redis.call('DECR', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+class Parking(Protocol):
+    """Wake-ups that found only runs of users at their concurrency cap, to be re-sent later.
+
+    A wake-up that finds nothing runnable is dropped, but if runs were waiting only because
+    their users were at the cap, one wake-up is owed to them: the next run to finish pays it.
+    """
+
+    def park(self) -> None: ...
+
+    def unpark(self) -> bool:
+        """Take one parked wake-up if there is any."""
+
+
+class RedisParking:
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._key = f"{prefix}:parked"
+        self._client = client
+        self._unpark = client.register_script(_UNPARK)
+
+    def park(self) -> None:
+        self._client.incr(self._key)
+
+    def unpark(self) -> bool:
+        return bool(self._unpark(keys=[self._key]))
+
+
+class LocalParking:
+    def __init__(self) -> None:
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def park(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def unpark(self) -> bool:
+        with self._lock:
+            if self._count > 0:
+                self._count -= 1
+                return True
+            return False

@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -33,13 +34,13 @@ class StepFailed(Exception):
 
 
 class StepStore(Protocol):
+    """Where a run's step results are checkpointed (one write per finished step)."""
+
     def completed(self) -> dict[str, Any]: ...
 
-    def started(self, step_id: str, position: int) -> None: ...
+    def succeeded(self, step_id: str, position: int, output: Any, started_at: datetime) -> None: ...
 
-    def succeeded(self, step_id: str, output: Any) -> None: ...
-
-    def failed(self, step_id: str, error: str) -> None: ...
+    def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None: ...
 
     def interruption(self) -> Literal["cancelled", "shutdown"] | None: ...
 
@@ -61,6 +62,7 @@ class Outcome:
     status: Literal["succeeded", "failed", "cancelled", "handed_back"]
     error: str | None = None
     final: bool = False  # a failure that retrying cannot fix
+    final_step: tuple[str, int, Any, datetime] | None = None  # a checkpoint left for the finish
 
 
 def _remaining(ctx: RunContext) -> float:
@@ -134,16 +136,16 @@ def execute(
         remaining = _remaining(ctx)
         if remaining <= 0:
             return Outcome("failed", "run time limit reached before step " + repr(step["id"]))
-        store.started(step["id"], position)
+        started_at = datetime.now(UTC)
         try:
             output = step_runner(step, client, remaining)
         except StepFailed as exc:
-            store.failed(step["id"], str(exc))
+            store.failed(step["id"], position, str(exc), started_at)
             return Outcome("failed", str(exc), final=exc.final)
         except Exception as exc:  # a bug in a step must fail the run, not the worker
-            store.failed(step["id"], f"{type(exc).__name__}: {exc}")
+            store.failed(step["id"], position, f"{type(exc).__name__}: {exc}", started_at)
             return Outcome("failed", f"step {step['id']!r}: {type(exc).__name__}: {exc}")
-        store.succeeded(step["id"], output)
+        store.succeeded(step["id"], position, output, started_at)
         if _remaining(ctx) <= 0:
             return Outcome("failed", f"run time limit reached during step {step['id']!r}")
     return Outcome("succeeded")

@@ -1,10 +1,13 @@
 """Claims and executes runs: the body of the ``execute_run`` actor.
 
-A wake-up claims the best runnable run with one conditional UPDATE (``FOR UPDATE SKIP LOCKED``
-in ``dispatch_at`` order, skipping users at their concurrency cap), inside a transaction that
-also takes a slot of the global rate limit; when the limit is reached the transaction is rolled
-back and the wake-up is re-sent for the moment a slot frees up. A finished run is never claimed
-again, so redelivered messages are harmless.
+A wake-up first takes a slot of the global rate limit (when none is free, the wake-up is re-sent
+for the moment one frees up: no attempt used, no busy loop), then claims the best runnable run
+with one conditional UPDATE in ``dispatch_at`` order that skips users at their concurrency cap.
+A finished run is never claimed again, so redelivered messages are harmless.
+
+Round trips per one-step run: one claim (lock, claim, attempt row, commit, pipelined), one
+checkpoint per step, one finish. Claims are serialised by an advisory lock so the per-user cap
+is exact; the lock is held only while PostgreSQL executes the claim.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import dramatiq
@@ -23,7 +27,7 @@ from psycopg.types.json import Jsonb
 
 from sluice_common.broker import send_run_message
 from sluice_common.db import Pool
-from sluice_common.ratelimit import RateLimiter
+from sluice_common.ratelimit import Parking, RateLimiter
 from sluice_common.runs import dispatch_delay
 from sluice_common.settings import Settings
 from sluice_worker.engine import Outcome, RunContext, execute
@@ -45,13 +49,60 @@ WITH capped AS (
     ORDER BY dispatch_at, id
     LIMIT 1
     FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE runs r SET status = 'running', attempt = r.attempt + 1,
+           started_at = coalesce(r.started_at, now()), worker_id = %(worker)s,
+           lease_expires_at = now() + make_interval(secs => %(lease)s), updated_at = now(), error = NULL
+    FROM candidate WHERE r.id = candidate.id
+    RETURNING r.id, r.workflow_id, r.owner_id, r.attempt, r.max_attempts, r.priority,
+              r.trigger_type, r.trigger_data, r.traceparent
+), attempt AS (
+    INSERT INTO run_attempts (run_id, attempt, status, worker_id)
+    SELECT id, attempt, 'running', %(worker)s FROM claimed
+    ON CONFLICT (run_id, attempt) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
+        started_at = now(), finished_at = NULL, error = NULL
 )
-UPDATE runs r SET status = 'running', attempt = r.attempt + 1,
-       started_at = coalesce(r.started_at, now()), worker_id = %(worker)s,
-       lease_expires_at = now() + make_interval(secs => %(lease)s), updated_at = now(), error = NULL
-FROM candidate WHERE r.id = candidate.id
-RETURNING r.id, r.workflow_id, r.owner_id, r.attempt, r.max_attempts, r.priority,
-          r.trigger_type, r.trigger_data, r.traceparent
+SELECT c.*, w.steps, w.settings,
+       (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
+         WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps
+FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
+"""
+
+CHECKPOINT_SQL = """
+WITH step AS (
+    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, error, started_at, finished_at)
+    VALUES (%(run)s, %(step)s, %(pos)s, %(status)s, %(attempt)s, %(output)s, %(error)s, %(started)s, now())
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+        output = excluded.output, error = excluded.error, started_at = excluded.started_at,
+        finished_at = excluded.finished_at
+)
+SELECT cancel_requested FROM runs WHERE id = %(run)s
+"""
+
+FINISH_SQL = """
+WITH run AS (
+    UPDATE runs SET status = %(status)s,
+        attempt = attempt - %(give_back)s,
+        not_before = CASE WHEN %(status)s = 'delayed' THEN now() + make_interval(secs => %(wait)s / 1000.0) END,
+        dispatch_at = CASE WHEN %(status)s = 'delayed'
+                           THEN now() + make_interval(secs => %(wait)s / 1000.0) + %(aging)s ELSE dispatch_at END,
+        finished_at = CASE WHEN %(status)s IN ('succeeded', 'failed', 'cancelled') THEN now() END,
+        error = %(error)s, worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s
+    RETURNING id
+), last_step AS (
+    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
+    SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
+           now()
+    FROM run WHERE %(step)s::text IS NOT NULL
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+        output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
+)
+UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
+WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
+RETURNING run_id
 """
 
 
@@ -64,11 +115,9 @@ class Claimed:
     priority: int
     trigger_type: str
     trigger_data: Any
-
-
-class _RateLimited(Exception):
-    def __init__(self, wait_ms: int) -> None:
-        self.wait_ms = wait_ms
+    steps: list[dict[str, Any]] | None  # None: the workflow is gone
+    settings: dict[str, Any]
+    done_steps: dict[str, Any]
 
 
 def backoff_ms(attempt: int, low: int, high: int) -> int:
@@ -78,66 +127,57 @@ def backoff_ms(attempt: int, low: int, high: int) -> int:
 
 
 class PgStepStore:
-    """Checkpoints of one run attempt in ``run_steps``."""
+    """Checkpoints of one run attempt in ``run_steps``; each write also reads the cancel flag."""
 
-    def __init__(self, pool: Pool, run_id: str, attempt: int, stopping: threading.Event) -> None:
+    def __init__(self, pool: Pool, claimed: Claimed, stopping: threading.Event) -> None:
         self._pool = pool
-        self._run_id = run_id
-        self._attempt = attempt
+        self._claimed = claimed
         self._stopping = stopping
+        self._cancel = False
+        self._last = len(claimed.steps or []) - 1
+        # The last step's checkpoint is written by the run's finishing statement (one round
+        # trip less per run); if the worker dies in between, that step runs again, as it would
+        # had the worker died during it.
+        self.final_step: tuple[str, int, Any, datetime] | None = None
 
     def completed(self) -> dict[str, Any]:
-        with self._pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT step_id, output FROM run_steps WHERE run_id = %s AND status = 'succeeded'",
-                (self._run_id,),
-            ).fetchall()
-        return {r["step_id"]: r["output"] for r in rows}
+        return self._claimed.done_steps
 
-    def _write(self, step_id: str, position: int | None, status: str, output: Any, error: str | None) -> None:
+    def _write(
+        self, step_id: str, position: int, status: str, output: Any, error: str | None, started: datetime
+    ) -> None:
         with self._pool.connection() as conn:
-            conn.execute(
-                """
-                INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, error, started_at,
-                                       finished_at)
-                VALUES (%(run)s, %(step)s, coalesce(%(pos)s, 0), %(status)s, %(attempt)s, %(output)s,
-                        %(error)s, now(), CASE WHEN %(status)s <> 'running' THEN now() END)
-                ON CONFLICT (run_id, step_id) DO UPDATE SET
-                    status = excluded.status, attempt = excluded.attempt, output = excluded.output,
-                    error = excluded.error,
-                    position = CASE WHEN %(pos)s IS NULL THEN run_steps.position ELSE excluded.position END,
-                    started_at = CASE WHEN excluded.status = 'running' THEN now() ELSE run_steps.started_at END,
-                    finished_at = excluded.finished_at
-                """,
+            row = conn.execute(
+                CHECKPOINT_SQL,
                 {
-                    "run": self._run_id,
+                    "run": self._claimed.run_id,
                     "step": step_id,
                     "pos": position,
                     "status": status,
-                    "attempt": self._attempt,
+                    "attempt": self._claimed.attempt,
                     "output": Jsonb(output) if output is not None else None,
                     "error": error,
+                    "started": started,
                 },
-            )
+            ).fetchone()
+        self._cancel = bool(row and row["cancel_requested"])
 
-    def started(self, step_id: str, position: int) -> None:
-        self._write(step_id, position, "running", None, None)
-
-    def succeeded(self, step_id: str, output: Any) -> None:
+    def succeeded(self, step_id: str, position: int, output: Any, started_at: datetime) -> None:
         encoded = json.dumps(output, default=str)
         if len(encoded) > MAX_OUTPUT_BYTES:
             output = {"truncated": True, "bytes": len(encoded), "preview": encoded[:1024]}
         else:
             output = json.loads(encoded)
-        self._write(step_id, None, "succeeded", output, None)
+        if position == self._last:
+            self.final_step = (step_id, position, output, started_at)
+            return
+        self._write(step_id, position, "succeeded", output, None, started_at)
 
-    def failed(self, step_id: str, error: str) -> None:
-        self._write(step_id, None, "failed", None, error[:10_000])
+    def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None:
+        self._write(step_id, position, "failed", None, error[:10_000], started_at)
 
     def interruption(self) -> Literal["cancelled", "shutdown"] | None:
-        with self._pool.connection() as conn:
-            row = conn.execute("SELECT cancel_requested FROM runs WHERE id = %s", (self._run_id,)).fetchone()
-        if row is not None and row["cancel_requested"]:
+        if self._cancel:
             return "cancelled"
         if self._stopping.is_set():
             return "shutdown"
@@ -151,6 +191,7 @@ class RunExecutor:
         pool: Pool,
         broker: dramatiq.Broker,
         limiter: RateLimiter,
+        parking: Parking,
         http: httpx.Client,
         worker_id: str,
         stopping: threading.Event,
@@ -159,6 +200,7 @@ class RunExecutor:
         self.pool = pool
         self.broker = broker
         self.limiter = limiter
+        self.parking = parking
         self.http = http
         self.worker_id = worker_id
         self.stopping = stopping
@@ -172,46 +214,41 @@ class RunExecutor:
         if self.stopping.is_set():
             send_run_message(self.broker, hint_run_id)  # hand the wake-up to another process
             return
+        wait = self.limiter.acquire()
+        if wait > 0:
+            send_run_message(self.broker, hint_run_id, delay_ms=wait)
+            return
         try:
             claimed = self.claim()
-        except _RateLimited as limited:
-            send_run_message(self.broker, hint_run_id, delay_ms=limited.wait_ms)
-            return
+        except BaseException:
+            self.limiter.release()
+            raise
         if claimed is None:
+            self.limiter.release()
+            if self._due_exists():
+                self.parking.park()  # only capped users' runs are due: the next finish wakes them
             return
         outcome = self.run(claimed)
         self.finish(claimed, outcome)
-        # Keep the pipeline moving: this thread is free, so wake one for the next runnable run
-        # (covers runs of a user who was at the per-user cap until now).
-        if self._more_due():
+        if self.parking.unpark():
             send_run_message(self.broker, hint_run_id)
 
     def claim(self) -> Claimed | None:
-        with self.pool.connection() as conn, conn.transaction():
-            row = conn.execute(
-                CLAIM_SQL,
-                {
-                    "user_cap": self.settings.user_concurrency,
-                    "worker": self.worker_id,
-                    "lease": self.settings.lease_seconds,
-                },
-            ).fetchone()
-            if row is None:
-                return None
-            wait = self.limiter.acquire()
-            if wait > 0:
-                raise _RateLimited(wait)  # rolls the claim back: no attempt used
-            try:
-                conn.execute(
-                    "INSERT INTO run_attempts (run_id, attempt, status, worker_id) "
-                    "VALUES (%s, %s, 'running', %s) "
-                    "ON CONFLICT (run_id, attempt) DO UPDATE SET status = 'running', "
-                    "worker_id = excluded.worker_id, started_at = now(), finished_at = NULL, error = NULL",
-                    (row["id"], row["attempt"], self.worker_id),
-                )
-            except BaseException:
-                self.limiter.release()
-                raise
+        params = {
+            "user_cap": self.settings.user_concurrency,
+            "worker": self.worker_id,
+            "lease": self.settings.lease_seconds,
+        }
+        with self.pool.connection() as conn:
+            with conn.pipeline(), conn.transaction():
+                # A claim lost in a database crash only puts the run back in the queue, so the
+                # claim need not wait for its WAL flush (the run's outcome always does).
+                conn.execute("SET LOCAL synchronous_commit = off")
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK_ID,))
+                cur = conn.execute(CLAIM_SQL, params)
+            row = cur.fetchone()
+        if row is None:
+            return None
         return Claimed(
             run_id=str(row["id"]),
             workflow_id=str(row["workflow_id"]),
@@ -220,99 +257,85 @@ class RunExecutor:
             priority=row["priority"],
             trigger_type=row["trigger_type"],
             trigger_data=row["trigger_data"],
+            steps=row["steps"],
+            settings=row["settings"] or {},
+            done_steps=row["done_steps"] or {},
         )
 
-    def _more_due(self) -> bool:
+    def _due_exists(self) -> bool:
         with self.pool.connection() as conn:
             row = conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ('queued', 'delayed') "
-                "AND coalesce(not_before, '-infinity') <= now()) AS more"
+                "AND coalesce(not_before, '-infinity') <= now()) AS due"
             ).fetchone()
-        return bool(row and row["more"])
+        return bool(row and row["due"])
 
     # Running ------------------------------------------------------------------------------------
 
     def run(self, claimed: Claimed) -> Outcome:
-        with self.pool.connection() as conn:
-            wf = conn.execute("SELECT steps, settings FROM workflows WHERE id = %s", (claimed.workflow_id,)).fetchone()
-        if wf is None:
+        if claimed.steps is None:
             return Outcome("failed", "the workflow no longer exists", final=True)
-        wf_settings = wf["settings"] or {}
-        timeout = wf_settings.get("timeoutSeconds") or self.settings.run_timeout_seconds
+        timeout = claimed.settings.get("timeoutSeconds") or self.settings.run_timeout_seconds
         ctx = RunContext(
             run_id=claimed.run_id,
             workflow_id=claimed.workflow_id,
             attempt=claimed.attempt,
             trigger_type=claimed.trigger_type,
             trigger_data=claimed.trigger_data,
-            steps=wf["steps"],
+            steps=claimed.steps,
             deadline=time.monotonic() + float(timeout),
-            variables=wf_settings.get("variables") or {},
+            variables=claimed.settings.get("variables") or {},
         )
-        store = PgStepStore(self.pool, claimed.run_id, claimed.attempt, self.stopping)
+        store = PgStepStore(self.pool, claimed, self.stopping)
         try:
-            return execute(ctx, store, self.http)
+            outcome = execute(ctx, store, self.http)
         except Exception as exc:  # storage trouble mid-run: a failed attempt, retried as usual
             log.exception("run %s attempt %d crashed", claimed.run_id, claimed.attempt)
-            return Outcome("failed", f"{type(exc).__name__}: {exc}")
+            outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
+        if store.final_step is not None:
+            return Outcome(outcome.status, outcome.error, outcome.final, final_step=store.final_step)
+        return outcome
 
     def finish(self, claimed: Claimed, outcome: Outcome) -> None:
         """Record the attempt's end and move the run on: done, retried later, or handed back."""
         retry = outcome.status == "failed" and not outcome.final and claimed.attempt < claimed.max_attempts
-        params: dict[str, Any] = {"id": claimed.run_id, "attempt": claimed.attempt, "worker": self.worker_id}
-        params["error"] = outcome.error
+        params: dict[str, Any] = {
+            "id": claimed.run_id,
+            "attempt": claimed.attempt,
+            "worker": self.worker_id,
+            "error": outcome.error,
+            "give_back": 0,
+            "wait": 0,
+            "aging": dispatch_delay(self.settings, claimed.priority),
+            "step": None,
+            "pos": None,
+            "output": None,
+            "started": None,
+        }
+        if outcome.final_step is not None:
+            step_id, position, output, started = outcome.final_step
+            params.update(step=step_id, pos=position, output=Jsonb(output), started=started)
         if outcome.status == "handed_back":
             # Not the run's fault: give the attempt back and let another worker continue.
-            sql = (
-                "UPDATE runs SET status = 'queued', attempt = attempt - 1, worker_id = NULL, "
-                "lease_expires_at = NULL, updated_at = now() "
-                "WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s"
-            )
-            attempt_status = "cancelled"
-            params["error"] = "handed back at shutdown"
+            params.update(status="queued", attempt_status="cancelled", give_back=1, error="handed back at shutdown")
         elif retry:
-            low, high = self._backoff_bounds(claimed.workflow_id)
-            wait = backoff_ms(claimed.attempt, low, high)
-            params["wait"] = wait
-            params["aging"] = dispatch_delay(self.settings, claimed.priority)
-            sql = (
-                "UPDATE runs SET status = 'delayed', not_before = now() + make_interval(secs => %(wait)s / 1000.0), "
-                "dispatch_at = now() + make_interval(secs => %(wait)s / 1000.0) + %(aging)s, "
-                "error = %(error)s, worker_id = NULL, lease_expires_at = NULL, updated_at = now() "
-                "WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s"
+            low = int(claimed.settings.get("backoffMinMs", self.settings.retry_backoff_min_ms))
+            high = int(claimed.settings.get("backoffMaxMs", self.settings.retry_backoff_max_ms))
+            params.update(
+                status="delayed", attempt_status="failed", wait=backoff_ms(claimed.attempt, low, max(low, high))
             )
-            attempt_status = "failed"
         else:
-            params["status"] = outcome.status
-            sql = (
-                "UPDATE runs SET status = %(status)s, finished_at = now(), error = %(error)s, worker_id = NULL, "
-                "lease_expires_at = NULL, updated_at = now() "
-                "WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s"
-            )
-            attempt_status = outcome.status
-        with self.pool.connection() as conn, conn.transaction():
-            updated = conn.execute(sql, params).rowcount
-            if updated == 0:
-                # Our lease expired and the run was recovered elsewhere: their result stands.
-                log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
-                return
-            conn.execute(
-                "UPDATE run_attempts SET status = %s, finished_at = now(), error = %s "
-                "WHERE run_id = %s AND attempt = %s",
-                (attempt_status, params["error"], claimed.run_id, claimed.attempt),
-            )
+            params.update(status=outcome.status, attempt_status=outcome.status)
+        with self.pool.connection() as conn:
+            updated = conn.execute(FINISH_SQL, params).fetchone()
+        if updated is None:
+            # Our lease expired and the run was recovered elsewhere: their result stands.
+            log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
+            return
         if outcome.status == "handed_back":
             send_run_message(self.broker, claimed.run_id)
         elif retry:
             send_run_message(self.broker, claimed.run_id, delay_ms=params["wait"])
-
-    def _backoff_bounds(self, workflow_id: str) -> tuple[int, int]:
-        with self.pool.connection() as conn:
-            row = conn.execute("SELECT settings FROM workflows WHERE id = %s", (workflow_id,)).fetchone()
-        wf = (row["settings"] if row else None) or {}
-        low = wf.get("backoffMinMs", self.settings.retry_backoff_min_ms)
-        high = wf.get("backoffMaxMs", self.settings.retry_backoff_max_ms)
-        return int(low), int(max(low, high))
 
     # Leases ---------------------------------------------------------------------------------------
 

@@ -1,0 +1,270 @@
+"""Benchmark of the run pipeline against a bare Dramatiq baseline, measured in the same run.
+
+    uv run python bench/pipeline.py [--runs 2000] [--processes 2] [--rate 100] [--seconds 10]
+
+Uses SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else the embedded servers, in a
+database and Redis namespace of its own that are removed afterwards. Prints:
+
+- sustained throughput: N one-step runs through producer, Redis, worker processes and
+  PostgreSQL, next to the baseline actor doing one UPDATE per message (target ratio >= 0.6);
+- enqueue-to-start latency p50/p99 with runs sent at a steady rate (target p99 < 25 ms at
+  100 runs/s), next to the baseline's enqueue-to-execution latency;
+- worker RSS at concurrency 10 (target < 150 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import dramatiq
+import psutil
+import psycopg
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from sluice_common.broker import make_broker
+from sluice_common.db import migrate, open_pool
+from sluice_common.embedded import EmbeddedServers
+from sluice_common.runs import enqueue_run
+from sluice_common.settings import load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+THREADS = 10
+
+
+def with_db(url: str, name: str) -> str:
+    p = urlsplit(url)
+    return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def baseline(
+    db_url: str, redis_url: str, ns: str, n: int, processes: int, rate: float, seconds: float
+) -> dict[str, float]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bench_items (id int PRIMARY KEY, sent_at timestamptz, done_at timestamptz)")
+        conn.execute("INSERT INTO bench_items (id) SELECT generate_series(1, %s)", (n + int(rate * seconds) + 10,))
+    broker = RedisBroker(url=redis_url, namespace=ns)
+    broker.declare_queue("bench")
+
+    def send(item: int) -> None:
+        broker.enqueue(dramatiq.Message(queue_name="bench", actor_name="touch", args=(item,), kwargs={}, options={}))
+
+    # Throughput: fill the queue, then let the workers drain it.
+    for i in range(1, n + 1):
+        send(i)
+    env = {
+        **os.environ,
+        "BENCH_DATABASE_URL": db_url,
+        "BENCH_REDIS_URL": redis_url,
+        "BENCH_NAMESPACE": ns,
+        "BENCH_THREADS": str(THREADS),
+    }
+    procs = [spawn([sys.executable, str(ROOT / "bench" / "baseline_worker.py")], env) for _ in range(processes)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+
+        def done() -> bool:
+            row = conn.execute("SELECT count(done_at) FROM bench_items WHERE id <= %s", (n,)).fetchone()
+            return bool(row and row[0] >= n)
+
+        wait_until(done, 300, "baseline throughput")
+        row = conn.execute(
+            "SELECT extract(epoch FROM max(done_at) - min(done_at)) FROM bench_items WHERE id <= %s", (n,)
+        ).fetchone()
+        assert row is not None
+        throughput = n / max(float(row[0]), 1e-6)
+        # Latency at a steady rate: time from send to the UPDATE.
+        ids = list(range(n + 1, n + int(rate * seconds) + 1))
+        start = time.monotonic()
+        for k, item in enumerate(ids):
+            target = start + k / rate
+            time.sleep(max(0.0, target - time.monotonic()))
+            conn.execute("UPDATE bench_items SET sent_at = clock_timestamp() WHERE id = %s", (item,))
+            send(item)
+
+        def all_done() -> bool:
+            r = conn.execute(
+                "SELECT count(done_at) FROM bench_items WHERE id > %s AND sent_at IS NOT NULL", (n,)
+            ).fetchone()
+            return bool(r and r[0] >= len(ids))
+
+        wait_until(all_done, 120, "baseline latency")
+        lat = [
+            float(r[0]) * 1000
+            for r in conn.execute(
+                "SELECT extract(epoch FROM done_at - sent_at) FROM bench_items WHERE id > %s AND sent_at IS NOT NULL",
+                (n,),
+            ).fetchall()
+        ]
+    rss = max(psutil.Process(p.pid).memory_info().rss for p in procs) / 2**20
+    stop(procs)
+    broker.close()
+    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss}
+
+
+def sluice(
+    db_url: str, redis_url: str, prefix: str, n: int, processes: int, rate: float, seconds: float
+) -> dict[str, float]:
+    env_vars = {
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "SLUICE_REDIS_PREFIX": prefix,
+        "SLUICE_CONCURRENCY": str(THREADS),
+        "SLUICE_RATE_LIMIT_PER_MINUTE": "10000000",
+        "SLUICE_USER_CONCURRENCY": "10000",
+        "SLUICE_LOG_LEVEL": "WARNING",
+    }
+    settings = load_settings(env_vars)
+    pool = open_pool(settings, db_url, name="bench", max_size=4)
+    broker = make_broker(settings, redis_url)
+    with pool.connection() as conn:
+        user = conn.execute("INSERT INTO users (name) VALUES ('bench') RETURNING id").fetchone()
+        assert user is not None
+        wf = conn.execute(
+            "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
+            "VALUES (%s, 'bench', 'manual', %s, %s) RETURNING id",
+            (user["id"], Jsonb({"type": "manual"}), Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}])),
+        ).fetchone()
+        assert wf is not None
+
+    def enqueue() -> None:
+        enqueue_run(pool, broker, settings, workflow_id=wf["id"], owner_id=user["id"])
+
+    for _ in range(n):
+        enqueue()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")} | env_vars
+    procs = [spawn([sys.executable, "-m", "sluice_worker"], env) for _ in range(processes)]
+    with pool.connection() as conn:
+
+        def done() -> bool:
+            row = conn.execute("SELECT count(*) AS c FROM runs WHERE status = 'succeeded'").fetchone()
+            return bool(row and row["c"] >= n)
+
+        wait_until(done, 600, "sluice throughput")
+        row = conn.execute("SELECT extract(epoch FROM max(finished_at) - min(started_at)) AS s FROM runs").fetchone()
+        assert row is not None
+        throughput = n / max(float(row["s"]), 1e-6)
+        conn.execute("UPDATE runs SET trigger_type = 'retry'")  # mark the throughput batch
+        conn.commit()
+    rss = max(psutil.Process(p.pid).memory_info().rss for p in procs) / 2**20
+    count = int(rate * seconds)
+    start = time.monotonic()
+    for k in range(count):
+        time.sleep(max(0.0, start + k / rate - time.monotonic()))
+        enqueue()
+    with pool.connection() as conn:
+
+        def all_done() -> bool:
+            r = conn.execute(
+                "SELECT count(*) AS c FROM runs WHERE trigger_type = 'manual' AND status = 'succeeded'"
+            ).fetchone()
+            return bool(r and r["c"] >= count)
+
+        wait_until(all_done, 120, "sluice latency")
+        lat = [
+            float(r["ms"])
+            for r in conn.execute(
+                "SELECT extract(epoch FROM started_at - queued_at) * 1000 AS ms FROM runs WHERE trigger_type = 'manual'"
+            ).fetchall()
+        ]
+    rss = max(rss, *(psutil.Process(p.pid).memory_info().rss / 2**20 for p in procs))
+    stop(procs)
+    broker.close()
+    pool.close()
+    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+
+    admin = os.environ.get("SLUICE_TEST_DATABASE_URL")
+    redis_url = os.environ.get("SLUICE_TEST_REDIS_URL")
+    embedded = None
+    if not admin or not redis_url:
+        embedded = EmbeddedServers(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
+        admin = admin or embedded.postgres_admin_url()
+        redis_url = redis_url or embedded.redis_url()
+    tag = uuid.uuid4().hex[:8]
+    names = [f"sluice_bench_{tag}_base", f"sluice_bench_{tag}_sluice"]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        base = baseline(
+            with_db(admin, names[0]),
+            redis_url,
+            f"sluice_bench_{tag}_base",
+            args.runs,
+            args.processes,
+            args.rate,
+            args.seconds,
+        )
+        url = with_db(admin, names[1])
+        migrate(url)
+        ours = sluice(url, redis_url, f"sluice_bench_{tag}", args.runs, args.processes, args.rate, args.seconds)
+    finally:
+        for key in client.scan_iter(match=f"sluice_bench_{tag}*"):
+            client.delete(key)
+        client.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if embedded is not None:
+            embedded.stop_started()
+
+    print(f"\nrun pipeline: {args.runs} one-step runs, {args.processes} worker processes x {THREADS} threads")
+    print(f"{'':28}{'baseline':>12}{'sluice':>12}{'ratio':>8}  target")
+    print(
+        f"{'throughput (runs/s)':28}{base['throughput']:12.0f}{ours['throughput']:12.0f}"
+        f"{ours['throughput'] / base['throughput']:8.2f}  >= 0.60"
+    )
+    print(f"latency at {args.rate:.0f}/s p50 (ms){'':6}{base['p50']:12.1f}{ours['p50']:12.1f}")
+    print(f"latency at {args.rate:.0f}/s p99 (ms){'':6}{base['p99']:12.1f}{ours['p99']:12.1f}{'':8}  < 25")
+    print(f"{'worker RSS (MB)':28}{base['rss']:12.0f}{ours['rss']:12.0f}{'':8}  < 150")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 from sluice_common.broker import send_run_message
@@ -278,3 +279,15 @@ def test_queue_stats_are_exact_and_fit_the_seeds_shape(pipeline: Pipeline) -> No
     assert body["queue"]["redis"] is True
     assert body["capacity"] == {"message": "Running up to 10 workflows concurrently. 0 active, 3 queued."}
     assert body["alerts"] == ["High failure rate detected"]
+
+
+def test_runs_held_by_the_user_cap_all_complete(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=0.1"}}])
+    runs = [pipeline.enqueue(wf, owner).run_id for _ in range(6)]
+    pipeline.start_worker(threads=3, user_concurrency=1)
+    rows = pipeline.wait_for(runs, TERMINAL, timeout=20)
+    assert all(r["status"] == "succeeded" for r in rows)
+    spans = sorted((r["started_at"], r["finished_at"]) for r in rows)
+    # Never two at once for this user: each started after the previous one finished.
+    assert all(nxt[0] >= prev[1] for prev, nxt in itertools.pairwise(spans))

@@ -74,3 +74,35 @@ def test_cli_users_create_prints_the_token_last(
     )
     assert again.returncode != 0
     assert "already exists" in again.stderr
+
+
+def test_cli_config_rate_limit_is_shared_through_redis(service_env: dict[str, str]) -> None:
+    import redis
+
+    from sluice_common.ratelimit import RedisRateLimiter
+
+    result = subprocess.run(
+        [sys.executable, "-m", "sluice_common.cli", "config", "rate-limit", "250"],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert "rate limit set to 250" in result.stdout
+    client = redis.Redis.from_url(service_env["REDIS_URL"])
+    try:
+        assert RedisRateLimiter(client, service_env["SLUICE_REDIS_PREFIX"], 100).limit() == 250
+    finally:
+        client.delete(f"{service_env['SLUICE_REDIS_PREFIX']}:ratelimit:per_minute")
+        client.close()
+    bad = subprocess.run(
+        [sys.executable, "-m", "sluice_common.cli", "config", "rate-limit", "0"],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "0 is not in the range x>=1" in bad.stderr

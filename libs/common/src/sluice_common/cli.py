@@ -233,6 +233,37 @@ def dev_cmd() -> None:
     raise SystemExit(status)
 
 
+@main.group("config")
+def config_group() -> None:
+    """Change settings of a running system (shared through Redis)."""
+
+
+@config_group.command("rate-limit")
+@click.argument("per_minute", type=click.IntRange(min=1))
+def config_rate_limit(per_minute: int) -> None:
+    """Set the global limit of run starts per minute, effective at once on every worker."""
+    import redis
+
+    from sluice_common.broker import make_broker
+    from sluice_common.db import open_pool
+    from sluice_common.ratelimit import RedisRateLimiter
+    from sluice_common.runs import change_rate_limit
+
+    settings = _settings()
+    with _endpoints(settings) as endpoints:
+        client = redis.Redis.from_url(endpoints.redis_url)
+        pool = open_pool(settings, endpoints.database_url, name="cli")
+        broker = make_broker(settings, endpoints.redis_url)
+        try:
+            limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
+            woken = change_rate_limit(pool, broker, limiter, per_minute)
+        finally:
+            broker.close()
+            pool.close()
+            client.close()
+    click.echo(f"rate limit set to {per_minute} run starts per minute ({woken} held-back run(s) woken)")
+
+
 @main.group("embedded")
 def embedded_group() -> None:
     """Manage the embedded PostgreSQL and Redis of the data folder."""

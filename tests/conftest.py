@@ -8,6 +8,8 @@ folder. Each run gets its own database and Redis key prefix, both removed at the
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +26,19 @@ from sluice_common.embedded import EmbeddedServers
 from sluice_common.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
+SLUICE = [sys.executable, "-m", "sluice_common.cli"]
+
+
+def sluice(
+    env: dict[str, str], *args: str, check: bool = True, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the ``sluice`` command line with ``env`` and capture its output."""
+    return subprocess.run([*SLUICE, *args], env=env, capture_output=True, text=True, timeout=timeout, check=check)
+
+
+def start_sluice(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
+    """Start a long-running ``sluice`` command (its output merged, for the test to drain or ignore)."""
+    return subprocess.Popen([*SLUICE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def with_database(url: str, name: str) -> str:

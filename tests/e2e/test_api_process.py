@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
+from tests.conftest import sluice, start_sluice
 from tests.e2e.helpers import free_port, http, wait_for
 
 
 def test_api_serves_health_ready_and_problems(service_env: dict[str, str]) -> None:
     port = free_port()
     env = {**service_env, "SLUICE_API_BIND": f"127.0.0.1:{port}", "SLUICE_API_WORKERS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice_common.cli", "api"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_sluice(env, "api")
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/api/ready", proc=proc)
@@ -35,12 +29,6 @@ def test_api_serves_health_ready_and_problems(service_env: dict[str, str]) -> No
 
 def test_bad_setting_stops_start_up_naming_the_variable(service_env: dict[str, str]) -> None:
     env = {**service_env, "SLUICE_API_BIND": "nowhere"}
-    result = subprocess.run(
-        [sys.executable, "-m", "sluice_common.cli", "api"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = sluice(env, "api", check=False)
     assert result.returncode != 0
     assert "SLUICE_API_BIND" in result.stderr

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import psutil
 
+from tests.conftest import start_sluice
 from tests.e2e.helpers import free_port, http, wait_for
 
 
@@ -16,12 +15,7 @@ def test_standalone_serves_without_redis(service_env: dict[str, str]) -> None:
     port = free_port()
     env = {k: v for k, v in service_env.items() if k != "REDIS_URL"}
     env["SLUICE_API_BIND"] = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice_common.cli", "standalone"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    proc = start_sluice(env, "standalone")
     try:
         wait_for(f"http://127.0.0.1:{port}/api/ready", proc=proc)
         body = json.loads(http("GET", f"http://127.0.0.1:{port}/api/ready")[2])

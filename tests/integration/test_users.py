@@ -1,7 +1,5 @@
 """Users and tokens against a real PostgreSQL, and the ``sluice users`` commands."""
 
-import subprocess
-import sys
 import uuid
 
 import psycopg
@@ -9,6 +7,7 @@ import pytest
 
 from sluice_common import users
 from sluice_common.errors import AuthError, ConflictError, NotFoundError, ValidationFailed
+from tests.conftest import sluice
 
 
 def name() -> str:
@@ -54,24 +53,10 @@ def test_cli_users_create_prints_the_token_last(
     service_env: dict[str, str], db: psycopg.Connection[tuple[object, ...]]
 ) -> None:
     n = name()
-    result = subprocess.run(
-        [sys.executable, "-m", "sluice_common.cli", "users", "create", n],
-        env=service_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = sluice(service_env, "users", "create", n, check=True)
     token = result.stdout.strip().splitlines()[-1]
     assert users.authenticate(db, token).name == n
-    again = subprocess.run(
-        [sys.executable, "-m", "sluice_common.cli", "users", "create", n],
-        env=service_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    again = sluice(service_env, "users", "create", n, check=False)
     assert again.returncode != 0
     assert "already exists" in again.stderr
 
@@ -81,14 +66,7 @@ def test_cli_config_rate_limit_is_shared_through_redis(service_env: dict[str, st
 
     from sluice_common.ratelimit import RedisRateLimiter
 
-    result = subprocess.run(
-        [sys.executable, "-m", "sluice_common.cli", "config", "rate-limit", "250"],
-        env=service_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    result = sluice(service_env, "config", "rate-limit", "250", check=True)
     assert "rate limit set to 250" in result.stdout
     client = redis.Redis.from_url(service_env["REDIS_URL"])
     try:
@@ -96,13 +74,6 @@ def test_cli_config_rate_limit_is_shared_through_redis(service_env: dict[str, st
     finally:
         client.delete(f"{service_env['SLUICE_REDIS_PREFIX']}:ratelimit:per_minute")
         client.close()
-    bad = subprocess.run(
-        [sys.executable, "-m", "sluice_common.cli", "config", "rate-limit", "0"],
-        env=service_env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    bad = sluice(service_env, "config", "rate-limit", "0", check=False)
     assert bad.returncode == 2
     assert "0 is not in the range x>=1" in bad.stderr

@@ -5,9 +5,10 @@ for the moment one frees up: no attempt used, no busy loop), then claims the bes
 with one conditional UPDATE in ``dispatch_at`` order that skips users at their concurrency cap.
 A finished run is never claimed again, so redelivered messages are harmless.
 
-Round trips per one-step run: one claim (lock, claim, attempt row, commit, pipelined), one
-checkpoint per step, one finish. Claims are serialised by an advisory lock so the per-user cap
-is exact; the lock is held only while PostgreSQL executes the claim.
+Round trips per one-step run: one claim (claim, attempt row, commit, pipelined) and one finish
+(which also writes the last step's checkpoint); one more per earlier step. The claim itself is
+the ``sluice_claim_run`` function (migration 0003): it serialises claims per user, not globally,
+so the per-user cap is exact while different users' runs are claimed in parallel.
 """
 
 from __future__ import annotations
@@ -35,27 +36,10 @@ from sluice_worker.engine import Outcome, RunContext, execute
 log = logging.getLogger(__name__)
 
 MAX_OUTPUT_BYTES = 256 * 1024
-CLAIM_LOCK_ID = 0x51_1C_E0_00_00_00_02
 
 CLAIM_SQL = """
-WITH capped AS (
-    SELECT owner_id FROM runs WHERE status = 'running'
-    GROUP BY owner_id HAVING count(*) >= %(user_cap)s
-), candidate AS (
-    SELECT id FROM runs
-    WHERE status IN ('queued', 'delayed')
-      AND coalesce(not_before, '-infinity') <= now()
-      AND owner_id NOT IN (SELECT owner_id FROM capped)
-    ORDER BY dispatch_at, id
-    LIMIT 1
-    FOR UPDATE SKIP LOCKED
-), claimed AS (
-    UPDATE runs r SET status = 'running', attempt = r.attempt + 1,
-           started_at = coalesce(r.started_at, now()), worker_id = %(worker)s,
-           lease_expires_at = now() + make_interval(secs => %(lease)s), updated_at = now(), error = NULL
-    FROM candidate WHERE r.id = candidate.id
-    RETURNING r.id, r.workflow_id, r.owner_id, r.attempt, r.max_attempts, r.priority,
-              r.trigger_type, r.trigger_data, r.traceparent
+WITH claimed AS (
+    SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s)
 ), attempt AS (
     INSERT INTO run_attempts (run_id, attempt, status, worker_id)
     SELECT id, attempt, 'running', %(worker)s FROM claimed
@@ -244,7 +228,6 @@ class RunExecutor:
                 # A claim lost in a database crash only puts the run back in the queue, so the
                 # claim need not wait for its WAL flush (the run's outcome always does).
                 conn.execute("SET LOCAL synchronous_commit = off")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (CLAIM_LOCK_ID,))
                 cur = conn.execute(CLAIM_SQL, params)
             row = cur.fetchone()
         if row is None:

@@ -51,6 +51,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, {"ok": True, "hit": hit})
         elif url.path == "/fail":
             self._reply(500, {"error": "always"})
+        elif url.path == "/slowfail":
+            time.sleep(float(query.get("s", "1")))
+            self._reply(500, {"error": "slow and failing"})
         elif url.path == "/slow":
             time.sleep(float(query.get("s", "1")))
             self._reply(200, {"slept": float(query.get("s", "1")), "hit": hit})

@@ -186,7 +186,7 @@ def test_reconciler_restores_runs_after_redis_loses_everything(pipeline: Pipelin
     owner = pipeline.user()
     wf = pipeline.workflow(owner, NOOP)
     due = [pipeline.enqueue(wf, owner).run_id for _ in range(5)]
-    later = pipeline.enqueue(wf, owner, delay_ms=1000).run_id
+    later = pipeline.enqueue(wf, owner, delay_ms=3000).run_id
     # What FLUSHDB does to Sluice, limited to this test's keys (the Redis may be shared).
     keys = list(pipeline.redis.scan_iter(match=f"{pipeline.settings.redis_prefix}*"))
     assert keys
@@ -194,11 +194,20 @@ def test_reconciler_restores_runs_after_redis_loses_everything(pipeline: Pipelin
     pipeline.start_worker(threads=2)
     time.sleep(1.5)
     assert {pipeline.run(r)["status"] for r in due} == {"queued"}  # nothing left to wake them
-    sent = reconcile(pipeline.pool, pipeline.broker)
-    assert sent >= 6
-    rows = pipeline.wait_for([*due, later], TERMINAL, timeout=15)
+    assert reconcile(pipeline.pool, pipeline.broker, pipeline.settings) == 5  # one per due run
+    rows = pipeline.wait_for(due, TERMINAL, timeout=15)
     assert all(r["status"] == "succeeded" and r["attempt"] == 1 for r in rows)
-    assert reconcile(pipeline.pool, pipeline.broker) == 0
+    # The delayed run lost its wake-up too; once due, the next pass wakes it, and only it.
+    assert pipeline.run(later)["status"] == "delayed"
+    with pipeline.pool.connection() as conn:
+        while not conn.execute("SELECT not_before <= now() AS due FROM runs WHERE id = %s", (later,)).fetchone()["due"]:
+            time.sleep(0.1)
+    time.sleep(0.5)
+    assert pipeline.run(later)["status"] == "delayed"  # due, but nothing woke it
+    assert reconcile(pipeline.pool, pipeline.broker, pipeline.settings) == 1
+    [row] = pipeline.wait_for([later], TERMINAL, timeout=15)
+    assert (row["status"], row["attempt"]) == ("succeeded", 1)
+    assert reconcile(pipeline.pool, pipeline.broker, pipeline.settings) == 0
 
 
 def test_cancel_queued_and_running(pipeline: Pipeline, http_server: LocalServer) -> None:
@@ -223,6 +232,19 @@ def test_cancel_queued_and_running(pipeline: Pipeline, http_server: LocalServer)
     assert pipeline.run(queued.run_id)["started_at"] is None
 
 
+def test_a_cancel_during_a_failing_attempt_is_not_retried(pipeline: Pipeline, http_server: LocalServer) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slowfail?s=1"}}])
+    run = pipeline.enqueue(wf, owner)
+    pipeline.start_worker()
+    pipeline.wait_for([run.run_id], {"running"})
+    assert cancel_run(pipeline.pool, run.run_id, owner) == "running"
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert (row["status"], row["attempt"]) == ("cancelled", 1)
+    time.sleep(0.5)
+    assert http_server.hits["/slowfail"] == 1
+
+
 def test_run_time_limit_is_enforced(pipeline: Pipeline, http_server: LocalServer) -> None:
     owner = pipeline.user()
     steps = [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=5"}}]
@@ -238,23 +260,25 @@ def test_run_time_limit_is_enforced(pipeline: Pipeline, http_server: LocalServer
 
 def test_shutdown_hands_back_and_completed_steps_are_not_repeated(pipeline: Pipeline, http_server: LocalServer) -> None:
     owner = pipeline.user()
+    # Step one outlasts the 2-second lease: the stopping worker must keep renewing it.
     steps = [
-        {"id": "one", "type": "http", "config": {"url": f"{http_server.base}/slow?s=1&key=s1"}},
+        {"id": "one", "type": "http", "config": {"url": f"{http_server.base}/slow?s=3&key=s1"}},
         {"id": "two", "type": "http", "config": {"url": f"{http_server.base}/ok?key=s2"}},
     ]
     wf = pipeline.workflow(owner, steps)
     run = pipeline.enqueue(wf, owner)
     first = pipeline.start_worker()
     pipeline.wait_for([run.run_id], {"running"})
+    second = pipeline.start_worker()  # idle, but its housekeeping would recover a lapsed lease
     first.stop()  # step one finishes, then the run is handed back
-    row = pipeline.run(run.run_id)
-    assert (row["status"], row["attempt"]) == ("queued", 0)
     pipeline.workers.remove(first)
-    pipeline.start_worker()
     [done] = pipeline.wait_for([run.run_id], TERMINAL)
     assert (done["status"], done["attempt"]) == ("succeeded", 1)
     assert http_server.hits["s1"] == 1
     assert http_server.hits["s2"] == 1
+    attempts = pipeline.attempts(run.run_id)
+    assert [a["status"] for a in attempts] == ["succeeded"]  # the hand-back cost no attempt
+    assert attempts[0]["worker_id"] == second.executor.worker_id
 
 
 def test_queue_stats_are_exact_and_fit_the_seeds_shape(pipeline: Pipeline) -> None:

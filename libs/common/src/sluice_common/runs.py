@@ -174,42 +174,52 @@ def change_rate_limit(pool: Pool, broker: dramatiq.Broker, limiter: RateLimiter,
 # Reconciling and recovering ---------------------------------------------------------------------
 
 
-def _pending_messages(broker: dramatiq.Broker) -> tuple[int, int]:
-    """Wake-ups held by the broker: (ready or in flight, delayed)."""
+def _pending_messages(broker: dramatiq.Broker) -> tuple[int, bool]:
+    """Wake-ups the broker holds (ready and delayed), and whether that includes those in flight."""
     from dramatiq.brokers.redis import RedisBroker
 
     if isinstance(broker, RedisBroker):
         ns = broker.namespace
         pipe = broker.client.pipeline()
-        pipe.hlen(f"{ns}:{RUN_QUEUE}.msgs")
+        pipe.hlen(f"{ns}:{RUN_QUEUE}.msgs")  # queued and unacknowledged (in flight)
         pipe.hlen(f"{ns}:{RUN_QUEUE}.DQ.msgs")
         ready, delayed = pipe.execute()
-        return int(ready), int(delayed)
+        return int(ready) + int(delayed), True
     queues = getattr(broker, "queues", {})
-    ready_q = queues.get(RUN_QUEUE)
-    delayed_q = queues.get(f"{RUN_QUEUE}.DQ")
-    return (ready_q.qsize() if ready_q else 0), (delayed_q.qsize() if delayed_q else 0)
+    held = sum(q.qsize() for name, q in queues.items() if name in (RUN_QUEUE, f"{RUN_QUEUE}.DQ"))
+    return held, False
 
 
-def reconcile(pool: Pool, broker: dramatiq.Broker) -> int:
+def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
     """Send wake-ups for runs that PostgreSQL holds but the broker has lost; return how many.
 
     Counts are compared rather than ids, because a wake-up may start any run: a spare one costs
-    a no-op, a missing one would strand a run. Runs in flight hold their message until they end.
+    a no-op claim, a missing one would strand a run. Needed: one per runnable due run (users at
+    their cap excluded: the end of one of their runs wakes the next), one per future delayed run,
+    and, where the broker counts them, one per run in flight. A delayed run whose wake-up was lost
+    is woken by a later pass once it is due, so it starts at most one interval late.
     """
     with pool.connection() as conn:
         counts = conn.execute(
             """
-            SELECT count(*) FILTER (WHERE status IN ('queued', 'delayed')
-                                      AND coalesce(not_before, '-infinity') <= now()) AS due,
+            WITH capped AS (
+                SELECT owner_id FROM runs WHERE status = 'running'
+                GROUP BY owner_id HAVING count(*) >= %(cap)s
+            )
+            SELECT count(*) FILTER (WHERE status IN ('queued', 'delayed') AND NOT cancel_requested
+                                      AND coalesce(not_before, '-infinity') <= now()
+                                      AND owner_id NOT IN (SELECT owner_id FROM capped)) AS due,
+                   count(*) FILTER (WHERE status = 'delayed' AND not_before > now()) AS future,
                    count(*) FILTER (WHERE status = 'running') AS running
             FROM runs WHERE status IN ('queued', 'delayed', 'running')
-            """
+            """,
+            {"cap": settings.user_concurrency},
         ).fetchone()
         assert counts is not None
-        held_ready, held_delayed = _pending_messages(broker)
-        deficit = counts["due"] - max(0, held_ready - counts["running"])
-        due_ids = (
+        held, counts_in_flight = _pending_messages(broker)
+        needed = counts["due"] + counts["future"] + (counts["running"] if counts_in_flight else 0)
+        deficit = min(needed - held, counts["due"])
+        rows = (
             conn.execute(
                 "SELECT id FROM runs WHERE status IN ('queued', 'delayed') "
                 "AND coalesce(not_before, '-infinity') <= now() ORDER BY dispatch_at LIMIT %s",
@@ -218,22 +228,11 @@ def reconcile(pool: Pool, broker: dramatiq.Broker) -> int:
             if deficit > 0
             else []
         )
-        future = conn.execute(
-            "SELECT id, (extract(epoch FROM not_before - now()) * 1000)::bigint AS wait_ms FROM runs "
-            "WHERE status = 'delayed' AND not_before > now() ORDER BY not_before"
-        ).fetchall()
-    sent = 0
-    for row in due_ids:
+    for row in rows:
         send_run_message(broker, str(row["id"]))
-        sent += 1
-    if len(future) > held_delayed:
-        # Which delayed wake-ups are missing is unknown; resending all of them is safe.
-        for row in future:
-            send_run_message(broker, str(row["id"]), delay_ms=max(1, int(row["wait_ms"])))
-            sent += 1
-    if sent:
-        log.info("reconciler sent %d wake-up(s)", sent)
-    return sent
+    if rows:
+        log.info("reconciler sent %d wake-up(s)", len(rows))
+    return len(rows)
 
 
 def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
@@ -246,7 +245,7 @@ def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
         rows = conn.execute(
             """
             WITH lost AS (
-                SELECT id, attempt, max_attempts, worker_id FROM runs
+                SELECT id, attempt, max_attempts, worker_id, cancel_requested FROM runs
                 WHERE status = 'running' AND lease_expires_at < now()
                 FOR UPDATE SKIP LOCKED
             ), attempts AS (
@@ -255,8 +254,9 @@ def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
                 FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND a.status = 'running'
             )
             UPDATE runs r SET
-                status = CASE WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END,
-                finished_at = CASE WHEN lost.attempt >= lost.max_attempts THEN now() END,
+                status = CASE WHEN lost.cancel_requested THEN 'cancelled'
+                              WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END,
+                finished_at = CASE WHEN lost.cancel_requested OR lost.attempt >= lost.max_attempts THEN now() END,
                 error = 'worker lost during attempt ' || lost.attempt,
                 worker_id = NULL, lease_expires_at = NULL, updated_at = now()
             FROM lost WHERE r.id = lost.id

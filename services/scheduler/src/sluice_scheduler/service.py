@@ -23,18 +23,18 @@ from sluice_common.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def maintain(pool: Pool, broker: dramatiq.Broker) -> None:
+def maintain(settings: Settings, pool: Pool, broker: dramatiq.Broker) -> None:
     """One maintenance pass; errors are logged and retried on the next pass."""
     try:
         recover_expired(pool, broker)
-        reconcile(pool, broker)
+        reconcile(pool, broker, settings)
     except Exception:
         log.warning("maintenance pass failed; will retry", exc_info=True)
 
 
 def maintenance_loop(settings: Settings, pool: Pool, broker: dramatiq.Broker, stopping: threading.Event) -> None:
     while True:
-        maintain(pool, broker)
+        maintain(settings, pool, broker)
         if stopping.wait(settings.reconcile_seconds):
             return
 

@@ -43,7 +43,7 @@ class Standalone:
 
     def start(self) -> None:
         # Runs queued when the last process stopped have no wake-up in this new broker yet.
-        woken = reconcile(self.pool, self.broker)
+        woken = reconcile(self.pool, self.broker, self.settings)
         if woken:
             log.info("resuming %d run(s) left queued by the previous process", woken)
         self.worker.start()

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import dramatiq
 import httpx
+import psycopg
 from psycopg.types.json import Jsonb
 
 from sluice_common.broker import send_run_message
@@ -54,8 +55,10 @@ FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
 
 CHECKPOINT_SQL = """
 WITH step AS (
+    -- Only the attempt that holds the run may write its checkpoints.
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, error, started_at, finished_at)
-    VALUES (%(run)s, %(step)s, %(pos)s, %(status)s, %(attempt)s, %(output)s, %(error)s, %(started)s, now())
+    SELECT id, %(step)s, %(pos)s, %(status)s, %(attempt)s, %(output)s, %(error)s, %(started)s, now()
+    FROM runs WHERE id = %(run)s AND status = 'running' AND attempt = %(attempt)s
     ON CONFLICT (run_id, step_id) DO UPDATE SET
         position = excluded.position, status = excluded.status, attempt = excluded.attempt,
         output = excluded.output, error = excluded.error, started_at = excluded.started_at,
@@ -66,15 +69,21 @@ SELECT cancel_requested FROM runs WHERE id = %(run)s
 
 FINISH_SQL = """
 WITH run AS (
-    UPDATE runs SET status = %(status)s,
+    UPDATE runs SET
+        -- A cancel requested while the attempt ran wins over retrying or handing back.
+        status = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued') THEN 'cancelled'
+                      ELSE %(status)s END,
         attempt = attempt - %(give_back)s,
-        not_before = CASE WHEN %(status)s = 'delayed' THEN now() + make_interval(secs => %(wait)s / 1000.0) END,
-        dispatch_at = CASE WHEN %(status)s = 'delayed'
+        not_before = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested
+                          THEN now() + make_interval(secs => %(wait)s / 1000.0) END,
+        dispatch_at = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested
                            THEN now() + make_interval(secs => %(wait)s / 1000.0) + %(aging)s ELSE dispatch_at END,
-        finished_at = CASE WHEN %(status)s IN ('succeeded', 'failed', 'cancelled') THEN now() END,
-        error = %(error)s, worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s
-    RETURNING id
+        finished_at = CASE WHEN %(status)s IN ('succeeded', 'failed', 'cancelled') OR cancel_requested THEN now() END,
+        error = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued') THEN 'cancelled while running'
+                     ELSE %(error)s END,
+        worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s AND attempt = %(attempt)s
+    RETURNING id, status
 ), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
     SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
@@ -83,11 +92,17 @@ WITH run AS (
     ON CONFLICT (run_id, step_id) DO UPDATE SET
         position = excluded.position, status = excluded.status, attempt = excluded.attempt,
         output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
+), attempt AS (
+    UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
+    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
 )
-UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
-WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
-RETURNING run_id
+SELECT id, status FROM run
 """
+
+
+class _RateLimited(Exception):
+    def __init__(self, wait_ms: int) -> None:
+        self.wait_ms = wait_ms
 
 
 @dataclass(frozen=True)
@@ -189,6 +204,8 @@ class RunExecutor:
         self.worker_id = worker_id
         self.stopping = stopping
         self.wakeups = 0  # messages handled, for metrics and to prove waits do not spin
+        self._in_flight: set[str] = set()
+        self._in_flight_lock = threading.Lock()
 
     # The actor body --------------------------------------------------------------------------
 
@@ -198,40 +215,55 @@ class RunExecutor:
         if self.stopping.is_set():
             send_run_message(self.broker, hint_run_id)  # hand the wake-up to another process
             return
-        wait = self.limiter.acquire()
-        if wait > 0:
-            send_run_message(self.broker, hint_run_id, delay_ms=wait)
-            return
         try:
             claimed = self.claim()
-        except BaseException:
-            self.limiter.release()
-            raise
+        except _RateLimited as limited:
+            send_run_message(self.broker, hint_run_id, delay_ms=limited.wait_ms)
+            return
         if claimed is None:
-            self.limiter.release()
             if self._due_exists():
                 self.parking.park()  # only capped users' runs are due: the next finish wakes them
             return
-        outcome = self.run(claimed)
-        self.finish(claimed, outcome)
+        self._track(claimed.run_id, add=True)
+        try:
+            outcome = self.run(claimed)
+            self.finish(claimed, outcome)
+        finally:
+            # Untracked, its lease lapses if finish() could not record the end: recovery takes over.
+            self._track(claimed.run_id, add=False)
         if self.parking.unpark():
             send_run_message(self.broker, hint_run_id)
 
+    def _track(self, run_id: str, *, add: bool) -> None:
+        with self._in_flight_lock:
+            if add:
+                self._in_flight.add(run_id)
+            else:
+                self._in_flight.discard(run_id)
+
     def claim(self) -> Claimed | None:
+        """Claim the best runnable run, taking a rate-limit slot only when there is one to start.
+
+        The slot is taken inside the claim's transaction: when the limit is reached the claim is
+        rolled back (no attempt used) and :class:`_RateLimited` says how long to wait.
+        """
         params = {
             "user_cap": self.settings.user_concurrency,
             "worker": self.worker_id,
             "lease": self.settings.lease_seconds,
         }
-        with self.pool.connection() as conn:
-            with conn.pipeline(), conn.transaction():
+        with self.pool.connection() as conn, conn.transaction():
+            with conn.pipeline():
                 # A claim lost in a database crash only puts the run back in the queue, so the
                 # claim need not wait for its WAL flush (the run's outcome always does).
                 conn.execute("SET LOCAL synchronous_commit = off")
                 cur = conn.execute(CLAIM_SQL, params)
             row = cur.fetchone()
-        if row is None:
-            return None
+            if row is None:
+                return None
+            wait = self.limiter.acquire()
+            if wait > 0:
+                raise _RateLimited(wait)
         return Claimed(
             run_id=str(row["id"]),
             workflow_id=str(row["workflow_id"]),
@@ -309,23 +341,43 @@ class RunExecutor:
             )
         else:
             params.update(status=outcome.status, attempt_status=outcome.status)
-        with self.pool.connection() as conn:
-            updated = conn.execute(FINISH_SQL, params).fetchone()
+        updated = self._finish_with_retries(params)
         if updated is None:
             # Our lease expired and the run was recovered elsewhere: their result stands.
             log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
             return
-        if outcome.status == "handed_back":
+        if updated["status"] == "queued":
             send_run_message(self.broker, claimed.run_id)
-        elif retry:
+        elif updated["status"] == "delayed":
             send_run_message(self.broker, claimed.run_id, delay_ms=params["wait"])
+
+    def _finish_with_retries(self, params: dict[str, Any]) -> dict[str, Any] | None:
+        """Run FINISH_SQL, riding out a short database outage (the lease keeps the run ours)."""
+        delay = 0.2
+        for attempt in range(6):
+            try:
+                with self.pool.connection() as conn:
+                    row = conn.execute(FINISH_SQL, params).fetchone()
+                return dict(row) if row is not None else None
+            except psycopg.OperationalError:
+                if attempt == 5:
+                    raise
+                log.warning("could not record the end of run %s; retrying", params["id"], exc_info=True)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        return None
 
     # Leases ---------------------------------------------------------------------------------------
 
     def renew_leases(self) -> int:
+        """Extend the leases of the runs this process is executing right now (and only those)."""
+        with self._in_flight_lock:
+            ids = list(self._in_flight)
+        if not ids:
+            return 0
         with self.pool.connection() as conn:
             return conn.execute(
                 "UPDATE runs SET lease_expires_at = now() + make_interval(secs => %s) "
-                "WHERE status = 'running' AND worker_id = %s",
-                (self.settings.lease_seconds, self.worker_id),
+                "WHERE id = ANY(%s::uuid[]) AND status = 'running' AND worker_id = %s",
+                (self.settings.lease_seconds, ids, self.worker_id),
             ).rowcount

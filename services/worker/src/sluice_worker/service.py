@@ -42,14 +42,17 @@ class WorkerApp:
     worker: Worker
     housekeeping: threading.Thread
     stopping: threading.Event
+    housekeeping_stop: threading.Event
 
     def start(self) -> None:
         self.worker.start()
         self.housekeeping.start()
 
     def stop(self, timeout_ms: int = 30_000) -> None:
-        self.stopping.set()
+        self.stopping.set()  # runs stop at their next step boundary and are handed back
         self.worker.stop(timeout=timeout_ms)
+        # Leases are renewed until the last in-flight step has ended.
+        self.housekeeping_stop.set()
         self.housekeeping.join(timeout=5)
 
 
@@ -82,9 +85,11 @@ def create_worker(
     # messages an idle process could run.
     worker.queue_prefetch = 2 * concurrency
 
+    housekeeping_stop = threading.Event()
+
     def housekeeping() -> None:
         interval = max(0.5, settings.lease_seconds / 3)
-        while not stopping.wait(interval):
+        while not housekeeping_stop.wait(interval):
             try:
                 executor.renew_leases()
                 recover_expired(pool, broker)
@@ -92,7 +97,7 @@ def create_worker(
                 log.warning("lease housekeeping failed; retrying", exc_info=True)
 
     thread = threading.Thread(target=housekeeping, name="sluice-leases", daemon=True)
-    return WorkerApp(executor, worker, thread, stopping)
+    return WorkerApp(executor, worker, thread, stopping, housekeeping_stop)
 
 
 def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:

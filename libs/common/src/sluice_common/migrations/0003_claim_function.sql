@@ -18,6 +18,7 @@ BEGIN
         SELECT r.id, r.owner_id INTO cand FROM runs r
         WHERE r.status IN ('queued', 'delayed')
           AND coalesce(r.not_before, '-infinity') <= now()
+          AND NOT r.cancel_requested
           AND r.owner_id <> ALL (skipped)
         ORDER BY r.dispatch_at, r.id
         LIMIT 1

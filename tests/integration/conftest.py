@@ -15,7 +15,7 @@ from psycopg.types.json import Jsonb
 
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool, open_pool
-from sluice_common.ratelimit import RedisParking, RedisRateLimiter
+from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runs import EnqueuedRun, enqueue_run
 from sluice_common.settings import Settings, load_settings
 from sluice_worker.service import WorkerApp, create_worker
@@ -77,9 +77,7 @@ class Pipeline:
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         broker = self.new_broker()
         limiter = RedisRateLimiter(self.redis, settings.redis_prefix, settings.rate_limit_per_minute)
-        app = create_worker(
-            settings, self.pool, broker, limiter, RedisParking(self.redis, settings.redis_prefix), threads=threads
-        )
+        app = create_worker(settings, self.pool, broker, limiter, threads=threads)
         app.start()
         self.workers.append(app)
         return app

@@ -13,7 +13,7 @@ import dramatiq
 from sluice_api.app import Dependencies, create_app
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool
-from sluice_common.ratelimit import LocalParking, LocalRateLimiter
+from sluice_common.ratelimit import LocalRateLimiter
 from sluice_common.runs import reconcile
 from sluice_common.settings import Settings
 from sluice_scheduler.service import maintenance_loop
@@ -59,7 +59,7 @@ class Standalone:
 def create_standalone(settings: Settings, pool: Pool) -> Standalone:
     broker = make_broker(settings, None)
     limiter = LocalRateLimiter(settings.rate_limit_per_minute)
-    worker = create_worker(settings, pool, broker, limiter, LocalParking())
+    worker = create_worker(settings, pool, broker, limiter)
     stopping = threading.Event()
     maintenance = threading.Thread(
         target=maintenance_loop, args=(settings, pool, broker, stopping), name="sluice-maintenance", daemon=True

@@ -29,7 +29,7 @@ from psycopg.types.json import Jsonb
 
 from sluice_common.broker import send_run_message
 from sluice_common.db import Pool
-from sluice_common.ratelimit import Parking, RateLimiter
+from sluice_common.ratelimit import RateLimiter
 from sluice_common.runs import dispatch_delay
 from sluice_common.settings import Settings
 from sluice_worker.engine import Outcome, RunContext, execute
@@ -96,7 +96,13 @@ WITH run AS (
     UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
     WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
 )
-SELECT id, status FROM run
+-- The statement's snapshot still counts this run as running: if its owner was at the cap and
+-- has runs due, wake-ups may have skipped them, so the caller sends one now.
+SELECT id, status,
+       (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
+       AND EXISTS (SELECT 1 FROM runs WHERE owner_id = %(owner)s AND status IN ('queued', 'delayed')
+                   AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
+FROM run
 """
 
 
@@ -109,6 +115,7 @@ class _RateLimited(Exception):
 class Claimed:
     run_id: str
     workflow_id: str
+    owner_id: str
     attempt: int
     max_attempts: int
     priority: int
@@ -190,7 +197,6 @@ class RunExecutor:
         pool: Pool,
         broker: dramatiq.Broker,
         limiter: RateLimiter,
-        parking: Parking,
         http: httpx.Client,
         worker_id: str,
         stopping: threading.Event,
@@ -199,7 +205,6 @@ class RunExecutor:
         self.pool = pool
         self.broker = broker
         self.limiter = limiter
-        self.parking = parking
         self.http = http
         self.worker_id = worker_id
         self.stopping = stopping
@@ -221,8 +226,8 @@ class RunExecutor:
             send_run_message(self.broker, hint_run_id, delay_ms=limited.wait_ms)
             return
         if claimed is None:
-            if self._due_exists():
-                self.parking.park()  # only capped users' runs are due: the next finish wakes them
+            # Nothing runnable, or only runs of users at their cap: the end of one of their runs
+            # sends the next wake-up (see FINISH_SQL), so this one can go.
             return
         self._track(claimed.run_id, add=True)
         try:
@@ -231,8 +236,6 @@ class RunExecutor:
         finally:
             # Untracked, its lease lapses if finish() could not record the end: recovery takes over.
             self._track(claimed.run_id, add=False)
-        if self.parking.unpark():
-            send_run_message(self.broker, hint_run_id)
 
     def _track(self, run_id: str, *, add: bool) -> None:
         with self._in_flight_lock:
@@ -267,6 +270,7 @@ class RunExecutor:
         return Claimed(
             run_id=str(row["id"]),
             workflow_id=str(row["workflow_id"]),
+            owner_id=str(row["owner_id"]),
             attempt=row["attempt"],
             max_attempts=row["max_attempts"],
             priority=row["priority"],
@@ -276,14 +280,6 @@ class RunExecutor:
             settings=row["settings"] or {},
             done_steps=row["done_steps"] or {},
         )
-
-    def _due_exists(self) -> bool:
-        with self.pool.connection() as conn:
-            row = conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ('queued', 'delayed') "
-                "AND coalesce(not_before, '-infinity') <= now()) AS due"
-            ).fetchone()
-        return bool(row and row["due"])
 
     # Running ------------------------------------------------------------------------------------
 
@@ -320,6 +316,8 @@ class RunExecutor:
             "worker": self.worker_id,
             "error": outcome.error,
             "give_back": 0,
+            "owner": claimed.owner_id,
+            "user_cap": self.settings.user_concurrency,
             "wait": 0,
             "aging": dispatch_delay(self.settings, claimed.priority),
             "step": None,
@@ -350,6 +348,8 @@ class RunExecutor:
             send_run_message(self.broker, claimed.run_id)
         elif updated["status"] == "delayed":
             send_run_message(self.broker, claimed.run_id, delay_ms=params["wait"])
+        if updated["wake_next"]:
+            send_run_message(self.broker, claimed.run_id)
 
     def _finish_with_retries(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """Run FINISH_SQL, riding out a short database outage (the lease keeps the run ours)."""

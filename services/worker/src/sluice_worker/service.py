@@ -23,7 +23,7 @@ from dramatiq import Worker
 from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker
 from sluice_common.db import Pool, open_pool
 from sluice_common.lifecycle import service_main
-from sluice_common.ratelimit import Parking, RateLimiter, RedisParking, RedisRateLimiter
+from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
 from sluice_common.runs import recover_expired
 from sluice_common.runtime import Endpoints
 from sluice_common.settings import Settings
@@ -61,7 +61,6 @@ def create_worker(
     pool: Pool,
     broker: dramatiq.Broker,
     limiter: RateLimiter,
-    parking: Parking,
     *,
     http: httpx.Client | None = None,
     worker_id: str | None = None,
@@ -70,7 +69,7 @@ def create_worker(
     stopping = threading.Event()
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     client = http or httpx.Client(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
-    executor = RunExecutor(settings, pool, broker, limiter, parking, client, worker_id, stopping)
+    executor = RunExecutor(settings, pool, broker, limiter, client, worker_id, stopping)
     dramatiq.Actor(
         executor.handle,
         broker=broker,
@@ -107,7 +106,7 @@ def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> 
     client = redis.Redis.from_url(endpoints.redis_url)
     try:
         limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
-        app = create_worker(settings, pool, broker, limiter, RedisParking(client, settings.redis_prefix))
+        app = create_worker(settings, pool, broker, limiter)
         app.start()
         log.info("worker %s ready: %d threads", app.executor.worker_id, settings.concurrency)
         stopping.wait()

@@ -42,3 +42,6 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- A finishing run asks whether its owner has runs due (to wake one if the owner was at the cap).
+CREATE INDEX runs_owner_pending_idx ON runs (owner_id) WHERE status IN ('queued', 'delayed');

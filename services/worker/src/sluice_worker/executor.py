@@ -13,6 +13,7 @@ so the per-user cap is exact while different users' runs are claimed in parallel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -303,9 +304,7 @@ class RunExecutor:
         except Exception as exc:  # storage trouble mid-run: a failed attempt, retried as usual
             log.exception("run %s attempt %d crashed", claimed.run_id, claimed.attempt)
             outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
-        if store.final_step is not None:
-            return Outcome(outcome.status, outcome.error, outcome.final, final_step=store.final_step)
-        return outcome
+        return dataclasses.replace(outcome, final_step=store.final_step)
 
     def finish(self, claimed: Claimed, outcome: Outcome) -> None:
         """Record the attempt's end and move the run on: done, retried later, or handed back."""

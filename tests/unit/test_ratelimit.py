@@ -29,3 +29,11 @@ def test_backoff_is_jittered_within_bounds(attempt: int) -> None:
     assert all(100 <= v <= ceiling for v in values)
     if ceiling > 100:
         assert len(values) > 1  # jitter spreads retries
+
+
+def test_a_slot_taken_for_nothing_is_given_back() -> None:
+    limiter = LocalRateLimiter(1)
+    assert limiter.acquire() == 0
+    limiter.release()
+    assert limiter.used() == 0
+    assert limiter.acquire() == 0

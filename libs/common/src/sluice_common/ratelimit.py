@@ -40,9 +40,13 @@ return math.max(1, tonumber(oldest[2]) + window - now)
 
 class RateLimiter(Protocol):
     def acquire(self) -> int:
-        """Record one start and return 0, or return the milliseconds to wait (nothing recorded).
+        """Record one start and return 0, or return the milliseconds to wait (nothing recorded)."""
 
-        Callers take a slot only once they hold a run to start, so no slot is ever given back.
+    def release(self) -> None:
+        """Give back the start recorded by this thread's last successful ``acquire``.
+
+        A wake-up takes its slot before claiming (so the claim is one statement) and gives it
+        back at once when there was nothing to claim.
         """
 
     def limit(self) -> int: ...
@@ -59,13 +63,23 @@ class RedisRateLimiter:
         self._limit_key = f"{prefix}:ratelimit:per_minute"
         self._default = default_limit
         self._script = client.register_script(_ACQUIRE)
+        self._local = threading.local()
 
     def acquire(self) -> int:
         member = uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
-        return int(
+        wait = int(
             self._script(keys=[self._window_key, self._limit_key], args=[now_ms, self._default, WINDOW_MS, member])
         )
+        if wait == 0:
+            self._local.member = member
+        return wait
+
+    def release(self) -> None:
+        member = getattr(self._local, "member", None)
+        if member is not None:
+            self._client.zrem(self._window_key, member)
+            self._local.member = None
 
     def limit(self) -> int:
         value = self._client.get(self._limit_key)
@@ -88,6 +102,7 @@ class LocalRateLimiter:
         self._limit = default_limit
         self._starts: deque[float] = deque()
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def _trim(self, now: float) -> None:
         while self._starts and self._starts[0] <= now - WINDOW_MS / 1000:
@@ -99,9 +114,17 @@ class LocalRateLimiter:
             self._trim(now)
             if len(self._starts) < self._limit:
                 self._starts.append(now)
+                self._local.stamp = now
                 return 0
             oldest = self._starts[len(self._starts) - self._limit]
             return max(1, int((oldest + WINDOW_MS / 1000 - now) * 1000))
+
+    def release(self) -> None:
+        stamp = getattr(self._local, "stamp", None)
+        with self._lock:
+            if stamp is not None and stamp in self._starts:
+                self._starts.remove(stamp)
+        self._local.stamp = None
 
     def limit(self) -> int:
         return self._limit

@@ -1,14 +1,16 @@
 """Claims and executes runs: the body of the ``execute_run`` actor.
 
 A wake-up first takes a slot of the global rate limit (when none is free, the wake-up is re-sent
-for the moment one frees up: no attempt used, no busy loop), then claims the best runnable run
-with one conditional UPDATE in ``dispatch_at`` order that skips users at their concurrency cap.
-A finished run is never claimed again, so redelivered messages are harmless.
+for the moment one frees up: no attempt used, no busy loop; when there turns out to be nothing to
+claim, the slot is given back at once), then claims the best runnable run with one conditional
+UPDATE in ``dispatch_at`` order that skips users at their concurrency cap. A finished run is
+never claimed again, so redelivered messages are harmless.
 
-Round trips per one-step run: one claim (claim, attempt row, commit, pipelined) and one finish
-(which also writes the last step's checkpoint); one more per earlier step. The claim itself is
-the ``sluice_claim_run`` function (migration 0003): it serialises claims per user, not globally,
-so the per-user cap is exact while different users' runs are claimed in parallel.
+Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, workflow and
+checkpoints, committed without waiting for the WAL flush) and one finishing statement (which
+also writes the last step's checkpoint); one more per earlier step. The claim is the
+``sluice_claim_run`` function (migration 0003): it serialises claims per user, not globally, so
+the per-user cap is exact while different users' runs are claimed in parallel.
 """
 
 from __future__ import annotations
@@ -105,11 +107,6 @@ SELECT id, status,
                    AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
 FROM run
 """
-
-
-class _RateLimited(Exception):
-    def __init__(self, wait_ms: int) -> None:
-        self.wait_ms = wait_ms
 
 
 @dataclass(frozen=True)
@@ -221,12 +218,17 @@ class RunExecutor:
         if self.stopping.is_set():
             send_run_message(self.broker, hint_run_id)  # hand the wake-up to another process
             return
+        wait = self.limiter.acquire()
+        if wait > 0:
+            send_run_message(self.broker, hint_run_id, delay_ms=wait)  # no attempt used, no spinning
+            return
         try:
             claimed = self.claim()
-        except _RateLimited as limited:
-            send_run_message(self.broker, hint_run_id, delay_ms=limited.wait_ms)
-            return
+        except BaseException:
+            self.limiter.release()
+            raise
         if claimed is None:
+            self.limiter.release()  # the slot was not used
             # Nothing runnable, or only runs of users at their cap: the end of one of their runs
             # sends the next wake-up (see FINISH_SQL), so this one can go.
             return
@@ -246,28 +248,16 @@ class RunExecutor:
                 self._in_flight.discard(run_id)
 
     def claim(self) -> Claimed | None:
-        """Claim the best runnable run, taking a rate-limit slot only when there is one to start.
-
-        The slot is taken inside the claim's transaction: when the limit is reached the claim is
-        rolled back (no attempt used) and :class:`_RateLimited` says how long to wait.
-        """
+        """Claim the best runnable run: one statement, one round trip (see ``sluice_claim_run``)."""
         params = {
             "user_cap": self.settings.user_concurrency,
             "worker": self.worker_id,
             "lease": self.settings.lease_seconds,
         }
-        with self.pool.connection() as conn, conn.transaction():
-            with conn.pipeline():
-                # A claim lost in a database crash only puts the run back in the queue, so the
-                # claim need not wait for its WAL flush (the run's outcome always does).
-                conn.execute("SET LOCAL synchronous_commit = off")
-                cur = conn.execute(CLAIM_SQL, params)
-            row = cur.fetchone()
-            if row is None:
-                return None
-            wait = self.limiter.acquire()
-            if wait > 0:
-                raise _RateLimited(wait)
+        with self.pool.connection() as conn:
+            row = conn.execute(CLAIM_SQL, params).fetchone()
+        if row is None:
+            return None
         return Claimed(
             run_id=str(row["id"]),
             workflow_id=str(row["workflow_id"]),

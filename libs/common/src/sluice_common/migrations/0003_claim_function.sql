@@ -14,6 +14,9 @@ DECLARE
     skipped uuid[] := '{}';
     running integer;
 BEGIN
+    -- A claim lost in a database crash only puts the run back in the queue: its commit need
+    -- not wait for the WAL flush (outcomes always do). Local to this statement's transaction.
+    PERFORM set_config('synchronous_commit', 'off', true);
     LOOP
         SELECT r.id, r.owner_id INTO cand FROM runs r
         WHERE r.status IN ('queued', 'delayed')

@@ -6,7 +6,14 @@ import itertools
 import time
 
 from sluice_common.broker import send_run_message
-from sluice_common.runs import cancel_run, change_rate_limit, get_queue_stats, reconcile, seeds_stats_body
+from sluice_common.runs import (
+    cancel_run,
+    change_rate_limit,
+    get_queue_stats,
+    reconcile,
+    recover_expired,
+    seeds_stats_body,
+)
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
 
@@ -315,3 +322,28 @@ def test_runs_held_by_the_user_cap_all_complete(pipeline: Pipeline, http_server:
     spans = sorted((r["started_at"], r["finished_at"]) for r in rows)
     # Never two at once for this user: each started after the previous one finished.
     assert all(nxt[0] >= prev[1] for prev, nxt in itertools.pairwise(spans))
+
+
+def test_recovery_counts_the_lost_attempt_and_honours_cancel(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    again, exhausted, cancelled = (pipeline.enqueue(wf, owner).run_id for _ in range(3))
+    with pipeline.pool.connection() as conn:
+        # Three runs whose worker vanished: leases lapsed a second ago.
+        conn.execute(
+            "UPDATE runs SET status = 'running', attempt = 1, worker_id = 'gone', "
+            "lease_expires_at = now() - interval '1 second' WHERE owner_id = %s",
+            (owner,),
+        )
+        conn.execute("UPDATE runs SET attempt = max_attempts WHERE id = %s", (exhausted,))
+        conn.execute("UPDATE runs SET cancel_requested = true WHERE id = %s", (cancelled,))
+    recovered = recover_expired(pipeline.pool, pipeline.broker)
+    assert sorted(map(str, recovered)) == sorted(map(str, (again, exhausted, cancelled)))
+    assert pipeline.run(again)["status"] == "queued"
+    assert pipeline.run(exhausted)["status"] == "failed"
+    assert "worker lost during attempt 3" in pipeline.run(exhausted)["error"]
+    assert pipeline.run(cancelled)["status"] == "cancelled"
+    assert recover_expired(pipeline.pool, pipeline.broker) == []
+    pipeline.start_worker()
+    [row] = pipeline.wait_for([again], TERMINAL)
+    assert (row["status"], row["attempt"]) == ("succeeded", 2)

@@ -9,7 +9,7 @@ database and Redis namespace of its own that are removed afterwards. Prints:
   PostgreSQL, next to the baseline actor doing one UPDATE per message (target ratio >= 0.6);
 - enqueue-to-start latency p50/p99 with runs sent at a steady rate (target p99 < 25 ms at
   100 runs/s), next to the baseline's enqueue-to-execution latency;
-- worker RSS at concurrency 10 (target < 150 MB).
+- worker RSS at concurrency 10 (target < 150 MB), and the CPU an idle worker process uses.
 """
 
 from __future__ import annotations
@@ -59,6 +59,14 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def idle_cpu(procs: list[subprocess.Popen[bytes]], seconds: float = 3.0) -> float:
+    """CPU used by idle worker processes, in percent of one core (the most busy one)."""
+    handles = [psutil.Process(p.pid) for p in procs]
+    before = [sum(h.cpu_times()[:2]) for h in handles]
+    time.sleep(seconds)
+    return max((sum(h.cpu_times()[:2]) - b) / seconds * 100 for h, b in zip(handles, before, strict=True))
 
 
 def spawn(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -134,9 +142,10 @@ def baseline(
             ).fetchall()
         ]
     rss = max(psutil.Process(p.pid).memory_info().rss for p in procs) / 2**20
+    idle = idle_cpu(procs)
     stop(procs)
     broker.close()
-    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss}
+    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss, "idle": idle}
 
 
 def sluice(
@@ -205,10 +214,11 @@ def sluice(
             ).fetchall()
         ]
     rss = max(rss, *(psutil.Process(p.pid).memory_info().rss / 2**20 for p in procs))
+    idle = idle_cpu(procs)
     stop(procs)
     broker.close()
     pool.close()
-    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss}
+    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss, "idle": idle}
 
 
 def main() -> None:
@@ -264,6 +274,7 @@ def main() -> None:
     print(f"latency at {args.rate:.0f}/s p50 (ms){'':6}{base['p50']:12.1f}{ours['p50']:12.1f}")
     print(f"latency at {args.rate:.0f}/s p99 (ms){'':6}{base['p99']:12.1f}{ours['p99']:12.1f}{'':8}  < 25")
     print(f"{'worker RSS (MB)':28}{base['rss']:12.0f}{ours['rss']:12.0f}{'':8}  < 150")
+    print(f"{'idle worker CPU (% core)':28}{base['idle']:12.1f}{ours['idle']:12.1f}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,11 @@ find nothing to claim); the reconciler tops up missing ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import dramatiq
+from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import (
@@ -29,6 +33,66 @@ RUN_ACTOR = "execute_run"
 
 # Milliseconds Dramatiq waits for a crashed process's unacknowledged messages to be re-queued.
 HEARTBEAT_TIMEOUT_MS = 15_000
+# An idle consumer blocks this long on its doorbell before polling anyway (heartbeats, requeues).
+DOORBELL_WAIT_S = 1
+_DOORBELL_MAX = 10_000
+
+
+class _DoorbellConsumer(Consumer):
+    """Dramatiq's Redis consumer, made to sleep in Redis instead of polling when its queue is empty.
+
+    Dramatiq's consumer polls an empty queue every ``worker_timeout`` ms: a short timeout gives fast
+    starts but costs a fifth of a core per idle worker; a long one adds up to that timeout to each
+    start. Here the consumer polls fast only while its queue has messages; once the queue is empty
+    it waits on a doorbell list (BLPOP) that every enqueue rings, so an idle worker costs nothing
+    and still starts a new run at once.
+    """
+
+    def __init__(self, inner: Consumer, broker: DoorbellRedisBroker, queue_name: str) -> None:
+        self._inner = inner
+        self._client = broker.client
+        self._queue_key = f"{broker.namespace}:{queue_name}"
+        self._bell = broker.doorbell_key(queue_name)
+
+    def __iter__(self) -> _DoorbellConsumer:
+        return self
+
+    def __next__(self) -> MessageProxy | None:
+        message = next(self._inner)
+        if message is None and self._client.llen(self._queue_key) == 0:
+            self._client.blpop([self._bell], timeout=DOORBELL_WAIT_S)
+        return message
+
+    def ack(self, message: MessageProxy) -> None:
+        self._inner.ack(message)
+
+    def nack(self, message: MessageProxy) -> None:
+        self._inner.nack(message)
+
+    def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        self._inner.requeue(messages)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class DoorbellRedisBroker(RedisBroker):
+    """A RedisBroker whose enqueue rings a per-queue doorbell that idle consumers wait on."""
+
+    def doorbell_key(self, queue_name: str) -> str:
+        return f"{self.namespace}:{queue_name}.bell"
+
+    def enqueue(self, message: dramatiq.Message[Any], *, delay: int | None = None) -> dramatiq.Message[Any]:
+        sent = super().enqueue(message, delay=delay)
+        key = self.doorbell_key(sent.queue_name)  # the delay queue's own bell for delayed messages
+        pipe = self.client.pipeline(transaction=False)
+        pipe.rpush(key, 1)
+        pipe.ltrim(key, -_DOORBELL_MAX, -1)
+        pipe.execute()
+        return sent
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
+        return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=timeout), self, queue_name)
 
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:
@@ -55,7 +119,7 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
     """A Redis broker namespaced by ``SLUICE_REDIS_PREFIX``, or an in-process one (standalone)."""
     broker: dramatiq.Broker
     if redis_url:
-        broker = RedisBroker(  # type: ignore[no-untyped-call]
+        broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
             url=redis_url,
             namespace=f"{settings.redis_prefix}:dramatiq",
             middleware=middleware(settings),

@@ -33,8 +33,11 @@ RUN_ACTOR = "execute_run"
 
 # Milliseconds Dramatiq waits for a crashed process's unacknowledged messages to be re-queued.
 HEARTBEAT_TIMEOUT_MS = 15_000
-# An idle consumer blocks this long on its doorbell before polling anyway (heartbeats, requeues).
-DOORBELL_WAIT_S = 1
+# An idle consumer blocks this long on its doorbell before polling anyway (heartbeats, acks,
+# requeues). The delay-queue consumer also releases held messages when their time comes, between
+# waits, so it waits only briefly: that bounds how late a delayed run or a retry can start.
+DOORBELL_WAIT_S = 0.5
+DELAYED_DOORBELL_WAIT_S = 0.05
 _DOORBELL_MAX = 10_000
 
 
@@ -53,6 +56,7 @@ class _DoorbellConsumer(Consumer):
         self._client = broker.client
         self._queue_key = f"{broker.namespace}:{queue_name}"
         self._bell = broker.doorbell_key(queue_name)
+        self._wait = DELAYED_DOORBELL_WAIT_S if queue_name.endswith(".DQ") else DOORBELL_WAIT_S
 
     def __iter__(self) -> _DoorbellConsumer:
         return self
@@ -60,7 +64,7 @@ class _DoorbellConsumer(Consumer):
     def __next__(self) -> MessageProxy | None:
         message = next(self._inner)
         if message is None and self._client.llen(self._queue_key) == 0:
-            self._client.blpop([self._bell], timeout=DOORBELL_WAIT_S)
+            self._client.blpop([self._bell], timeout=self._wait)
         return message
 
     def ack(self, message: MessageProxy) -> None:

@@ -1,7 +1,9 @@
 """Sluice common library: what two or more Sluice services share.
 
 Settings, errors, database access and migrations, the workflow model and its validation,
-users and API tokens, the embedded servers of the local default, and the ``sluice`` CLI.
+users and API tokens, the broker and run message contract, the producer side of runs (enqueue,
+cancel, reconcile, recover, queue stats), the rate limiter, the embedded servers of the local
+default, and the ``sluice`` CLI.
 Nothing here imports a service, and nothing opens a connection at import time.
 """
 

@@ -33,6 +33,15 @@ class Settings(BaseSettings):
     data_dir: Annotated[Path, Field(validation_alias=_env("SLUICE_DATA_DIR"))] = Path(".sluice")
     api_bind: Annotated[str, Field(validation_alias=_env("SLUICE_API_BIND"))] = "127.0.0.1:8000"
     api_workers: Annotated[int, Field(ge=1, le=64, validation_alias=_env("SLUICE_API_WORKERS"))] = 2
+    api_max_body_bytes: Annotated[
+        int, Field(ge=1024, le=64 * 1024 * 1024, validation_alias=_env("SLUICE_API_MAX_BODY_BYTES"))
+    ] = 1024 * 1024
+    # Requests per minute per API token (and per webhook); 0 turns the limit off.
+    api_rate_limit_per_minute: Annotated[
+        int, Field(ge=0, validation_alias=_env("SLUICE_API_RATE_LIMIT_PER_MINUTE"))
+    ] = 600
+    # Where clients reach the API, for the webhook URLs it hands out (else they are relative).
+    public_url: Annotated[str | None, Field(validation_alias=_env("SLUICE_PUBLIC_URL"))] = None
     concurrency: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("SLUICE_CONCURRENCY"))] = 10
     rate_limit_per_minute: Annotated[int, Field(ge=1, validation_alias=_env("SLUICE_RATE_LIMIT_PER_MINUTE"))] = 100
     max_attempts: Annotated[int, Field(ge=1, le=100, validation_alias=_env("SLUICE_MAX_ATTEMPTS"))] = 3

@@ -7,26 +7,40 @@ worker process after the fork.
 from __future__ import annotations
 
 import atexit
-from dataclasses import dataclass
 
 import falcon
 import redis
 
 from sluice_api import problems
-from sluice_common.db import Pool, open_pool
+from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
+from sluice_api.deps import Dependencies
+from sluice_api.openapi import OpenApiResource
+from sluice_api.resources import (
+    CancelRunResource,
+    HookResource,
+    QueueStatsResource,
+    RetryRunResource,
+    RunResource,
+    RunsResource,
+    RunWorkflowResource,
+    SchedulerRefreshResource,
+    WebhookRotateResource,
+    WorkflowResource,
+    WorkflowsResource,
+)
+from sluice_common.broker import make_broker
+from sluice_common.db import open_pool
+from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runtime import resolve_endpoints
-from sluice_common.settings import Settings, load_settings
+from sluice_common.settings import load_settings
 
-
-@dataclass(frozen=True)
-class Dependencies:
-    settings: Settings
-    pool: Pool
-    redis: redis.Redis | None  # None in standalone mode
+__all__ = ["Dependencies", "create_app", "get_app"]
 
 
 class HealthResource:
     """Liveness: the process answers."""
+
+    public = True
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         resp.media = {"status": "ok"}
@@ -34,6 +48,8 @@ class HealthResource:
 
 class ReadyResource:
     """Readiness: PostgreSQL and Redis both answer, else 503."""
+
+    public = True
 
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
@@ -60,11 +76,31 @@ class ReadyResource:
 
 
 def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response]:
-    app = falcon.App()
+    limiter: RequestLimiter
+    if deps.redis is not None:
+        limiter = RedisRequestLimiter(deps.redis, deps.settings.redis_prefix, deps.settings.api_rate_limit_per_minute)
+    else:
+        limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
+    app = falcon.App(middleware=[AuthMiddleware(deps.pool, limiter)])
     app.req_options.strip_url_path_trailing_slash = True
+    # Bodies are read and checked by the resources (size limit, media type, problems).
+    app.req_options.auto_parse_form_urlencoded = False
     problems.install(app)
     app.add_route("/api/health", HealthResource())
     app.add_route("/api/ready", ReadyResource(deps))
+    app.add_route("/api/openapi.json", OpenApiResource())
+    app.add_route("/api/workflows", WorkflowsResource(deps))
+    app.add_route("/api/workflows/queue/stats", QueueStatsResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}", WorkflowResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}/run", RunWorkflowResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}/runs", RunsResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}/webhook/rotate", WebhookRotateResource(deps))
+    app.add_route("/api/runs", RunsResource(deps))
+    app.add_route("/api/runs/{run_id:uuid}", RunResource(deps))
+    app.add_route("/api/runs/{run_id:uuid}/cancel", CancelRunResource(deps))
+    app.add_route("/api/runs/{run_id:uuid}/retry", RetryRunResource(deps))
+    app.add_route("/api/hooks/{secret}", HookResource(deps, limiter))
+    app.add_route("/api/scheduler/refresh", SchedulerRefreshResource(deps))
     return app
 
 
@@ -74,7 +110,10 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     endpoints = resolve_endpoints(settings)
     pool = open_pool(settings, endpoints.database_url, name="api")
     client = redis.Redis.from_url(endpoints.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    broker = make_broker(settings, endpoints.redis_url)
+    limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
     atexit.register(pool.close)
     atexit.register(client.close)
+    atexit.register(broker.close)
     atexit.register(endpoints.close)
-    return create_app(Dependencies(settings, pool, client))
+    return create_app(Dependencies(settings, pool, client, broker, limiter))

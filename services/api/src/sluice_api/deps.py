@@ -1,0 +1,23 @@
+"""What the API is built from: passed in by ``get_app`` (gunicorn) or the standalone process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dramatiq
+import redis
+
+from sluice_common.db import Pool
+from sluice_common.ratelimit import RateLimiter
+from sluice_common.schedulerlink import SchedulerLink
+from sluice_common.settings import Settings
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    settings: Settings
+    pool: Pool
+    redis: redis.Redis | None  # None in standalone mode
+    broker: dramatiq.Broker  # where run wake-ups are sent
+    limiter: RateLimiter  # the global run-start limit (read for the queue stats)
+    scheduler: SchedulerLink | None = None

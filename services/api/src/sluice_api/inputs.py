@@ -1,0 +1,195 @@
+"""Reading request input: bounded JSON bodies, models, query parameters and page cursors.
+
+Every failure here is a 4xx problem that says what to fix; nothing is written before input has
+passed all of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from datetime import datetime
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl
+from uuid import UUID
+
+import falcon
+from pydantic import BaseModel, ValidationError
+
+from sluice_common.errors import FieldProblem, ValidationFailed
+from sluice_common.workflow import json_path
+
+M = TypeVar("M", bound=BaseModel)
+
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})")
+JSON_TYPES = ("application/json", "application/merge-patch+json")
+
+
+_DRAIN_MAX = 16 * 1024 * 1024
+
+
+def _too_large(req: falcon.Request, limit: int) -> falcon.HTTPError:
+    # Read what is left of a moderately oversized body so the connection stays usable for the
+    # client's next request; past that, close it rather than read a huge upload.
+    drained = 0
+    while drained < _DRAIN_MAX:
+        chunk = req.bounded_stream.read(65536)
+        if not chunk:
+            break
+        drained += len(chunk)
+    headers = {"Connection": "close"} if drained >= _DRAIN_MAX else None
+    return falcon.HTTPContentTooLarge(
+        title="Content Too Large", description=f"the request body is larger than {limit} bytes", headers=headers
+    )
+
+
+def read_body(req: falcon.Request, limit: int) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes whether or not Content-Length is given."""
+    length = req.content_length
+    if length is not None and length > limit:
+        raise _too_large(req, limit)
+    data = req.bounded_stream.read(limit + 1)
+    if len(data) > limit:
+        raise _too_large(req, limit)
+    return data
+
+
+def media_type(req: falcon.Request) -> str:
+    return (req.content_type or "").split(";", 1)[0].strip().lower()
+
+
+def parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except UnicodeDecodeError:
+        raise falcon.HTTPBadRequest(title="Bad Request", description="the body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as exc:
+        raise falcon.HTTPBadRequest(
+            title="Bad Request",
+            description=f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+        ) from None
+
+
+def read_json(req: falcon.Request, limit: int, *, required: bool = True) -> Any:
+    """The JSON body (``None`` when empty and not required)."""
+    data = read_body(req, limit)
+    if not data.strip():
+        if required:
+            raise falcon.HTTPBadRequest(title="Bad Request", description="a JSON body is required")
+        return None
+    kind = media_type(req)
+    if kind and kind not in JSON_TYPES and not kind.endswith("+json"):
+        raise falcon.HTTPUnsupportedMediaType(
+            title="Unsupported Media Type", description=f"send application/json, not {kind}"
+        )
+    return parse_json(data)
+
+
+def problems_of(exc: ValidationError, base: str = "$") -> list[FieldProblem]:
+    out = []
+    for err in exc.errors(include_url=False):
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        out.append(FieldProblem(json_path(tuple(err["loc"]), base), message))
+    return out
+
+
+def validate(model: type[M], data: Any) -> M:
+    """``model`` from ``data``; every problem reported at once with its JSON path."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValidationFailed([FieldProblem("$", "must be a JSON object")])
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ValidationFailed(problems_of(exc)) from None
+
+
+# Query parameters -------------------------------------------------------------------------------
+
+
+def query(req: falcon.Request) -> dict[str, str]:
+    """Query parameters, refusing repeated ones (ambiguous) with a 400."""
+    seen: dict[str, str] = {}
+    for key, value in parse_qsl(req.query_string, keep_blank_values=True):
+        if key in seen:
+            raise falcon.HTTPBadRequest(title="Bad Request", description=f"query parameter {key!r} is repeated")
+        seen[key] = value
+    return seen
+
+
+def bad_param(name: str, message: str) -> ValidationFailed:
+    return ValidationFailed([FieldProblem(f"query.{name}", message)])
+
+
+def int_param(params: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_param(name, f"must be an integer from {low} to {high}") from None
+    if not low <= value <= high:
+        raise bad_param(name, f"must be an integer from {low} to {high}")
+    return value
+
+
+def choice_param(params: dict[str, str], name: str, choices: tuple[str, ...]) -> str | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    if raw not in choices:
+        raise bad_param(name, f"must be one of {', '.join(choices)}")
+    return raw
+
+
+def uuid_param(params: dict[str, str], name: str) -> UUID | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    try:
+        return UUID(raw)
+    except ValueError:
+        raise bad_param(name, "must be a UUID") from None
+
+
+def time_param(params: dict[str, str], name: str) -> datetime | None:
+    raw = params.get(name)
+    if raw is None:
+        return None
+    message = "must be an RFC 3339 date-time with an offset, for example 2026-01-31T12:00:00Z"
+    if not RFC3339.fullmatch(raw):
+        raise bad_param(name, message)
+    try:
+        return datetime.fromisoformat(raw)
+    except ValueError:
+        raise bad_param(name, message) from None
+
+
+# Cursors ----------------------------------------------------------------------------------------
+
+
+def encode_cursor(at: datetime, id_: UUID) -> str:
+    raw = json.dumps([at.isoformat(), str(id_)]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(params: dict[str, str]) -> tuple[datetime, UUID] | None:
+    """The position a page continues from (keyset pagination: newest first, then by id)."""
+    raw = params.get("cursor")
+    if raw is None:
+        return None
+    try:
+        padded = raw + "=" * (-len(raw) % 4)
+        at, id_ = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        position = datetime.fromisoformat(at), UUID(id_)
+    except (ValueError, TypeError, binascii.Error, UnicodeError):
+        raise bad_param("cursor", "is not a cursor this API returned") from None
+    if position[0].tzinfo is None:
+        raise bad_param("cursor", "is not a cursor this API returned")
+    return position

@@ -1,0 +1,328 @@
+"""The API's reads and writes of workflows and runs in PostgreSQL.
+
+Every query is scoped to the calling user: another user's workflow or run is simply not found.
+Each write is one transaction, so a request that fails leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import dramatiq
+from psycopg.types.json import Jsonb
+
+from sluice_common.broker import send_run_message
+from sluice_common.db import Pool
+from sluice_common.errors import ConflictError, NotFoundError
+from sluice_common.runs import dispatch_delay
+from sluice_common.settings import Settings
+from sluice_common.workflow import WorkflowDefinition
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_PREFIX = "whk_"
+PAGE_MAX = 200
+
+_WORKFLOW_COLUMNS = (
+    "id, name, description, trigger, steps, settings, status, version, created_at, updated_at, "
+    "trigger_type, webhook_secret_hash IS NOT NULL AS has_webhook"
+)
+_RUN_COLUMNS = (
+    "id, workflow_id, workflow_version, parent_run_id, status, priority, attempt, max_attempts, trigger_type, "
+    "queued_at, not_before, started_at, finished_at, error, cancel_requested"
+)
+
+
+def hash_secret(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def new_webhook_secret() -> str:
+    return WEBHOOK_PREFIX + secrets.token_urlsafe(32)
+
+
+def stored_form(definition: WorkflowDefinition) -> dict[str, Any]:
+    """The columns a definition is stored in (camelCase JSON, as the API shows it)."""
+    return {
+        "name": definition.name,
+        "description": definition.description,
+        "trigger_type": definition.trigger.type,
+        "trigger": Jsonb(definition.trigger.model_dump(by_alias=True, mode="json")),
+        "steps": Jsonb([step.model_dump(by_alias=True, mode="json") for step in definition.steps]),
+        "settings": Jsonb(definition.settings.model_dump(by_alias=True, mode="json", exclude_none=True)),
+        "status": definition.status,
+    }
+
+
+def definition_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The editable part of a stored workflow, as a client would send it back."""
+    out = {
+        "name": row["name"],
+        "trigger": row["trigger"],
+        "steps": row["steps"],
+        "status": row["status"],
+        "settings": row["settings"],
+    }
+    if row["description"] is not None:
+        out["description"] = row["description"]
+    return out
+
+
+# Workflows --------------------------------------------------------------------------------------
+
+
+def create_workflow(pool: Pool, owner: UUID, definition: WorkflowDefinition) -> tuple[dict[str, Any], str | None]:
+    """Insert a workflow; returns its row and, for webhook triggers, the new clear secret."""
+    secret = new_webhook_secret() if definition.trigger.type == "webhook" else None
+    params = stored_form(definition) | {
+        "owner": owner,
+        "secret": hash_secret(secret) if secret else None,
+    }
+    with pool.connection() as conn:
+        row = conn.execute(
+            f"""
+            INSERT INTO workflows (owner_id, name, description, trigger_type, trigger, steps, settings, status,
+                                   webhook_secret_hash)
+            VALUES (%(owner)s, %(name)s, %(description)s, %(trigger_type)s, %(trigger)s, %(steps)s, %(settings)s,
+                    %(status)s, %(secret)s)
+            RETURNING {_WORKFLOW_COLUMNS}
+            """,
+            params,
+        ).fetchone()
+    assert row is not None
+    return row, secret
+
+
+def get_workflow(pool: Pool, owner: UUID, workflow_id: UUID) -> dict[str, Any]:
+    with pool.connection() as conn:
+        row = conn.execute(
+            f"SELECT {_WORKFLOW_COLUMNS} FROM workflows WHERE id = %s AND owner_id = %s AND deleted_at IS NULL",
+            (workflow_id, owner),
+        ).fetchone()
+    if row is None:
+        raise NotFoundError("no such workflow")
+    return row
+
+
+def list_workflows(
+    pool: Pool,
+    owner: UUID,
+    *,
+    limit: int,
+    after: tuple[datetime, UUID] | None,
+    status: str | None,
+    trigger_type: str | None,
+) -> list[dict[str, Any]]:
+    """Up to ``limit + 1`` workflows, newest first (the extra row tells there is a next page)."""
+    with pool.connection() as conn:
+        return conn.execute(
+            f"""
+            SELECT {_WORKFLOW_COLUMNS} FROM workflows
+            WHERE owner_id = %(owner)s AND deleted_at IS NULL
+              AND (%(status)s::text IS NULL OR status = %(status)s)
+              AND (%(trigger)s::text IS NULL OR trigger_type = %(trigger)s)
+              AND (%(at)s::timestamptz IS NULL OR (created_at, id) < (%(at)s, %(id)s::uuid))
+            ORDER BY created_at DESC, id DESC LIMIT %(limit)s
+            """,
+            {
+                "owner": owner,
+                "status": status,
+                "trigger": trigger_type,
+                "at": after[0] if after else None,
+                "id": after[1] if after else None,
+                "limit": limit + 1,
+            },
+        ).fetchall()
+
+
+def update_workflow(
+    pool: Pool, owner: UUID, workflow_id: UUID, definition: WorkflowDefinition, *, expected_version: int | None
+) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """Replace a definition and bump its version; returns (old row, new row, new clear secret).
+
+    A workflow that becomes a webhook workflow gets a secret; one that stops being one loses it.
+    """
+    with pool.connection() as conn, conn.transaction():
+        old = conn.execute(
+            f"SELECT {_WORKFLOW_COLUMNS} FROM workflows "
+            "WHERE id = %s AND owner_id = %s AND deleted_at IS NULL FOR UPDATE",
+            (workflow_id, owner),
+        ).fetchone()
+        if old is None:
+            raise NotFoundError("no such workflow")
+        if expected_version is not None and old["version"] != expected_version:
+            raise ConflictError(
+                f"the workflow is at version {old['version']}, not {expected_version}; fetch it and try again"
+            )
+        secret = None
+        keep = "webhook_secret_hash"
+        if definition.trigger.type == "webhook" and not old["has_webhook"]:
+            secret = new_webhook_secret()
+            keep = "%(secret)s"
+        elif definition.trigger.type != "webhook":
+            keep = "NULL"
+        row = conn.execute(
+            f"""
+            UPDATE workflows SET name = %(name)s, description = %(description)s, trigger_type = %(trigger_type)s,
+                   trigger = %(trigger)s, steps = %(steps)s, settings = %(settings)s, status = %(status)s,
+                   version = version + 1, updated_at = now(), webhook_secret_hash = {keep}
+            WHERE id = %(id)s
+            RETURNING {_WORKFLOW_COLUMNS}
+            """,
+            stored_form(definition) | {"id": workflow_id, "secret": hash_secret(secret) if secret else None},
+        ).fetchone()
+    assert row is not None
+    return old, row, secret
+
+
+def delete_workflow(pool: Pool, owner: UUID, workflow_id: UUID) -> dict[str, Any]:
+    """Soft-delete a workflow (its runs stay readable) and cancel its unfinished runs."""
+    with pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "UPDATE workflows SET deleted_at = now(), updated_at = now(), webhook_secret_hash = NULL "
+            "WHERE id = %s AND owner_id = %s AND deleted_at IS NULL RETURNING id, trigger_type",
+            (workflow_id, owner),
+        ).fetchone()
+        if row is None:
+            raise NotFoundError("no such workflow")
+        conn.execute(
+            "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
+            "error = 'the workflow was deleted' WHERE workflow_id = %s AND status IN ('queued', 'delayed')",
+            (workflow_id,),
+        )
+        conn.execute(
+            "UPDATE runs SET cancel_requested = true, updated_at = now() WHERE workflow_id = %s AND status = 'running'",
+            (workflow_id,),
+        )
+    return row
+
+
+def rotate_webhook(pool: Pool, owner: UUID, workflow_id: UUID) -> tuple[dict[str, Any], str]:
+    secret = new_webhook_secret()
+    with pool.connection() as conn:
+        row = conn.execute(
+            f"UPDATE workflows SET webhook_secret_hash = %s, updated_at = now() "
+            "WHERE id = %s AND owner_id = %s AND deleted_at IS NULL AND trigger_type = 'webhook' "
+            f"RETURNING {_WORKFLOW_COLUMNS}",
+            (hash_secret(secret), workflow_id, owner),
+        ).fetchone()
+    if row is None:
+        get_workflow(pool, owner, workflow_id)  # raises when it is not there at all
+        raise ConflictError("the workflow has no webhook trigger")
+    return row, secret
+
+
+def webhook_target(pool: Pool, secret: str) -> tuple[UUID, UUID]:
+    """(workflow id, owner id) of a webhook secret, or NotFoundError."""
+    if not secret.startswith(WEBHOOK_PREFIX) or len(secret) > 200:
+        raise NotFoundError("no such webhook")
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT id, owner_id FROM workflows WHERE webhook_secret_hash = %s AND deleted_at IS NULL",
+            (hash_secret(secret),),
+        ).fetchone()
+    if row is None:
+        raise NotFoundError("no such webhook")
+    return row["id"], row["owner_id"]
+
+
+# Runs -------------------------------------------------------------------------------------------
+
+
+def get_run(pool: Pool, owner: UUID, run_id: UUID) -> dict[str, Any]:
+    with pool.connection() as conn:
+        run = conn.execute(
+            f"SELECT {_RUN_COLUMNS}, trigger_data, updated_at FROM runs WHERE id = %s AND owner_id = %s",
+            (run_id, owner),
+        ).fetchone()
+        if run is None:
+            raise NotFoundError("no such run")
+        run["steps"] = conn.execute(
+            "SELECT step_id, position, status, attempt, output, error, started_at, finished_at "
+            "FROM run_steps WHERE run_id = %s ORDER BY position, started_at",
+            (run_id,),
+        ).fetchall()
+        run["attempts"] = conn.execute(
+            "SELECT attempt, status, worker_id, started_at, finished_at, error "
+            "FROM run_attempts WHERE run_id = %s ORDER BY attempt",
+            (run_id,),
+        ).fetchall()
+    return run
+
+
+def list_runs(
+    pool: Pool,
+    owner: UUID,
+    *,
+    limit: int,
+    after: tuple[datetime, UUID] | None,
+    workflow_id: UUID | None,
+    status: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> list[dict[str, Any]]:
+    """Up to ``limit + 1`` runs, newest first."""
+    with pool.connection() as conn:
+        return conn.execute(
+            f"""
+            SELECT {_RUN_COLUMNS} FROM runs
+            WHERE owner_id = %(owner)s
+              AND (%(wf)s::uuid IS NULL OR workflow_id = %(wf)s)
+              AND (%(status)s::text IS NULL OR status = %(status)s)
+              AND (%(since)s::timestamptz IS NULL OR queued_at >= %(since)s)
+              AND (%(until)s::timestamptz IS NULL OR queued_at < %(until)s)
+              AND (%(at)s::timestamptz IS NULL OR (queued_at, id) < (%(at)s, %(id)s::uuid))
+            ORDER BY queued_at DESC, id DESC LIMIT %(limit)s
+            """,
+            {
+                "owner": owner,
+                "wf": workflow_id,
+                "status": status,
+                "since": since,
+                "until": until,
+                "at": after[0] if after else None,
+                "id": after[1] if after else None,
+                "limit": limit + 1,
+            },
+        ).fetchall()
+
+
+def retry_run(pool: Pool, broker: dramatiq.Broker, settings: Settings, owner: UUID, run_id: UUID) -> str:
+    """Queue a failed run again for a new series of attempts; completed steps are not repeated.
+
+    Attempt numbers keep counting (the earlier attempts stay on record); the run gets as many new
+    attempts as its workflow allows.
+    """
+    with pool.connection() as conn, conn.transaction():
+        run = conn.execute(
+            "SELECT r.status, r.attempt, r.priority, w.settings, w.deleted_at FROM runs r "
+            "JOIN workflows w ON w.id = r.workflow_id WHERE r.id = %s AND r.owner_id = %s FOR UPDATE OF r",
+            (run_id, owner),
+        ).fetchone()
+        if run is None:
+            raise NotFoundError("no such run")
+        if run["status"] != "failed":
+            raise ConflictError(f"only a failed run can be retried; this one is {run['status']}")
+        if run["deleted_at"] is not None:
+            raise ConflictError("the run's workflow was deleted")
+        series = (run["settings"] or {}).get("maxAttempts") or settings.max_attempts
+        conn.execute(
+            """
+            UPDATE runs SET status = 'queued', max_attempts = attempt + %(series)s, error = NULL,
+                   finished_at = NULL, not_before = NULL, cancel_requested = false,
+                   dispatch_at = now() + %(aging)s, updated_at = now()
+            WHERE id = %(id)s
+            """,
+            {"series": series, "aging": dispatch_delay(settings, run["priority"]), "id": run_id},
+        )
+    try:
+        send_run_message(broker, str(run_id))
+    except Exception:
+        # Queued in PostgreSQL already: the reconciler sends the wake-up once Redis answers again.
+        log.warning("run %s queued again but its message could not be sent yet", run_id, exc_info=True)
+    return "queued"

@@ -1,0 +1,96 @@
+"""A running API (``sluice api`` under gunicorn) and a worker process, shared by a test module."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from sluice_common import users
+from tests.conftest import Servers, start_sluice
+from tests.e2e.helpers import free_port, wait_for
+
+
+@dataclass
+class Api:
+    base: str
+    database_url: str
+    env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def user(self) -> tuple[str, httpx.Client]:
+        """A new user and an HTTP client that sends its token."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            issued = users.create_user(conn, f"u{uuid.uuid4().hex[:10]}")
+        client = httpx.Client(base_url=self.base, headers={"Authorization": f"Bearer {issued.token}"}, timeout=15)
+        return issued.token, client
+
+    def anonymous(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base, timeout=15)
+
+    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        proc = start_sluice({**self.env, **env}, *args)
+        self.procs.append(proc)
+        return proc
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met in {timeout}s (last: {value!r})")
+        time.sleep(interval)
+
+
+@pytest.fixture(scope="module")
+def api(
+    servers: Servers, database_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Api]:
+    """``sluice api`` (two gunicorn workers) and ``sluice worker`` on this run's servers."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+    data: Path = tmp_path_factory.mktemp("api")
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=servers.redis_url,
+        # Its own namespace: the module's queue is not shared with other tests' workers.
+        SLUICE_REDIS_PREFIX=f"{redis_prefix}_api{port}",
+        SLUICE_DATA_DIR=str(data),
+        SLUICE_API_BIND=f"127.0.0.1:{port}",
+        SLUICE_API_WORKERS="2",
+        SLUICE_API_RATE_LIMIT_PER_MINUTE="100000",
+        SLUICE_API_MAX_BODY_BYTES="65536",
+        SLUICE_RATE_LIMIT_PER_MINUTE="100000",
+        SLUICE_RETRY_BACKOFF_MIN_MS="50",
+        SLUICE_RETRY_BACKOFF_MAX_MS="100",
+        SLUICE_HTTP_ALLOW_PRIVATE="true",
+    )
+    api = Api(f"http://127.0.0.1:{port}", database_url, env)
+    proc = api.start("api")
+    api.start("worker")
+    try:
+        wait_for(f"{api.base}/api/ready", proc=proc)
+        yield api
+    finally:
+        for p in api.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in api.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -1,0 +1,387 @@
+"""The HTTP API through real HTTP: gunicorn serving ``sluice api``, a ``sluice worker`` running the runs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from tests.e2e.conftest import Api, wait_until
+from tests.e2e.helpers import free_port, wait_for
+from tests.httpserver import LocalServer, serve
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[LocalServer]:
+    with serve() as server:
+        yield server
+
+
+def workflow_body(url: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "name": "fetch and shape",
+        "trigger": {"type": "manual"},
+        "steps": [
+            {"id": "fetch", "type": "http", "config": {"url": url}},
+            {"id": "shape", "type": "transform", "config": {"value": {"done": True}}},
+        ],
+    }
+    body.update(extra)
+    return body
+
+
+def problem(resp: httpx.Response, status: int) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = resp.json()
+    assert body["status"] == status
+    assert body["type"].startswith("https://")
+    assert body["title"]
+    assert "Traceback" not in resp.text
+    return body
+
+
+def wait_run(client: httpx.Client, run_id: str, statuses: set[str], timeout: float = 30) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        run: dict[str, Any] = client.get(f"/api/runs/{run_id}").json()
+        return run if run["status"] in statuses else None
+
+    result: dict[str, Any] = wait_until(done, timeout)
+    return result
+
+
+def count(api: Api, sql: str, *args: object) -> int:
+    with psycopg.connect(api.database_url) as conn:
+        row = conn.execute(sql, args).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_the_seeds_calls_create_run_and_read_a_run(api: Api, http_server: LocalServer) -> None:
+    _, client = api.user()
+    created = client.post("/api/workflows", json=workflow_body(f"{http_server.base}/ok?key=seeds"))
+    assert created.status_code == 201, created.text
+    wf = created.json()
+    assert wf["version"] == 1
+    assert wf["status"] == "active"
+    assert wf["trigger"] == {"type": "manual", "config": {}}
+    assert created.headers["location"] == f"/api/workflows/{wf['id']}"
+
+    resp = client.post(f"/api/workflows/{wf['id']}/run", json={"triggerData": {"n": 1}, "priority": 2})
+    assert resp.status_code == 202
+    body = resp.json()
+    assert body == {
+        "success": True,
+        "queued": True,
+        "jobId": body["runId"],
+        "runId": body["runId"],
+        "message": "Workflow queued for execution",
+        "status": "queued",
+    }
+    run = wait_run(client, body["runId"], {"succeeded", "failed"})
+    assert run["status"] == "succeeded", run
+    assert run["priority"] == 2
+    assert run["triggerType"] == "manual"
+    assert run["triggerData"] == {"n": 1}
+    assert [s["stepId"] for s in run["steps"]] == ["fetch", "shape"]
+    assert run["steps"][0]["output"]["body"]["key"] == "seeds"
+    assert run["steps"][1]["output"] == {"done": True}
+    assert run["attempts"][0]["attempt"] == 1
+    assert run["attempts"][0]["status"] == "succeeded"
+    assert run["startedAt"]
+    assert run["finishedAt"]
+    assert run["queuedAt"]
+
+    # An empty body is a run with defaults; the workflow's run list shows both runs.
+    assert client.post(f"/api/workflows/{wf['id']}/run").status_code == 202
+    runs = client.get(f"/api/workflows/{wf['id']}/runs").json()
+    assert len(runs["items"]) == 2
+    assert runs["nextCursor"] is None
+
+
+def test_tokens_are_required_and_checked(api: Api) -> None:
+    token, client = api.user()
+    anon = api.anonymous()
+    body = problem(anon.get("/api/workflows"), 401)
+    assert "Bearer" in body["detail"]
+    assert anon.get("/api/workflows").headers["www-authenticate"] == "Bearer"
+    problem(anon.get("/api/workflows", headers={"Authorization": "Basic abc"}), 401)
+    problem(anon.get("/api/workflows", headers={"Authorization": "Bearer slc_not-a-real-token"}), 401)
+    assert client.get("/api/workflows").status_code == 200
+
+    with psycopg.connect(api.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE api_tokens SET revoked_at = now() WHERE token_hash = sha256(%s::bytea)", (token.encode(),))
+    # Verified tokens are remembered for two seconds per API process.
+    wait_until(lambda: client.get("/api/workflows").status_code == 401, timeout=10)
+
+
+def test_users_cannot_see_or_touch_each_others_objects(api: Api, http_server: LocalServer) -> None:
+    _, alice = api.user()
+    _, bob = api.user()
+    wf = alice.post("/api/workflows", json=workflow_body(f"{http_server.base}/ok")).json()
+    run = alice.post(f"/api/workflows/{wf['id']}/run").json()
+    for method, path in [
+        ("GET", f"/api/workflows/{wf['id']}"),
+        ("PUT", f"/api/workflows/{wf['id']}"),
+        ("PATCH", f"/api/workflows/{wf['id']}"),
+        ("DELETE", f"/api/workflows/{wf['id']}"),
+        ("POST", f"/api/workflows/{wf['id']}/run"),
+        ("GET", f"/api/workflows/{wf['id']}/runs"),
+        ("GET", f"/api/runs/{run['runId']}"),
+        ("POST", f"/api/runs/{run['runId']}/cancel"),
+        ("POST", f"/api/runs/{run['runId']}/retry"),
+    ]:
+        payload = workflow_body("https://example.com") if method == "PUT" else {"name": "x"}
+        resp = bob.request(method, path, json=payload if method in ("PUT", "PATCH") else None)
+        body = problem(resp, 404)
+        assert wf["id"] not in json.dumps(body), (method, path)
+    assert bob.get("/api/workflows").json()["items"] == []
+    assert bob.get("/api/runs").json()["items"] == []
+    assert bob.get(f"/api/runs?workflowId={wf['id']}").json()["items"] == []
+    assert alice.get(f"/api/workflows/{wf['id']}").status_code == 200
+
+
+def test_bad_input_is_a_clear_4xx_and_writes_nothing(api: Api) -> None:
+    _, client = api.user()
+    before = count(api, "SELECT count(*) FROM workflows")
+    bad = {
+        "name": "",
+        "trigger": {"type": "cron", "config": {"schedule": "61 * * * *", "timezone": "Mars/Olympus"}},
+        "steps": [
+            {"id": "a", "type": "http", "config": {"url": "https://x", "extra": 1}},
+            {"id": "a", "type": "teleport", "config": {}},
+        ],
+        "colour": "blue",
+    }
+    body = problem(client.post("/api/workflows", json=bad), 422)
+    paths = {e["path"] for e in body["errors"]}
+    assert {
+        "$.name",
+        "$.trigger.config.schedule",
+        "$.trigger.config.timezone",
+        "$.steps[0].config.extra",
+        "$.steps[1].id",
+        "$.steps[1].type",
+        "$.colour",
+    } <= paths, paths
+    assert all(e["message"] for e in body["errors"])
+
+    malformed = client.post("/api/workflows", content=b'{"name": ', headers={"content-type": "application/json"})
+    assert "malformed JSON" in problem(malformed, 400)["detail"]
+    problem(client.post("/api/workflows", content=b"name=x", headers={"content-type": "text/plain"}), 415)
+    problem(client.post("/api/workflows", json={"name": "x" * 70_000}), 413)
+    problem(client.post("/api/workflows", json=[1, 2]), 422)
+    assert count(api, "SELECT count(*) FROM workflows") == before
+
+    wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    runs_before = count(api, "SELECT count(*) FROM runs")
+    for payload, path in [
+        ({"priority": 0}, "$.priority"),
+        ({"priority": "1"}, "$.priority"),
+        ({"delay": -5}, "$.delay"),
+        ({"priority": 11, "delay": 1.5}, "$.delay"),
+        ({"triggerdata": {}}, "$.triggerdata"),
+    ]:
+        body = problem(client.post(f"/api/workflows/{wf['id']}/run", json=payload), 422)
+        assert path in {e["path"] for e in body["errors"]}, (payload, body)
+    problem(client.post(f"/api/workflows/{wf['id']}/run", json={}, headers={"Idempotency-Key": "k" * 201}), 422)
+    assert count(api, "SELECT count(*) FROM runs") == runs_before
+
+    problem(client.get("/api/workflows/not-a-uuid"), 404)
+    problem(client.get("/api/runs?limit=0"), 422)
+    problem(client.get("/api/runs?status=weird"), 422)
+    problem(client.get("/api/runs?since=yesterday"), 422)
+    problem(client.get("/api/runs?cursor=garbage!"), 422)
+    problem(client.get("/api/runs?limit=1&limit=2"), 400)
+
+
+def test_idempotency_key_returns_the_same_run(api: Api) -> None:
+    _, client = api.user()
+    wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    headers = {"Idempotency-Key": "order-42"}
+    first = client.post(f"/api/workflows/{wf['id']}/run", json={"delay": 60_000}, headers=headers).json()
+    second = client.post(f"/api/workflows/{wf['id']}/run", json={"delay": 60_000}, headers=headers).json()
+    assert first["runId"] == second["runId"]
+    assert count(api, "SELECT count(*) FROM runs WHERE workflow_id = %s", wf["id"]) == 1
+    other = client.post(f"/api/workflows/{wf['id']}/run", json={"delay": 60_000}, headers={"Idempotency-Key": "b"})
+    assert other.json()["runId"] != first["runId"]
+
+
+def test_webhooks_run_with_the_body_and_rotation_kills_the_old_url(api: Api) -> None:
+    _, client = api.user()
+    body = workflow_body("https://example.com", trigger={"type": "webhook"})
+    body["steps"] = [{"id": "keep", "type": "transform", "config": {"value": 1}}]
+    wf = client.post("/api/workflows", json=body).json()
+    url = wf["webhook"]["url"]
+    assert wf["webhook"]["enabled"]
+    assert url.startswith(f"{api.base}/api/hooks/whk_")
+    assert client.get(f"/api/workflows/{wf['id']}").json()["webhook"] == {"enabled": True, "url": None}
+
+    anon = api.anonymous()
+    resp = anon.post(url, json={"event": "push", "ref": "main"})
+    assert resp.status_code == 202
+    run = wait_run(client, resp.json()["runId"], {"succeeded", "failed"})
+    assert run["triggerType"] == "webhook"
+    assert run["triggerData"] == {"event": "push", "ref": "main"}
+    form = anon.post(url, data={"a": "1"})
+    assert client.get(f"/api/runs/{form.json()['runId']}").json()["triggerData"] == {"a": "1"}
+
+    rotated = client.post(f"/api/workflows/{wf['id']}/webhook/rotate").json()["webhook"]["url"]
+    assert rotated != url
+    problem(anon.post(url, json={}), 404)
+    assert anon.post(rotated, json={}).status_code == 202
+    problem(anon.post(f"{api.base}/api/hooks/whk_guess", json={}), 404)
+
+    manual = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    assert manual["webhook"] is None
+    problem(client.post(f"/api/workflows/{manual['id']}/webhook/rotate"), 409)
+
+
+def test_pages_cover_everything_once(api: Api) -> None:
+    _, client = api.user()
+    ids = [
+        client.post("/api/workflows", json=workflow_body("https://example.com", name=f"w{i}")).json()["id"]
+        for i in range(5)
+    ]
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/api/workflows", params=params).json()
+        seen += [w["id"] for w in page["items"]]
+        pages += 1
+        cursor = page["nextCursor"]
+        if cursor is None:
+            break
+    assert pages == 3
+    assert seen == list(reversed(ids))
+
+    for wf_id in ids[:3]:
+        client.post(f"/api/workflows/{wf_id}/run", json={"delay": 60_000})
+    first = client.get("/api/runs", params={"limit": 2}).json()
+    rest = client.get("/api/runs", params={"limit": 2, "cursor": first["nextCursor"]}).json()
+    assert len(first["items"]) == 2
+    assert len(rest["items"]) == 1
+    assert rest["nextCursor"] is None
+    assert {r["status"] for r in first["items"] + rest["items"]} == {"delayed"}
+    only = client.get("/api/runs", params={"workflowId": ids[0]}).json()["items"]
+    assert [r["workflowId"] for r in only] == [ids[0]]
+    assert client.get("/api/runs", params={"status": "succeeded"}).json()["items"] == []
+    future = client.get("/api/runs", params={"since": "2999-01-01T00:00:00Z"}).json()["items"]
+    assert future == []
+    paused = client.patch(f"/api/workflows/{ids[1]}", json={"status": "paused"}).json()
+    assert paused["status"] == "paused"
+    assert paused["version"] == 2
+    listed = client.get("/api/workflows", params={"status": "paused"}).json()["items"]
+    assert [w["id"] for w in listed] == [ids[1]]
+
+
+def test_cancel_delete_pause_and_versions(api: Api) -> None:
+    _, client = api.user()
+    wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    delayed = client.post(f"/api/workflows/{wf['id']}/run", json={"delay": 60_000}).json()
+    assert delayed["status"] == "delayed"
+    cancelled = client.post(f"/api/runs/{delayed['runId']}/cancel").json()
+    assert cancelled == {"id": delayed["runId"], "status": "cancelled", "cancelRequested": False}
+    problem(client.post(f"/api/runs/{delayed['runId']}/cancel"), 409)
+
+    # Versions: PUT and PATCH bump it; If-Match guards against a concurrent change.
+    replaced = client.put(f"/api/workflows/{wf['id']}", json=workflow_body("https://example.org", name="v2"))
+    assert replaced.json()["version"] == 2
+    assert replaced.headers["etag"] == '"2"'
+    problem(client.patch(f"/api/workflows/{wf['id']}", json={"name": "v3"}, headers={"If-Match": '"1"'}), 409)
+    patched = client.patch(
+        f"/api/workflows/{wf['id']}",
+        json={"status": "paused", "description": "paused for now"},
+        headers={"If-Match": '"2"', "content-type": "application/merge-patch+json"},
+    ).json()
+    assert patched["version"] == 3
+    assert patched["status"] == "paused"
+    assert patched["name"] == "v2"
+    assert "paused" in problem(client.post(f"/api/workflows/{wf['id']}/run"), 409)["detail"]
+    body = problem(client.patch(f"/api/workflows/{wf['id']}", json={"steps": []}), 422)
+    assert body["errors"][0]["path"] == "$.steps"
+    assert client.get(f"/api/workflows/{wf['id']}").json()["version"] == 3
+
+    client.patch(f"/api/workflows/{wf['id']}", json={"status": "active"})
+    queued = client.post(f"/api/workflows/{wf['id']}/run", json={"delay": 60_000}).json()
+    assert client.delete(f"/api/workflows/{wf['id']}").status_code == 204
+    problem(client.get(f"/api/workflows/{wf['id']}"), 404)
+    run = client.get(f"/api/runs/{queued['runId']}").json()
+    assert run["status"] == "cancelled"
+    assert run["error"] == "the workflow was deleted"
+
+
+def test_a_failed_run_can_be_retried(api: Api, http_server: LocalServer) -> None:
+    _, client = api.user()
+    body = workflow_body(f"{http_server.base}/flaky?key=retry-me&fail=1", settings={"maxAttempts": 1})
+    wf = client.post("/api/workflows", json=body).json()
+    run_id = client.post(f"/api/workflows/{wf['id']}/run").json()["runId"]
+    failed = wait_run(client, run_id, {"failed", "succeeded"})
+    assert failed["status"] == "failed"
+    assert "500" in failed["error"]
+    problem(client.post(f"/api/runs/{run_id}/cancel"), 409)
+
+    retried = client.post(f"/api/runs/{run_id}/retry")
+    assert retried.status_code == 202
+    assert retried.json()["runId"] == run_id
+    done = wait_run(client, run_id, {"failed", "succeeded"})
+    assert done["status"] == "succeeded", done
+    assert [(a["attempt"], a["status"]) for a in done["attempts"]] == [(1, "failed"), (2, "succeeded")]
+    assert http_server.hits["retry-me"] == 2
+    problem(client.post(f"/api/runs/{run_id}/retry"), 409)
+
+
+def test_queue_stats_in_the_seeds_shape_without_a_token(api: Api) -> None:
+    _, client = api.user()
+    wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    client.post(f"/api/workflows/{wf['id']}/run", json={"delay": 60_000, "priority": 3})
+    stats = api.anonymous().get("/api/workflows/queue/stats")
+    assert stats.status_code == 200
+    body = stats.json()
+    queue = body["queue"]
+    assert queue["available"] is True
+    assert queue["redis"] is True
+    assert set(queue["stats"]) == {"waiting", "active", "completed", "failed", "delayed", "total"}
+    assert queue["stats"]["delayed"] >= 1
+    assert queue["stats"]["total"] == queue["stats"]["active"] + queue["stats"]["waiting"]
+    assert set(body["scheduler"]) == {"initialized", "scheduledWorkflows"}
+    message = body["capacity"]["message"]
+    assert message == (
+        f"Running up to {queue['concurrency']} workflows concurrently. "
+        f"{queue['stats']['active']} active, {queue['stats']['waiting']} queued."
+    )
+
+
+def test_openapi_document_is_served(api: Api) -> None:
+    doc = api.anonymous().get("/api/openapi.json").json()
+    assert doc["openapi"] == "3.1.0"
+    assert "/api/workflows/{workflowId}/run" in doc["paths"]
+    step = doc["components"]["schemas"]["Step"]
+    assert {v["properties"]["type"]["const"] for v in step["oneOf"]} >= {"http", "transform", "condition"}
+
+
+def test_request_limit_answers_429_with_retry_after(api: Api) -> None:
+    port = free_port()
+    proc = api.start(
+        "api", SLUICE_API_BIND=f"127.0.0.1:{port}", SLUICE_API_WORKERS="1", SLUICE_API_RATE_LIMIT_PER_MINUTE="5"
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_for(f"{base}/api/ready", proc=proc)
+    for _ in range(2):  # a burst that straddles a minute boundary is tried again with a new user
+        token, _ = api.user()
+        headers = {"Authorization": f"Bearer {token}"}
+        responses = [httpx.get(f"{base}/api/workflows", headers=headers) for _ in range(7)]
+        if [r.status_code for r in responses] == [200] * 5 + [429] * 2:
+            break
+    assert [r.status_code for r in responses] == [200] * 5 + [429] * 2
+    body = problem(responses[-1], 429)
+    assert 1 <= int(responses[-1].headers["retry-after"]) <= 60
+    assert "retry" in body["detail"]

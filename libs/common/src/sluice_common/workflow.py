@@ -34,10 +34,12 @@ MAX_STEPS = 200
 
 
 class _Model(BaseModel):
-    """Strict camelCase model: unknown fields are errors, so typos never pass silently."""
+    """Strict camelCase model: unknown fields and wrong JSON types are errors (no ``0`` for
+    ``false``, no ``"5"`` for ``5``), so typos never pass silently."""
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         alias_generator=to_camel,
         populate_by_name=True,
         frozen=True,
@@ -252,7 +254,7 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
         return []
     problems: list[FieldProblem] = []
     seen: dict[str, int] = {}
-    ids = {s.get("id") for s in raw_steps if isinstance(s, dict)}
+    ids = {s["id"] for s in raw_steps if isinstance(s, dict) and isinstance(s.get("id"), str)}
     for index, step in enumerate(raw_steps):
         if not isinstance(step, dict):
             continue

@@ -61,6 +61,9 @@ def media_type(req: falcon.Request) -> str:
 
 
 def parse_json(data: bytes) -> Any:
+    if b"\\u0000" in data:
+        # PostgreSQL text and jsonb cannot hold NUL characters.
+        raise ValidationFailed([FieldProblem("$", "strings must not contain NUL (\\u0000) characters")])
     try:
         return json.loads(data)
     except UnicodeDecodeError:

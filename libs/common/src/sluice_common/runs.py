@@ -19,7 +19,7 @@ from uuid import UUID
 import dramatiq
 from psycopg.types.json import Jsonb
 
-from sluice_common.broker import RUN_QUEUE, send_run_message
+from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
 from sluice_common.ratelimit import RateLimiter
@@ -29,6 +29,26 @@ log = logging.getLogger(__name__)
 
 TRIGGER_TYPES = ("manual", "cron", "webhook", "workflow", "retry")
 MAX_DELAY_MS = 7 * 86_400_000  # Dramatiq's limit for one delayed message
+
+
+ENQUEUE_SQL = """
+WITH wf AS (
+    SELECT id, version, status, settings FROM workflows
+    WHERE id = %(wf)s AND owner_id = %(owner)s AND deleted_at IS NULL
+), ins AS (
+    INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
+                      status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
+    SELECT wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s, %(data)s, %(priority)s,
+           CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END,
+           coalesce((wf.settings ->> 'maxAttempts')::int, %(max_attempts)s),
+           CASE WHEN %(delay)s > 0 THEN t.ready END, t.ready + %(aging)s, %(key)s, %(traceparent)s
+    FROM wf, (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
+    WHERE wf.status = 'active'
+    ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, status
+)
+SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELECT 1) AS one LEFT JOIN ins ON true
+"""
 
 
 @dataclass(frozen=True)
@@ -68,47 +88,32 @@ def enqueue_run(
     idempotency_key: str | None = None,
     traceparent: str | None = None,
     parent_run_id: UUID | str | None = None,
+    sender: WakeupSender | None = None,
 ) -> EnqueuedRun:
     """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name."""
     _check_options(priority, delay_ms, trigger_type)
-    with pool.connection() as conn, conn.transaction():
-        wf = conn.execute(
-            "SELECT version, status, settings FROM workflows WHERE id = %s AND owner_id = %s AND deleted_at IS NULL",
-            (str(workflow_id), str(owner_id)),
-        ).fetchone()
-        if wf is None:
+    params = {
+        "wf": str(workflow_id),
+        "owner": str(owner_id),
+        "parent": str(parent_run_id) if parent_run_id else None,
+        "trigger": trigger_type,
+        "data": Jsonb(trigger_data if trigger_data is not None else {}),
+        "priority": priority,
+        "delay": delay_ms,
+        "max_attempts": settings.max_attempts,
+        "aging": dispatch_delay(settings, priority),
+        "key": idempotency_key,
+        "traceparent": traceparent,
+    }
+    with pool.connection() as conn:
+        # One statement (one round trip, atomic on its own): the workflow check and the insert.
+        row = conn.execute(ENQUEUE_SQL, params).fetchone()
+        assert row is not None
+        if row["workflow_status"] is None:
             raise NotFoundError("no such workflow")
-        if wf["status"] != "active":
+        if row["workflow_status"] != "active":
             raise ConflictError("the workflow is paused; activate it to run it")
-        max_attempts = (wf["settings"] or {}).get("maxAttempts") or settings.max_attempts
-        row = conn.execute(
-            """
-            INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type,
-                              trigger_data, priority, status, max_attempts, not_before, dispatch_at,
-                              idempotency_key, traceparent)
-            SELECT %(wf)s, %(owner)s, %(version)s, %(parent)s, %(trigger)s, %(data)s, %(priority)s,
-                   CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END, %(max_attempts)s,
-                   CASE WHEN %(delay)s > 0 THEN ready END, ready + %(aging)s, %(key)s, %(traceparent)s
-            FROM (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
-            ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-            RETURNING id, status
-            """,
-            {
-                "wf": str(workflow_id),
-                "owner": str(owner_id),
-                "version": wf["version"],
-                "parent": str(parent_run_id) if parent_run_id else None,
-                "trigger": trigger_type,
-                "data": Jsonb(trigger_data if trigger_data is not None else {}),
-                "priority": priority,
-                "delay": delay_ms,
-                "max_attempts": max_attempts,
-                "aging": dispatch_delay(settings, priority),
-                "key": idempotency_key,
-                "traceparent": traceparent,
-            },
-        ).fetchone()
-        if row is None:
+        if row["id"] is None:
             existing = conn.execute(
                 "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
                 (str(workflow_id), idempotency_key),
@@ -116,7 +121,10 @@ def enqueue_run(
             assert existing is not None
             return EnqueuedRun(existing["id"], existing["status"], created=False)
     try:
-        send_run_message(broker, str(row["id"]), delay_ms=delay_ms, traceparent=traceparent)
+        if sender is not None:
+            sender.send(str(row["id"]), delay_ms=delay_ms, traceparent=traceparent)
+        else:
+            send_run_message(broker, str(row["id"]), delay_ms=delay_ms, traceparent=traceparent)
     except Exception:
         # The run is safe in PostgreSQL; the reconciler sends its wake-up once Redis is back.
         log.warning("run %s stored but its message could not be sent yet", row["id"], exc_info=True)

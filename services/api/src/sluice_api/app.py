@@ -28,7 +28,7 @@ from sluice_api.resources import (
     WorkflowResource,
     WorkflowsResource,
 )
-from sluice_common.broker import make_broker
+from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.db import open_pool
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runtime import resolve_endpoints
@@ -112,8 +112,11 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     client = redis.Redis.from_url(endpoints.redis_url, socket_timeout=5, socket_connect_timeout=5)
     broker = make_broker(settings, endpoints.redis_url)
     limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
+    sender = WakeupSender(broker)
+    # atexit runs last-registered first: wake-ups still waiting are sent before anything closes.
+    atexit.register(endpoints.close)
     atexit.register(pool.close)
     atexit.register(client.close)
     atexit.register(broker.close)
-    atexit.register(endpoints.close)
-    return create_app(Dependencies(settings, pool, client, broker, limiter))
+    atexit.register(sender.close)
+    return create_app(Dependencies(settings, pool, client, broker, limiter, sender=sender))

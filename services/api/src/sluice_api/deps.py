@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import dramatiq
 import redis
 
+from sluice_common.broker import WakeupSender
 from sluice_common.db import Pool
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.schedulerlink import SchedulerLink
@@ -21,3 +22,5 @@ class Dependencies:
     broker: dramatiq.Broker  # where run wake-ups are sent
     limiter: RateLimiter  # the global run-start limit (read for the queue stats)
     scheduler: SchedulerLink | None = None
+    # Sends wake-ups in batches off the request thread; None sends each one inline.
+    sender: WakeupSender | None = None

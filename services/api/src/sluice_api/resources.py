@@ -212,6 +212,7 @@ class RunWorkflowResource:
             delay_ms=body.delay,
             idempotency_key=_idempotency_key(req),
             traceparent=req.get_header("traceparent"),
+            sender=self._deps.sender,
         )
         _accepted(resp, run.run_id, run.status)
 
@@ -261,6 +262,7 @@ class HookResource:
             trigger_data=data,
             idempotency_key=_idempotency_key(req),
             traceparent=req.get_header("traceparent"),
+            sender=self._deps.sender,
         )
         _accepted(resp, run.run_id, run.status)
 

@@ -1,0 +1,246 @@
+"""Benchmark of the API's run endpoint against a bare Falcon insert endpoint, in the same run.
+
+    uv run python bench/api.py [--seconds 10] [--clients 2] [--threads 8]
+
+Both are served by gunicorn with the same settings (``SLUICE_API_WORKERS`` processes, gthread)
+and driven by the same load generator (client processes x threads, keep-alive connections):
+
+- baseline: ``POST /items`` doing one INSERT in autocommit;
+- sluice: ``POST /api/workflows/{id}/run`` with a bearer token and trigger data: token check,
+  request limit, the run row and its wake-up in Redis (no worker runs, so runs stay queued).
+
+Prints requests per second, latency p50/p99 and the ratio (target >= 0.70). Uses
+SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else the embedded servers, in a
+database and Redis namespace of its own, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import redis
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from sluice_common import users
+from sluice_common.db import migrate
+from sluice_common.embedded import EmbeddedServers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipeline import pct, with_db
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = "2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, path: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", path)
+            if conn.getresponse().status < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not start")
+
+
+def _client(port: int, path: str, headers: dict[str, str], threads: int, seconds: float, out: Any) -> None:
+    stop_at = time.monotonic() + seconds
+    lock = threading.Lock()
+    counts = {"ok": 0, "bad": 0}
+    latencies: list[float] = []
+
+    def loop(n: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        mine: list[float] = []
+        ok = bad = 0
+        while time.monotonic() < stop_at:
+            body = json.dumps({"triggerData": {"n": n, "t": time.time()}})
+            start = time.perf_counter()
+            conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            mine.append((time.perf_counter() - start) * 1000)
+            if 200 <= resp.status < 300:
+                ok += 1
+            else:
+                bad += 1
+        with lock:
+            counts["ok"] += ok
+            counts["bad"] += bad
+            latencies.extend(mine)
+
+    workers = [threading.Thread(target=loop, args=(i,)) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    out.put((counts["ok"], counts["bad"], latencies))
+
+
+def load(port: int, path: str, headers: dict[str, str], clients: int, threads: int, seconds: float) -> dict[str, float]:
+    queue: Any = multiprocessing.Queue()
+    procs = [
+        multiprocessing.Process(target=_client, args=(port, path, headers, threads, seconds, queue))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    ok = sum(r[0] for r in results)
+    bad = sum(r[1] for r in results)
+    lat = [x for r in results for x in r[2]]
+    if bad:
+        raise SystemExit(f"{bad} requests failed against {path}")
+    return {"rps": ok / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+
+
+def serve(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+
+    admin = os.environ.get("SLUICE_TEST_DATABASE_URL")
+    redis_url = os.environ.get("SLUICE_TEST_REDIS_URL")
+    embedded = None
+    if not admin or not redis_url:
+        embedded = EmbeddedServers(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
+        admin = admin or embedded.postgres_admin_url()
+        redis_url = redis_url or embedded.redis_url()
+    tag = uuid.uuid4().hex[:8]
+    names = [f"sluice_bench_{tag}_base", f"sluice_bench_{tag}_api"]
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for name in names:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    rclient = redis.Redis.from_url(redis_url)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+    try:
+        base_url = with_db(admin, names[0])
+        with psycopg.connect(base_url, autocommit=True) as conn:
+            conn.execute(
+                "CREATE TABLE bench_items (id bigserial PRIMARY KEY, data jsonb, at timestamptz DEFAULT now())"
+            )
+        port = free_port()
+        proc = serve(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "-w",
+                WORKERS,
+                "-k",
+                "gthread",
+                "--threads",
+                "4",
+                "-b",
+                f"127.0.0.1:{port}",
+                "bench.baseline_api:create()",
+            ],
+            clean | {"BENCH_DATABASE_URL": base_url},
+        )
+        try:
+            wait_ready(port, "/nothing", proc)
+            load(port, "/items", {}, 1, 2, 1.0)  # warm-up
+            base = load(port, "/items", {}, args.clients, args.threads, args.seconds)
+        finally:
+            stop(proc)
+
+        url = with_db(admin, names[1])
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            issued = users.create_user(conn, "bench")
+            row = conn.execute(
+                "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
+                "VALUES (%s, 'bench', 'manual', %s, %s) RETURNING id",
+                (
+                    issued.user.id,
+                    Jsonb({"type": "manual"}),
+                    Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}]),
+                ),
+            ).fetchone()
+            assert row is not None
+        port = free_port()
+        env = clean | {
+            "DATABASE_URL": url,
+            "REDIS_URL": redis_url,
+            "SLUICE_REDIS_PREFIX": f"sluice_bench_{tag}",
+            "SLUICE_API_BIND": f"127.0.0.1:{port}",
+            "SLUICE_API_WORKERS": WORKERS,
+            "SLUICE_API_RATE_LIMIT_PER_MINUTE": "100000000",
+            "SLUICE_LOG_LEVEL": "WARNING",
+        }
+        proc = serve([sys.executable, "-m", "sluice_api"], env)
+        path = f"/api/workflows/{row[0]}/run"
+        headers = {"Authorization": f"Bearer {issued.token}"}
+        try:
+            wait_ready(port, "/api/health", proc)
+            load(port, path, headers, 1, 2, 1.0)
+            ours = load(port, path, headers, args.clients, args.threads, args.seconds)
+        finally:
+            stop(proc)
+        with psycopg.connect(url) as conn:
+            stored = conn.execute("SELECT count(*) FROM runs").fetchone()
+        assert stored is not None
+    finally:
+        for key in rclient.scan_iter(match=f"sluice_bench_{tag}*"):
+            rclient.delete(key)
+        rclient.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if embedded is not None:
+            embedded.stop_started()
+
+    print(
+        f"\nAPI: {args.clients} client processes x {args.threads} threads for {args.seconds:.0f} s, "
+        f"gunicorn {WORKERS} workers x 4 threads; {stored[0]} runs stored"
+    )
+    print(f"{'':28}{'baseline':>12}{'sluice':>12}{'ratio':>8}  target")
+    print(f"{'requests/s':28}{base['rps']:12.0f}{ours['rps']:12.0f}{ours['rps'] / base['rps']:8.2f}  >= 0.70")
+    print(f"{'latency p50 (ms)':28}{base['p50']:12.1f}{ours['p50']:12.1f}")
+    print(f"{'latency p99 (ms)':28}{base['p99']:12.1f}{ours['p99']:12.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -39,26 +39,50 @@ class RequestLimiter(Protocol):
 
 
 class RedisRequestLimiter:
-    """Fixed one-minute windows in Redis, shared by every API process (one round trip per request)."""
+    """Fixed one-minute windows counted in Redis, shared by every API process.
+
+    Each process takes requests from Redis in slices (a twentieth of the limit, at least one)
+    and hands them out locally, so a busy token costs one Redis round trip per slice rather than
+    per request. A slice a process does not use up is lost with its window, so a token spread
+    over many processes may get up to one slice per process fewer requests than the limit, never
+    more.
+    """
 
     def __init__(self, client: redis.Redis, prefix: str, per_minute: int) -> None:
         self._client = client
         self._prefix = f"{prefix}:api:rl"
         self._limit = per_minute
+        self._slice = max(1, per_minute // 20)
+        self._left: dict[str, tuple[int, int]] = {}  # key -> (window, requests left in our slice)
+        self._lock = threading.Lock()
 
     def hit(self, key: str) -> float | None:
         if self._limit <= 0:
             return None
         now = time.time()
         window = int(now // 60)
+        with self._lock:
+            held = self._left.get(key)
+            if held is not None and held[0] == window:
+                if held[1] > 0:
+                    self._left[key] = (window, held[1] - 1)
+                    return None
+                if held[1] < 0:  # Redis said the window is used up
+                    return (window + 1) * 60 - now
         name = f"{self._prefix}:{key}:{window}"
         pipe = self._client.pipeline(transaction=False)
-        pipe.incr(name)
+        pipe.incrby(name, self._slice)
         pipe.expire(name, 61)
-        count = int(pipe.execute()[0])
-        if count <= self._limit:
-            return None
-        return (window + 1) * 60 - now
+        total = int(pipe.execute()[0])
+        granted = min(self._slice, self._slice - (total - self._limit))
+        with self._lock:
+            if len(self._left) > _CACHE_SIZE:
+                self._left = {k: v for k, v in self._left.items() if v[0] == window}
+            if granted <= 0:
+                self._left[key] = (window, -1)
+                return (window + 1) * 60 - now
+            self._left[key] = (window, granted - 1)
+        return None
 
 
 class LocalRequestLimiter:

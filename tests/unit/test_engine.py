@@ -16,9 +16,17 @@ class MemoryStore:
         self.done = dict(done or {})
         self.log: list[tuple[str, str]] = []
         self.interrupt: Literal["cancelled", "shutdown"] | None = None
+        self.parked_steps: dict[str, Any] = {}
 
     def completed(self) -> dict[str, Any]:
         return self.done
+
+    def waiting(self) -> dict[str, Any]:
+        return self.parked_steps
+
+    def parked(self, step_id: str, position: int, output: Any, started_at: datetime) -> None:
+        self.parked_steps[step_id] = output
+        self.log.append(("parked", step_id))
 
     def succeeded(self, step_id: str, position: int, output: Any, started_at: datetime) -> None:
         self.done[step_id] = output
@@ -84,12 +92,3 @@ def test_deadline_passed_fails_before_the_next_step() -> None:
     assert outcome.error is not None
     assert "time limit" in outcome.error
     assert not outcome.final
-
-
-def test_not_yet_supported_step_types_fail_clearly() -> None:
-    store = MemoryStore()
-    with httpx.Client() as client:
-        outcome = execute(ctx([{"id": "d", "type": "delay", "config": {"seconds": 1}}]), store, client)
-    assert outcome.status == "failed"
-    assert outcome.error is not None
-    assert "not supported by this worker yet" in outcome.error

@@ -306,7 +306,7 @@ def _plain(value: Any, depth: int = 0) -> Any:
     return str(value)
 
 
-_WHOLE = re.compile(r"^\s*\{\{(.*)\}\}\s*$", re.DOTALL)
+_WHOLE = re.compile(r"^\{\{(.*)\}\}$", re.DOTALL)
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)

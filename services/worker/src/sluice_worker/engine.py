@@ -290,7 +290,10 @@ def _delay(step: StepInput) -> Any:
 def _child_output(step_id: str, child: ChildState) -> Any:
     if child.status == "succeeded":
         return {"runId": child.run_id, "status": child.status, "output": child.output}
-    raise StepFailed(step_id, f"sub-workflow run {child.run_id} {child.status}: {child.error or 'no error recorded'}")
+    # Final: the child has used its own retries; retrying the parent would multiply them.
+    raise StepFailed(
+        step_id, f"sub-workflow run {child.run_id} {child.status}: {child.error or 'no error recorded'}", final=True
+    )
 
 
 def _workflow(step: StepInput) -> Any:

@@ -138,6 +138,9 @@ Trigger = Annotated[ManualTrigger | CronTrigger | WebhookTrigger, Field(discrimi
 
 
 class HttpConfig(_Model):
+    # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
     url: Annotated[str, Field(min_length=1, max_length=8192)]
     query: dict[str, str] = {}
@@ -162,6 +165,9 @@ class TransformConfig(_Model):
 
 
 class ConditionConfig(_Model):
+    # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
     expression: Annotated[str, Field(alias="if", min_length=1, max_length=4096)]
     then: str | None = None
     else_: Annotated[str | None, Field(alias="else")] = None
@@ -212,6 +218,9 @@ class WorkflowStepConfig(_Model):
 
 
 class FailConfig(_Model):
+    # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
     message: Annotated[str, Field(min_length=1, max_length=2000)]
 
 

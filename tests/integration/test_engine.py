@@ -291,3 +291,19 @@ def test_secrets_are_used_in_steps_and_masked_in_what_is_stored(
     with pipeline.pool.connection() as conn:
         stored = conn.execute("SELECT output::text AS t FROM run_steps WHERE run_id = %s", (run.run_id,)).fetchall()
     assert not any("sk-test-9f8e7d" in r["t"] for r in stored)
+
+
+def test_large_step_outputs_are_truncated_not_fatal(pipeline_factory: Callable[..., Pipeline]) -> None:
+    pipeline = pipeline_factory(SLUICE_STEP_OUTPUT_MAX_BYTES="4096")
+    owner = pipeline.user()
+    steps = [
+        {"id": "big", "type": "transform", "config": {"value": "{{ 'x' * 90000 }}"}},
+        {"id": "last", "type": "transform", "config": {"value": "{{ 'y' * 90000 }}"}},
+    ]
+    wf = pipeline.workflow(owner, steps)
+    pipeline.start_worker()
+    run = pipeline.enqueue(wf, owner)
+    [row] = pipeline.wait_for([run.run_id], TERMINAL)
+    assert row["status"] == "succeeded", row["error"]
+    for output in outputs(pipeline, run.run_id).values():
+        assert (output["truncated"], output["bytes"], len(output["preview"])) == (True, 90002, 1024)

@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from sluice_common.settings import load_settings
+from sluice_worker import safehttp
 from sluice_worker.safehttp import HttpPolicy, HttpRefused, make_client, refused_reason, request
 
 REFUSED = [
@@ -60,3 +61,20 @@ def test_settings_parse_the_allow_list() -> None:
     assert settings.http_allowed_hosts == frozenset({"internal.example", "10.0.0.5", "fd00::1"})
     assert settings.http_allow_private is False
     assert load_settings({"SLUICE_HTTP_ALLOW_PRIVATE": "true"}).http_allow_private is True
+
+
+def test_requests_go_to_the_checked_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What DNS answers is replaced here; the rewrite of the request is the code under test.
+    monkeypatch.setattr(safehttp, "_resolve", lambda host, port: [ipaddress.ip_address("93.184.216.34")])
+    url, extensions = safehttp._target(httpx.URL("https://api.example.com:8443/v1/x?q=1"), HttpPolicy())
+    assert str(url) == "https://93.184.216.34:8443/v1/x?q=1"
+    assert extensions == {"sni_hostname": "api.example.com"}  # TLS name and certificate check
+    url, extensions = safehttp._target(httpx.URL("http://api.example.com/x"), HttpPolicy())
+    assert (str(url), extensions) == ("http://93.184.216.34/x", {})
+
+
+def test_a_name_with_any_private_answer_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = [ipaddress.ip_address("93.184.216.34"), ipaddress.ip_address("10.0.0.7")]
+    monkeypatch.setattr(safehttp, "_resolve", lambda host, port: answers)
+    with pytest.raises(HttpRefused, match=r"refused to connect to rebind.example \(10.0.0.7\): a private address"):
+        safehttp._target(httpx.URL("http://rebind.example/"), HttpPolicy())

@@ -413,3 +413,14 @@ def test_a_slow_plugin_step_fails_at_its_time_limit() -> None:
         outcome, store = run_steps([{"id": "s", "type": "slow", "config": {}}], runtime=runtime)
     # With no timeoutSeconds the default (300 s) is bounded by the run's time left (10 s).
     assert 9 < store.done["s"] <= 10
+
+
+def test_a_stored_backward_jump_fails_instead_of_looping() -> None:
+    # Validation refuses it; a definition written around validation must still not loop.
+    steps = [
+        {"id": "a", "type": "transform", "config": {"value": 1}},
+        {"id": "back", "type": "condition", "config": {"if": "true", "then": "a"}},
+    ]
+    outcome, _ = run_steps(steps)
+    assert (outcome.status, outcome.final) == ("failed", True)
+    assert outcome.error == "step 'back': config.then: no later step 'a'"

@@ -263,6 +263,13 @@ def _condition(step: StepInput, expression: str) -> Any:
         raise StepFailed(step.step_id, f"config.if: {exc}", final=True) from None
     result = bool(value)
     target = config.then if result else config.else_
+    if target not in (None, STOP):
+        # Validation allows forward jumps only; a definition stored without it must not loop.
+        later = [s["id"] for s in step.ctx.steps[step.position + 1 :]]
+        if target not in later:
+            raise StepFailed(
+                step.step_id, f"config.{'then' if result else 'else'}: no later step {target!r}", final=True
+            )
     output: dict[str, Any] = {"result": result, "next": target}
     if target == STOP:
         output["reason"] = config.reason or f"condition {expression!r} was {str(result).lower()}"
@@ -393,7 +400,7 @@ def _next_position(step: dict[str, Any], output: Any, position: int, index: Mapp
         target = output.get("next")
         if target == STOP:
             return None
-        if isinstance(target, str) and target in index:
+        if isinstance(target, str) and index.get(target, -1) > position:
             return index[target]
     return position + 1
 

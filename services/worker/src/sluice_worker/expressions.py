@@ -318,16 +318,15 @@ def _compiled(text: str) -> tuple[str, Any]:
     try:
         tree = SANDBOX.parse(text)
         body = tree.body
+        whole = _WHOLE.match(text)
         if (
-            len(body) == 1
+            whole is not None
+            and len(body) == 1
             and isinstance(body[0], nodes.Output)
             and len(body[0].nodes) == 1
             and not isinstance(body[0].nodes[0], nodes.TemplateData)
-            and _WHOLE.match(text)
         ):
-            match = _WHOLE.match(text)
-            assert match is not None
-            return "native", SANDBOX.compile_expression(match.group(1), undefined_to_none=False)
+            return "native", SANDBOX.compile_expression(whole.group(1), undefined_to_none=False)
         return "text", SANDBOX.from_string(text)
     except jinja2.TemplateSyntaxError as exc:
         raise ExpressionError(f"syntax error: {exc.message}") from None
@@ -399,13 +398,3 @@ def render_value(value: Any, context: Mapping[str, Any], path: str, seconds: flo
     if isinstance(value, list):
         return [render_value(v, context, f"{path}[{i}]", seconds) for i, v in enumerate(value)]
     return value
-
-
-def has_templates(value: Any) -> bool:
-    if isinstance(value, str):
-        return is_template(value)
-    if isinstance(value, dict):
-        return any(has_templates(v) for v in value.values())
-    if isinstance(value, list):
-        return any(has_templates(v) for v in value)
-    return False

@@ -40,10 +40,6 @@ class HttpRefused(Exception):
     """The request was refused before anything was sent (SSRF guard, bad scheme)."""
 
 
-class HttpTooLarge(Exception):
-    pass
-
-
 @dataclass(frozen=True)
 class HttpPolicy:
     allow_private: bool = False

@@ -140,6 +140,8 @@ def service_env(servers: Servers, database_url: str, redis_prefix: str, tmp_path
         REDIS_URL=servers.redis_url,
         SLUICE_REDIS_PREFIX=redis_prefix,
         SLUICE_DATA_DIR=str(tmp_path / "data"),
+        # The tests' HTTP server listens on 127.0.0.1, which HTTP steps refuse by default.
+        SLUICE_HTTP_ALLOW_PRIVATE="true",
     )
     return env
 

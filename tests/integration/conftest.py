@@ -27,6 +27,8 @@ FAST = {
     "SLUICE_RETRY_BACKOFF_MAX_MS": "200",
     "SLUICE_LEASE_SECONDS": "2",
     "SLUICE_RATE_LIMIT_PER_MINUTE": "100000",
+    # The local HTTP server is on 127.0.0.1, which HTTP steps refuse by default.
+    "SLUICE_HTTP_ALLOW_PRIVATE": "true",
 }
 
 

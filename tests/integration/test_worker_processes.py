@@ -28,6 +28,7 @@ def spawn(pipeline: Pipeline) -> Iterator[object]:
         SLUICE_LEASE_SECONDS="3",
         SLUICE_CONCURRENCY="2",
         SLUICE_RATE_LIMIT_PER_MINUTE="100000",
+        SLUICE_HTTP_ALLOW_PRIVATE="true",  # the test HTTP server is on 127.0.0.1
     )
 
     def start(service: str = "worker") -> subprocess.Popen[bytes]:

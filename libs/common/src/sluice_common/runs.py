@@ -132,7 +132,7 @@ def enqueue_run(
 
 
 def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
-    """Cancel a run: a queued or delayed one never starts; a running one stops at its next step.
+    """Cancel a run: a queued, delayed or waiting one never runs again; a running one stops at its next step.
 
     Returns the run's status after the call (``cancelled``, or ``running`` while it winds down).
     """
@@ -144,7 +144,7 @@ def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
         if row is None:
             raise NotFoundError("no such run")
         status = str(row["status"])
-        if status in ("queued", "delayed"):
+        if status in ("queued", "delayed", "waiting"):  # waiting: parked until a sub-workflow ends
             conn.execute(
                 "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
                 "error = 'cancelled before it started' WHERE id = %s",

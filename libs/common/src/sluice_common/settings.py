@@ -6,6 +6,8 @@ A bad value stops start-up with a :class:`~sluice_common.errors.ConfigError` nam
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -64,6 +66,17 @@ class Settings(BaseSettings):
     db_pool_min: Annotated[int, Field(ge=0, le=100, validation_alias=_env("SLUICE_DB_POOL_MIN"))] = 1
     db_pool_max: Annotated[int, Field(ge=1, le=200, validation_alias=_env("SLUICE_DB_POOL_MAX"))] = 10
     log_level: Annotated[str, Field(validation_alias=_env("SLUICE_LOG_LEVEL"))] = "INFO"
+    # Engine
+    step_timeout_seconds: Annotated[
+        float, Field(gt=0, le=7 * 86400, validation_alias=_env("SLUICE_STEP_TIMEOUT_SECONDS"))
+    ] = 300.0
+    step_output_max_bytes: Annotated[
+        int, Field(ge=1024, le=64 * 2**20, validation_alias=_env("SLUICE_STEP_OUTPUT_MAX_BYTES"))
+    ] = 256 * 1024
+    http_allow_private: Annotated[bool, Field(validation_alias=_env("SLUICE_HTTP_ALLOW_PRIVATE"))] = False
+    http_allow_hosts: Annotated[str, Field(validation_alias=_env("SLUICE_HTTP_ALLOW_HOSTS"))] = ""
+    secret_key: Annotated[str | None, Field(validation_alias=_env("SLUICE_SECRET_KEY"), repr=False)] = None
+    workflow_max_depth: Annotated[int, Field(ge=1, le=50, validation_alias=_env("SLUICE_WORKFLOW_MAX_DEPTH"))] = 5
 
     @field_validator("api_bind")
     @classmethod
@@ -99,11 +112,37 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 
+    @field_validator("http_allow_hosts")
+    @classmethod
+    def _check_allow_hosts(cls, value: str) -> str:
+        for host in (h.strip() for h in value.split(",")):
+            if host and not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", host):
+                raise ValueError(f"{host!r} is not a host name or address (give a comma-separated list)")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(value.encode() + b"=" * (-len(value) % 4))
+        except (ValueError, binascii.Error):
+            raw = b""
+        if len(raw) != 32:
+            raise ValueError("must be 32 random bytes in URL-safe base64 (see docs/engine.md)")
+        return value
+
     @model_validator(mode="after")
     def _check_backoff(self) -> Settings:
         if self.retry_backoff_min_ms > self.retry_backoff_max_ms:
             raise ValueError("SLUICE_RETRY_BACKOFF_MIN_MS must not exceed SLUICE_RETRY_BACKOFF_MAX_MS")
         return self
+
+    @property
+    def http_allowed_hosts(self) -> frozenset[str]:
+        """Hosts (names or addresses, lower case) that HTTP steps may reach even when private."""
+        return frozenset(h.strip().lower().strip("[]") for h in self.http_allow_hosts.split(",") if h.strip())
 
     @property
     def data_path(self) -> Path:

@@ -6,17 +6,32 @@ every problem with its JSON path (``$.steps[1].config.url``), not only the first
 
 Step configs are validated here, not in the worker, because the API must reject a bad
 definition at creation time without importing worker code. Built-in step types register their
-config models in :data:`STEP_CONFIGS`; packages add more through the ``sluice.steps`` entry points.
+config models in :data:`STEP_CONFIGS`; packages add more through the ``sluice.steps`` entry points
+(a :class:`StepPlugin` each: a config model checked here, a run function the worker calls).
+
+Strings in step configs may be templates over the run context (``{{ steps.fetch.body.id }}``).
+Their syntax is checked here with Jinja2's parser (parsing runs nothing); they are evaluated only
+in the worker's sandbox (``sluice_worker.expressions``). Templates are expressions only: the
+statement tags (``{% for %}``, ``{% macro %}``...) are refused, so no definition can loop or recurse.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import math
 import re
 import zoneinfo
-from datetime import datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal
+from uuid import UUID
 
+import jinja2
 from croniter import croniter
+from jinja2 import nodes
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,8 +44,13 @@ from pydantic.alias_generators import to_camel
 
 from sluice_common.errors import FieldProblem, ValidationFailed
 
+log = logging.getLogger(__name__)
+
 STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 MAX_STEPS = 200
+MAX_TEMPLATE_CHARS = 16_384
+MAX_STEP_TIMEOUT_SECONDS = 7 * 86400
+PLUGIN_GROUP = "sluice.steps"
 
 
 class _Model(BaseModel):
@@ -120,6 +140,9 @@ Trigger = Annotated[ManualTrigger | CronTrigger | WebhookTrigger, Field(discrimi
 
 
 class HttpConfig(_Model):
+    # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
     url: Annotated[str, Field(min_length=1, max_length=8192)]
     query: dict[str, str] = {}
@@ -144,6 +167,9 @@ class TransformConfig(_Model):
 
 
 class ConditionConfig(_Model):
+    # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
     expression: Annotated[str, Field(alias="if", min_length=1, max_length=4096)]
     then: str | None = None
     else_: Annotated[str | None, Field(alias="else")] = None
@@ -152,7 +178,14 @@ class ConditionConfig(_Model):
 
 class DelayConfig(_Model):
     seconds: Annotated[float | None, Field(gt=0, le=366 * 86400)] = None
-    until: str | None = None
+    until: Annotated[str | None, Field(max_length=MAX_TEMPLATE_CHARS)] = None  # ISO 8601, or a template
+
+    @field_validator("until")
+    @classmethod
+    def _check_until(cls, value: str | None) -> str | None:
+        if value is not None and not is_template(value):
+            parse_time(value)
+        return value
 
     @model_validator(mode="after")
     def _one_of(self) -> DelayConfig:
@@ -161,13 +194,35 @@ class DelayConfig(_Model):
         return self
 
 
+def parse_time(value: str) -> datetime:
+    """An ISO 8601 time; without a zone it is UTC. Raises ``ValueError`` saying what is wrong."""
+    try:
+        parsed = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an ISO 8601 time such as 2030-01-31T08:00:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
 class WorkflowStepConfig(_Model):
-    workflow_id: Annotated[str, Field(min_length=1, max_length=64)]
+    workflow_id: Annotated[str, Field(min_length=1, max_length=MAX_TEMPLATE_CHARS)]  # a workflow id, or a template
     trigger_data: Any = None
     wait: bool = True
 
+    @field_validator("workflow_id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if not is_template(value):
+            try:
+                UUID(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a workflow id") from None
+        return value
+
 
 class FailConfig(_Model):
+    # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
+    model_config = ConfigDict(coerce_numbers_to_str=True)
+
     message: Annotated[str, Field(min_length=1, max_length=2000)]
 
 
@@ -183,6 +238,155 @@ STEP_CONFIGS: dict[str, type[BaseModel]] = {
 
 # ``condition`` steps may continue at another step or end the run.
 STOP = "stop"
+
+
+# Custom step types ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepCall:
+    """What a custom step's run function gets besides its (validated, rendered) config."""
+
+    run_id: str
+    workflow_id: str
+    owner_id: str
+    attempt: int
+    step_id: str
+    timeout: float  # seconds this step may take; the function must return (or raise) within it
+    context: Mapping[str, Any] = field(default_factory=dict)  # trigger, steps, run, vars (read-only)
+
+
+class StepError(Exception):
+    """Raised by a custom step to fail with a message (``final``: retrying cannot help)."""
+
+    def __init__(self, message: str, *, final: bool = False) -> None:
+        self.final = final
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class StepPlugin:
+    """A step type added by a package: ``[project.entry-points."sluice.steps"] name = "module:PLUGIN"``.
+
+    ``config_model`` is a pydantic model (validated when a workflow is created, so it must not
+    need the worker); ``run(config, call)`` executes the step in the worker and returns a
+    JSON-serialisable output, or raises :class:`StepError`.
+    """
+
+    config_model: type[BaseModel]
+    run: Callable[[Any, StepCall], Any]
+    description: str = ""
+
+
+@functools.cache
+def step_plugins() -> dict[str, StepPlugin]:
+    """Step types from the ``sluice.steps`` entry points, loaded once per process.
+
+    A plugin that fails to load, is not a :class:`StepPlugin`, or reuses a built-in name is
+    skipped with a warning: one broken package must not stop the API or the workers.
+    """
+    found: dict[str, StepPlugin] = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name in STEP_CONFIGS or not re.fullmatch(r"[a-z][a-z0-9_.-]{0,63}", ep.name):
+            log.warning("step type %r from %s ignored: the name is built in or invalid", ep.name, ep.value)
+            continue
+        try:
+            plugin = ep.load()
+        except Exception:
+            log.warning("step type %r could not be loaded from %s", ep.name, ep.value, exc_info=True)
+            continue
+        if not isinstance(plugin, StepPlugin):
+            log.warning("step type %r: %s is not a sluice_common.workflow.StepPlugin", ep.name, ep.value)
+            continue
+        found[ep.name] = plugin
+    return found
+
+
+def step_types() -> dict[str, type[BaseModel]]:
+    """Config model of every step type this process knows: built-in ones and plugins."""
+    return {**STEP_CONFIGS, **{name: p.config_model for name, p in step_plugins().items()}}
+
+
+_all_step_types = step_types  # validate_workflow's parameter has the same name
+
+
+# Templates ------------------------------------------------------------------------------------
+
+# Parsing only (the worker evaluates in its sandbox); the same delimiters as the worker.
+_PARSER = jinja2.Environment(autoescape=False)  # noqa: S701 - JSON values, never HTML
+_STATEMENT_HELP = "statements ({% ... %}) are not supported in templates; use expressions in {{ ... }}"
+
+
+def is_template(text: str) -> bool:
+    return "{{" in text or "{%" in text or "{#" in text
+
+
+def template_problem(text: str) -> str | None:
+    """Why ``text`` is not a valid template, or None. Only ``{{ expression }}`` parts are allowed."""
+    if len(text) > MAX_TEMPLATE_CHARS:
+        return f"a template is at most {MAX_TEMPLATE_CHARS} characters"
+    try:
+        tree = _PARSER.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"template syntax error: {exc.message}"
+    except RecursionError:
+        return "the template is nested too deeply"
+    if not all(isinstance(node, nodes.Output) for node in tree.body):
+        return _STATEMENT_HELP
+    return None
+
+
+def expression_problem(text: str) -> str | None:
+    """Why ``text`` is not a valid expression (as in a condition's ``if``), or None."""
+    if len(text) > MAX_TEMPLATE_CHARS:
+        return f"an expression is at most {MAX_TEMPLATE_CHARS} characters"
+    if "{%" in text or "{#" in text:
+        return _STATEMENT_HELP
+    try:
+        _PARSER.compile_expression(unwrap_expression(text))
+    except jinja2.TemplateSyntaxError as exc:
+        return f"expression syntax error: {exc.message}"
+    except RecursionError:
+        return "the expression is nested too deeply"
+    return None
+
+
+def unwrap_expression(text: str) -> str:
+    """A condition may be written ``a == 1`` or ``{{ a == 1 }}``; both mean the expression."""
+    stripped = text.strip()
+    if stripped.startswith("{{") and stripped.endswith("}}") and stripped.count("{{") == 1:
+        return stripped[2:-2]
+    return stripped
+
+
+def _template_problems(value: Any, path: str, out: list[FieldProblem]) -> None:
+    if isinstance(value, str):
+        if is_template(value):
+            problem = template_problem(value)
+            if problem:
+                out.append(FieldProblem(path, problem))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _template_problems(item, json_path((str(key),), path), out)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _template_problems(item, f"{path}[{index}]", out)
+
+
+def step_timeout_problem(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return "must be a number of seconds"
+    if not 0 < value <= MAX_STEP_TIMEOUT_SECONDS:
+        return f"must be more than 0 and at most {MAX_STEP_TIMEOUT_SECONDS} seconds"
+    return None
+
+
+def split_step_timeout(model: type[BaseModel], config: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """``timeoutSeconds`` is allowed on every step; models that do not declare it never see it."""
+    if "timeoutSeconds" in config and "timeout_seconds" not in model.model_fields:
+        rest = dict(config)
+        return rest, rest.pop("timeoutSeconds")
+    return config, config.get("timeoutSeconds")
 
 
 class Step(_Model):
@@ -255,6 +459,10 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
     problems: list[FieldProblem] = []
     seen: dict[str, int] = {}
     ids = {s["id"] for s in raw_steps if isinstance(s, dict) and isinstance(s.get("id"), str)}
+    positions: dict[Any, int] = {}
+    for index, step in enumerate(raw_steps):
+        if isinstance(step, dict) and isinstance(step.get("id"), str):
+            positions.setdefault(step["id"], index)
     for index, step in enumerate(raw_steps):
         if not isinstance(step, dict):
             continue
@@ -275,26 +483,46 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
             names = ", ".join(sorted(known_types))
             problems.append(FieldProblem(f"{base}.type", f"unknown step type {step_type!r}; known: {names}"))
             continue
+        raw_config = step.get("config", {})
+        if not isinstance(raw_config, dict):
+            problems.append(FieldProblem(f"{base}.config", "must be an object"))
+            continue
+        raw_config, timeout = split_step_timeout(model, raw_config)
+        if timeout is not None:
+            problem = step_timeout_problem(timeout)
+            if problem:
+                problems.append(FieldProblem(f"{base}.config.timeoutSeconds", problem))
         try:
-            config = model.model_validate(step.get("config", {}))
+            config = model.model_validate(raw_config)
         except ValidationError as exc:
             problems.extend(_problems(exc, f"{base}.config", skip_tags=False))
             continue
         if isinstance(config, ConditionConfig):
-            for field, target in (("then", config.then), ("else", config.else_)):
-                if target is not None and target != STOP and target not in ids:
+            problem = expression_problem(config.expression)
+            if problem:
+                problems.append(FieldProblem(f"{base}.config.if", problem))
+            rest = {k: v for k, v in raw_config.items() if k != "if"}
+            _template_problems(rest, f"{base}.config", problems)
+            for name, target in (("then", config.then), ("else", config.else_)):
+                if target is None or target == STOP:
+                    continue
+                if target not in ids:
                     problems.append(
-                        FieldProblem(
-                            f"{base}.config.{field}",
-                            f"no step with id {target!r} (use a step id or {STOP!r})",
-                        )
+                        FieldProblem(f"{base}.config.{name}", f"no step with id {target!r} (use a step id or {STOP!r})")
                     )
+                elif positions.get(target, -1) <= index:
+                    # Forward jumps only: a run cannot loop, and resuming replays one path.
+                    problems.append(
+                        FieldProblem(f"{base}.config.{name}", f"step {target!r} does not come after this step")
+                    )
+        else:
+            _template_problems(raw_config, f"{base}.config", problems)
     return problems
 
 
 def validate_workflow(data: Any, *, step_types: dict[str, type[BaseModel]] | None = None) -> WorkflowDefinition:
     """Validate a workflow definition; raise :class:`ValidationFailed` with every problem."""
-    known = STEP_CONFIGS if step_types is None else step_types
+    known = _all_step_types() if step_types is None else step_types
     problems: list[FieldProblem] = []
     definition: WorkflowDefinition | None = None
     try:

@@ -11,18 +11,24 @@ checkpoints, committed without waiting for the WAL flush) and one finishing stat
 also writes the last step's checkpoint); one more per earlier step. The claim is the
 ``sluice_claim_run`` function (migration 0003): it serialises claims per user, not globally, so
 the per-user cap is exact while different users' runs are claimed in parallel.
+
+Parking (a ``delay`` step, a ``workflow`` step waiting for its child) ends the attempt as
+``parked`` and gives the attempt number back: the run goes to ``delayed`` (with its resume time
+and a delayed wake-up) or to ``waiting`` (``waiting_for`` names the child run). A child's
+finishing statement puts its waiting parent back to ``queued``; the housekeeping sweep
+(:meth:`RunExecutor.wake_waiting`) catches any wake-up missed in a race or by a child that was
+cancelled or recovered outside a worker's finish.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import dramatiq
@@ -32,14 +38,17 @@ from psycopg.types.json import Jsonb
 
 from sluice_common.broker import send_run_message
 from sluice_common.db import Pool
+from sluice_common.errors import ConflictError, NotFoundError, ValidationFailed
 from sluice_common.ratelimit import RateLimiter
-from sluice_common.runs import dispatch_delay
+from sluice_common.runs import MAX_DELAY_MS, dispatch_delay, enqueue_run
+from sluice_common.secrets import load_secrets
 from sluice_common.settings import Settings
-from sluice_worker.engine import Outcome, RunContext, execute
+from sluice_worker.engine import ChildState, Outcome, RunContext, Runtime, StepFailed, execute
+from sluice_worker.safehttp import HttpPolicy
 
 log = logging.getLogger(__name__)
 
-MAX_OUTPUT_BYTES = 256 * 1024
+TERMINAL = ("succeeded", "failed", "cancelled")
 
 CLAIM_SQL = """
 WITH claimed AS (
@@ -52,7 +61,9 @@ WITH claimed AS (
 )
 SELECT c.*, w.steps, w.settings,
        (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
-         WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps
+         WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps,
+       (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
+         WHERE s.run_id = c.id AND s.status = 'waiting') AS waiting_steps
 FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
 """
 
@@ -73,20 +84,32 @@ SELECT cancel_requested FROM runs WHERE id = %(run)s
 FINISH_SQL = """
 WITH run AS (
     UPDATE runs SET
-        -- A cancel requested while the attempt ran wins over retrying or handing back.
-        status = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued') THEN 'cancelled'
+        -- A cancel requested while the attempt ran wins over retrying, handing back or parking.
+        status = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued', 'waiting') THEN 'cancelled'
+                      -- The child may have ended before its parent parked: do not wait for it then.
+                      WHEN %(status)s = 'waiting' AND EXISTS (
+                          SELECT 1 FROM runs c WHERE c.id = %(child)s::uuid
+                          AND c.status IN ('succeeded', 'failed', 'cancelled')) THEN 'queued'
                       ELSE %(status)s END,
+        waiting_for = CASE WHEN %(status)s = 'waiting' THEN %(child)s::uuid END,
         attempt = attempt - %(give_back)s,
         not_before = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested
                           THEN now() + make_interval(secs => %(wait)s / 1000.0) END,
         dispatch_at = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested
                            THEN now() + make_interval(secs => %(wait)s / 1000.0) + %(aging)s ELSE dispatch_at END,
         finished_at = CASE WHEN %(status)s IN ('succeeded', 'failed', 'cancelled') OR cancel_requested THEN now() END,
-        error = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued') THEN 'cancelled while running'
-                     ELSE %(error)s END,
+        error = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued', 'waiting')
+                     THEN 'cancelled while running' ELSE %(error)s END,
         worker_id = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s AND attempt = %(attempt)s
     RETURNING id, status
+), parent AS (
+    -- A finished child wakes the parent run that waits for it.
+    UPDATE runs p SET status = 'queued', waiting_for = NULL, updated_at = now(),
+           dispatch_at = now() + make_interval(secs => (p.priority - 1) * %(aging_step)s)
+    FROM run WHERE p.id = %(parent)s::uuid AND p.status = 'waiting' AND p.waiting_for = run.id
+      AND run.status IN ('succeeded', 'failed', 'cancelled')
+    RETURNING p.id
 ), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
     SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
@@ -101,7 +124,7 @@ WITH run AS (
 )
 -- The statement's snapshot still counts this run as running: if its owner was at the cap and
 -- has runs due, wake-ups may have skipped them, so the caller sends one now.
-SELECT id, status,
+SELECT id, status, (SELECT id FROM parent) AS parent_woken,
        (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
        AND EXISTS (SELECT 1 FROM runs WHERE owner_id = %(owner)s AND status IN ('queued', 'delayed')
                    AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
@@ -122,6 +145,8 @@ class Claimed:
     steps: list[dict[str, Any]] | None  # None: the workflow is gone
     settings: dict[str, Any]
     done_steps: dict[str, Any]
+    waiting_steps: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parent_run_id: str | None = None
 
 
 def backoff_ms(attempt: int, low: int, high: int) -> int:
@@ -147,6 +172,9 @@ class PgStepStore:
     def completed(self) -> dict[str, Any]:
         return self._claimed.done_steps
 
+    def waiting(self) -> dict[str, Any]:
+        return self._claimed.waiting_steps
+
     def _write(
         self, step_id: str, position: int, status: str, output: Any, error: str | None, started: datetime
     ) -> None:
@@ -167,15 +195,15 @@ class PgStepStore:
         self._cancel = bool(row and row["cancel_requested"])
 
     def succeeded(self, step_id: str, position: int, output: Any, started_at: datetime) -> None:
-        encoded = json.dumps(output, default=str)
-        if len(encoded) > MAX_OUTPUT_BYTES:
-            output = {"truncated": True, "bytes": len(encoded), "preview": encoded[:1024]}
-        else:
-            output = json.loads(encoded)
+        # The engine has already capped the output (SLUICE_STEP_OUTPUT_MAX_BYTES) and made it JSON.
         if position == self._last:
             self.final_step = (step_id, position, output, started_at)
             return
         self._write(step_id, position, "succeeded", output, None, started_at)
+
+    def parked(self, step_id: str, position: int, output: Any, started_at: datetime) -> None:
+        # Written at once even for the last step: the resumed attempt must find it.
+        self._write(step_id, position, "waiting", output, None, started_at)
 
     def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None:
         self._write(step_id, position, "failed", None, error[:10_000], started_at)
@@ -186,6 +214,82 @@ class PgStepStore:
         if self._stopping.is_set():
             return "shutdown"
         return None
+
+
+CHILD_STATE_SQL = """
+SELECT r.id, r.status, r.error,
+       (SELECT s.output FROM run_steps s WHERE s.run_id = r.id AND s.status = 'succeeded'
+        ORDER BY s.finished_at DESC, s.position DESC LIMIT 1) AS output
+FROM runs r WHERE r.id = %s
+"""
+
+DEPTH_SQL = """
+WITH RECURSIVE chain AS (
+    SELECT id, parent_run_id, 1 AS depth FROM runs WHERE id = %(run)s
+    UNION ALL
+    SELECT r.id, r.parent_run_id, c.depth + 1 FROM runs r JOIN chain c ON r.id = c.parent_run_id
+    WHERE c.depth <= %(limit)s
+)
+SELECT max(depth) AS depth FROM chain
+"""
+
+WAKE_WAITING_SQL = """
+UPDATE runs p SET status = 'queued', waiting_for = NULL, updated_at = now(),
+       dispatch_at = now() + make_interval(secs => (p.priority - 1) * %s)
+WHERE p.status = 'waiting'
+  AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.id = p.waiting_for
+                  AND c.status NOT IN ('succeeded', 'failed', 'cancelled'))
+RETURNING p.id
+"""
+
+
+class PgSubRuns:
+    """Child runs of ``workflow`` steps: started through the normal producer, read from PostgreSQL."""
+
+    def __init__(self, settings: Settings, pool: Pool, broker: dramatiq.Broker, claimed: Claimed) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._broker = broker
+        self._claimed = claimed
+
+    def start(self, ctx: RunContext, step_id: str, workflow_id: str, trigger_data: Any) -> str:
+        limit = self._settings.workflow_max_depth
+        with self._pool.connection() as conn:
+            row = conn.execute(DEPTH_SQL, {"run": ctx.run_id, "limit": limit}).fetchone()
+        depth = int(row["depth"]) if row and row["depth"] else 1
+        if depth >= limit:
+            raise StepFailed(
+                step_id,
+                f"sub-workflows may nest {limit} levels deep (SLUICE_WORKFLOW_MAX_DEPTH); this run is at level {depth}",
+                final=True,
+            )
+        try:
+            child = enqueue_run(
+                self._pool,
+                self._broker,
+                self._settings,
+                workflow_id=workflow_id,
+                owner_id=self._claimed.owner_id,
+                trigger_type="workflow",
+                trigger_data=trigger_data,
+                priority=self._claimed.priority,
+                # The same attempt never starts a second child for one step (a redelivery, a
+                # hand-back at shutdown); a retry after a failure starts a fresh one.
+                idempotency_key=f"parent:{ctx.run_id}:{step_id}:{ctx.attempt}",
+                parent_run_id=ctx.run_id,
+            )
+        except NotFoundError:
+            raise StepFailed(step_id, f"no workflow {workflow_id} of this owner", final=True) from None
+        except (ConflictError, ValidationFailed) as exc:
+            raise StepFailed(step_id, f"cannot start workflow {workflow_id}: {exc}", final=True) from None
+        return str(child.run_id)
+
+    def state(self, run_id: str) -> ChildState:
+        with self._pool.connection() as conn:
+            row = conn.execute(CHILD_STATE_SQL, (run_id,)).fetchone()
+        if row is None:
+            return ChildState(run_id, "cancelled", "the sub-workflow run no longer exists")
+        return ChildState(str(row["id"]), row["status"], row["error"], row["output"])
 
 
 class RunExecutor:
@@ -207,6 +311,7 @@ class RunExecutor:
         self.worker_id = worker_id
         self.stopping = stopping
         self.wakeups = 0  # messages handled, for metrics and to prove waits do not spin
+        self.policy = HttpPolicy(settings.http_allow_private, settings.http_allowed_hosts)
         self._in_flight: set[str] = set()
         self._in_flight_lock = threading.Lock()
 
@@ -270,6 +375,8 @@ class RunExecutor:
             steps=row["steps"],
             settings=row["settings"] or {},
             done_steps=row["done_steps"] or {},
+            waiting_steps=row["waiting_steps"] or {},
+            parent_run_id=str(row["parent_run_id"]) if row["parent_run_id"] else None,
         )
 
     # Running ------------------------------------------------------------------------------------
@@ -287,10 +394,19 @@ class RunExecutor:
             steps=claimed.steps,
             deadline=time.monotonic() + float(timeout),
             variables=claimed.settings.get("variables") or {},
+            owner_id=claimed.owner_id,
+            secrets=lambda: load_secrets(self.pool, self.settings, claimed.owner_id),
         )
         store = PgStepStore(self.pool, claimed, self.stopping)
+        runtime = Runtime(
+            self.http,
+            http_policy=self.policy,
+            step_timeout=self.settings.step_timeout_seconds,
+            output_max_bytes=self.settings.step_output_max_bytes,
+            subruns=PgSubRuns(self.settings, self.pool, self.broker, claimed),
+        )
         try:
-            outcome = execute(ctx, store, self.http)
+            outcome = execute(ctx, store, runtime)
         except Exception as exc:  # storage trouble mid-run: a failed attempt, retried as usual
             log.exception("run %s attempt %d crashed", claimed.run_id, claimed.attempt)
             outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
@@ -313,11 +429,21 @@ class RunExecutor:
             "pos": None,
             "output": None,
             "started": None,
+            "child": None,
+            "parent": claimed.parent_run_id,
+            "aging_step": self.settings.priority_aging_seconds,
         }
         if outcome.final_step is not None:
             step_id, position, output, started = outcome.final_step
             params.update(step=step_id, pos=position, output=Jsonb(output), started=started)
-        if outcome.status == "handed_back":
+        if outcome.status == "parked" and outcome.waiting_for is not None:
+            # Waiting for a child run: no thread, no attempt used; the child's end wakes the run.
+            params.update(status="waiting", attempt_status="parked", give_back=1, child=outcome.waiting_for)
+        elif outcome.status == "parked":
+            resume_at = outcome.resume_at or datetime.now(UTC)
+            wait = max(0, int((resume_at - datetime.now(UTC)).total_seconds() * 1000))
+            params.update(status="delayed", attempt_status="parked", give_back=1, wait=wait)
+        elif outcome.status == "handed_back":
             # Not the run's fault: give the attempt back and let another worker continue.
             params.update(status="queued", attempt_status="cancelled", give_back=1, error="handed back at shutdown")
         elif retry:
@@ -336,7 +462,10 @@ class RunExecutor:
         if updated["status"] == "queued":
             send_run_message(self.broker, claimed.run_id)
         elif updated["status"] == "delayed":
-            send_run_message(self.broker, claimed.run_id, delay_ms=params["wait"])
+            # Past Dramatiq's delay limit, the reconciler wakes the run once it is due.
+            send_run_message(self.broker, claimed.run_id, delay_ms=min(params["wait"], MAX_DELAY_MS))
+        if updated["parent_woken"]:
+            send_run_message(self.broker, str(updated["parent_woken"]))
         if updated["wake_next"]:
             send_run_message(self.broker, claimed.run_id)
 
@@ -355,6 +484,19 @@ class RunExecutor:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    def wake_waiting(self) -> int:
+        """Queue runs waiting for a child run that has ended (or vanished); return how many.
+
+        The child's finishing statement normally does this at once; this sweep covers a child
+        cancelled before it started, a child recovered after its worker died, and the narrow
+        race of a child ending while its parent was parking.
+        """
+        with self.pool.connection() as conn:
+            rows = conn.execute(WAKE_WAITING_SQL, (self.settings.priority_aging_seconds,)).fetchall()
+        for row in rows:
+            send_run_message(self.broker, str(row["id"]))
+        return len(rows)
 
     # Leases ---------------------------------------------------------------------------------------
 

@@ -2,8 +2,8 @@
 
 ``create_worker`` takes its dependencies (settings, pool, broker, rate limiter) and registers the
 actor on the given broker; nothing is opened at import time. A housekeeping thread renews the
-leases of this process's runs and recovers runs whose worker died (any worker may do it; the
-conditional UPDATE makes it safe to race).
+leases of this process's runs, recovers runs whose worker died (any worker may do it; the
+conditional UPDATE makes it safe to race), and wakes runs whose awaited sub-workflow has ended.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sluice_common.runs import recover_expired
 from sluice_common.runtime import Endpoints
 from sluice_common.settings import Settings
 from sluice_worker.executor import RunExecutor
+from sluice_worker.safehttp import make_client
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ def create_worker(
 ) -> WorkerApp:
     stopping = threading.Event()
     worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    client = http or httpx.Client(limits=httpx.Limits(max_connections=100, max_keepalive_connections=20))
+    # One pooled client per worker process, shared by every run thread (see safehttp).
+    client = http or make_client()
     executor = RunExecutor(settings, pool, broker, limiter, client, worker_id, stopping)
     dramatiq.Actor(
         executor.handle,
@@ -98,6 +100,7 @@ def create_worker(
             try:
                 executor.renew_leases()
                 recover_expired(pool, broker)
+                executor.wake_waiting()
             except Exception:
                 log.warning("lease housekeeping failed; retrying", exc_info=True)
 

@@ -1,0 +1,104 @@
+"""Workflow validation of what the engine adds: templates, expressions, step timeouts, jumps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sluice_common.errors import ConfigError, ValidationFailed
+from sluice_common.settings import load_settings
+from sluice_common.workflow import validate_workflow
+
+
+def workflow(*steps: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "w", "trigger": {"type": "manual"}, "steps": list(steps)}
+
+
+def problems(data: dict[str, Any]) -> dict[str, str]:
+    with pytest.raises(ValidationFailed) as info:
+        validate_workflow(data)
+    return {p.path: p.message for p in info.value.problems}
+
+
+def test_templates_are_checked_at_creation() -> None:
+    found = problems(
+        workflow(
+            {
+                "id": "a",
+                "type": "http",
+                "config": {"url": "https://x/{{ steps.a.body.id", "headers": {"K": "{{ 1 + }}"}},
+            },
+            {"id": "b", "type": "transform", "config": {"value": {"list": ["ok", "{% for x in y %}{% endfor %}"]}}},
+            {"id": "c", "type": "condition", "config": {"if": "trigger.n >"}},
+        )
+    )
+    assert found["$.steps[0].config.url"].startswith("template syntax error")
+    assert found["$.steps[0].config.headers.K"].startswith("template syntax error")
+    assert found["$.steps[1].config.value.list[1]"].startswith("statements")
+    assert found["$.steps[2].config.if"].startswith("expression syntax error")
+
+
+def test_valid_templates_pass() -> None:
+    validate_workflow(
+        workflow(
+            {
+                "id": "a",
+                "type": "http",
+                "config": {"url": "https://x/{{ trigger.id }}", "headers": {"K": "{{ secrets.K }}"}},
+            },
+            {"id": "b", "type": "condition", "config": {"if": "{{ steps.a.status == 200 }}", "then": "d"}},
+            {"id": "c", "type": "delay", "config": {"until": "{{ trigger.at }}"}},
+            {
+                "id": "d",
+                "type": "workflow",
+                "config": {"workflowId": "{{ vars.child }}", "triggerData": {"x": "{{ 1 }}"}},
+            },
+        )
+    )
+
+
+def test_step_timeouts_on_any_step() -> None:
+    validate_workflow(workflow({"id": "a", "type": "transform", "config": {"value": 1, "timeoutSeconds": 2.5}}))
+    found = problems(
+        workflow(
+            {"id": "a", "type": "transform", "config": {"value": 1, "timeoutSeconds": 0}},
+            {"id": "b", "type": "fail", "config": {"message": "x", "timeoutSeconds": "soon"}},
+            {"id": "c", "type": "http", "config": {"url": "https://x", "timeoutSeconds": 900}},
+        )
+    )
+    assert "more than 0" in found["$.steps[0].config.timeoutSeconds"]
+    assert "number of seconds" in found["$.steps[1].config.timeoutSeconds"]
+    assert "$.steps[2].config.timeoutSeconds" in found
+
+
+def test_condition_jumps_go_forward_only() -> None:
+    found = problems(
+        workflow(
+            {"id": "a", "type": "transform", "config": {"value": 1}},
+            {"id": "b", "type": "condition", "config": {"if": "true", "then": "a", "else": "b"}},
+        )
+    )
+    assert found["$.steps[1].config.then"] == "step 'a' does not come after this step"
+    assert found["$.steps[1].config.else"] == "step 'b' does not come after this step"
+
+
+def test_delay_and_workflow_literals_are_checked() -> None:
+    found = problems(
+        workflow(
+            {"id": "a", "type": "delay", "config": {"until": "tomorrow"}},
+            {"id": "b", "type": "workflow", "config": {"workflowId": "not-an-id"}},
+        )
+    )
+    assert "ISO 8601" in found["$.steps[0].config.until"]
+    assert "not a workflow id" in found["$.steps[1].config.workflowId"]
+
+
+def test_engine_settings() -> None:
+    settings = load_settings({})
+    assert (settings.step_timeout_seconds, settings.step_output_max_bytes) == (300.0, 262144)
+    assert settings.workflow_max_depth == 5
+    with pytest.raises(ConfigError, match="SLUICE_SECRET_KEY"):
+        load_settings({"SLUICE_SECRET_KEY": "too-short"})
+    with pytest.raises(ConfigError, match="SLUICE_STEP_OUTPUT_MAX_BYTES"):
+        load_settings({"SLUICE_STEP_OUTPUT_MAX_BYTES": "10"})

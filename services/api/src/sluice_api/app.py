@@ -7,6 +7,7 @@ worker process after the fork.
 from __future__ import annotations
 
 import atexit
+from typing import Any
 
 import falcon
 import redis
@@ -14,6 +15,7 @@ import redis
 from sluice_api import problems
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
+from sluice_api.inputs import KnownParamsMiddleware
 from sluice_api.openapi import OpenApiResource
 from sluice_api.resources import (
     CancelRunResource,
@@ -81,7 +83,8 @@ def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response
         limiter = RedisRequestLimiter(deps.redis, deps.settings.redis_prefix, deps.settings.api_rate_limit_per_minute)
     else:
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
-    app = falcon.App(middleware=[AuthMiddleware(deps.pool, limiter)])
+    middleware: list[Any] = [AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Bodies are read and checked by the resources (size limit, media type, problems).
     app.req_options.auto_parse_form_urlencoded = False
@@ -93,7 +96,7 @@ def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response
     app.add_route("/api/workflows/queue/stats", QueueStatsResource(deps))
     app.add_route("/api/workflows/{workflow_id:uuid}", WorkflowResource(deps))
     app.add_route("/api/workflows/{workflow_id:uuid}/run", RunWorkflowResource(deps))
-    app.add_route("/api/workflows/{workflow_id:uuid}/runs", RunsResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}/runs", RunsResource(deps, of_workflow=True))
     app.add_route("/api/workflows/{workflow_id:uuid}/webhook/rotate", WebhookRotateResource(deps))
     app.add_route("/api/runs", RunsResource(deps))
     app.add_route("/api/runs/{run_id:uuid}", RunResource(deps))

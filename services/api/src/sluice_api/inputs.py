@@ -125,6 +125,21 @@ def query(req: falcon.Request) -> dict[str, str]:
     return seen
 
 
+class KnownParamsMiddleware:
+    """Refuses query parameters a resource does not take (``query_params``), like unknown fields."""
+
+    def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any) -> None:
+        if resource is None:
+            return
+        known: frozenset[str] = getattr(resource, "query_params", frozenset())
+        unknown = sorted(set(req.params) - known)
+        if unknown:
+            hint = f"; known: {', '.join(sorted(known))}" if known else "; this endpoint takes none"
+            raise ValidationFailed(
+                [FieldProblem(f"query.{name[:100]}", f"unknown query parameter{hint}") for name in unknown[:20]]
+            )
+
+
 def bad_param(name: str, message: str) -> ValidationFailed:
     return ValidationFailed([FieldProblem(f"query.{name}", message)])
 

@@ -72,6 +72,8 @@ def _page(rows: list[dict[str, Any]], limit: int, at: str) -> tuple[list[dict[st
 
 
 class WorkflowsResource:
+    query_params = frozenset({"limit", "cursor", "status", "triggerType"})
+
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
 
@@ -282,8 +284,11 @@ class RunResource:
 class RunsResource:
     """``GET /api/runs`` and ``GET /api/workflows/{id}/runs``."""
 
-    def __init__(self, deps: Dependencies) -> None:
+    def __init__(self, deps: Dependencies, *, of_workflow: bool = False) -> None:
         self._deps = deps
+        self.query_params = frozenset({"limit", "cursor", "status", "since", "until"})
+        if not of_workflow:
+            self.query_params |= {"workflowId"}
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID | None = None) -> None:
         caller = caller_of(req)

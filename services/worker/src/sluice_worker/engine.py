@@ -337,7 +337,9 @@ def _plugin(step: StepInput, plugin: StepPlugin) -> Any:
 
 def _validate(step_id: str, model: type[BaseModel], config: dict[str, Any]) -> BaseModel:
     try:
-        return model.model_validate(config)
+        # Definitions are checked strictly at creation; here the config holds rendered templates,
+        # whose values may fairly be coerced (a number rendered where a header string goes).
+        return model.model_validate(config, strict=False)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"])

@@ -385,3 +385,33 @@ def test_request_limit_answers_429_with_retry_after(api: Api) -> None:
     body = problem(responses[-1], 429)
     assert 1 <= int(responses[-1].headers["retry-after"]) <= 60
     assert "retry" in body["detail"]
+
+
+def test_secrets_are_write_only_and_per_user(api: Api) -> None:
+    _, alice = api.user()
+    _, bob = api.user()
+    stored = alice.put("/api/secrets/API_KEY", json={"value": "s3cr3t-value"})
+    assert stored.status_code == 200
+    assert stored.json()["name"] == "API_KEY"
+    assert "s3cr3t" not in stored.text
+    listed = alice.get("/api/secrets")
+    assert [s["name"] for s in listed.json()["items"]] == ["API_KEY"]
+    assert "s3cr3t" not in listed.text
+    assert bob.get("/api/secrets").json()["items"] == []
+    problem(bob.delete("/api/secrets/API_KEY"), 404)
+    problem(alice.put("/api/secrets/bad-name", json={"value": "x"}), 422)
+    problem(alice.put("/api/secrets/EMPTY", json={"value": ""}), 422)
+
+    # A step uses it; the run shows it masked.
+    body = {
+        "name": "uses a secret",
+        "trigger": {"type": "manual"},
+        "steps": [{"id": "echo", "type": "transform", "config": {"value": "key={{ secrets.API_KEY }}"}}],
+    }
+    wf = alice.post("/api/workflows", json=body).json()
+    run = wait_run(alice, alice.post(f"/api/workflows/{wf['id']}/run").json()["runId"], {"succeeded", "failed"})
+    assert run["status"] == "succeeded", run
+    assert run["steps"][0]["output"] == "key=***"
+
+    assert alice.delete("/api/secrets/API_KEY").status_code == 204
+    problem(alice.delete("/api/secrets/API_KEY"), 404)

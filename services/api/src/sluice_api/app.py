@@ -26,6 +26,8 @@ from sluice_api.resources import (
     RunsResource,
     RunWorkflowResource,
     SchedulerRefreshResource,
+    SecretResource,
+    SecretsResource,
     WebhookRotateResource,
     WorkflowResource,
     WorkflowsResource,
@@ -104,6 +106,8 @@ def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response
     app.add_route("/api/runs/{run_id:uuid}/retry", RetryRunResource(deps))
     app.add_route("/api/hooks/{secret}", HookResource(deps, limiter))
     app.add_route("/api/scheduler/refresh", SchedulerRefreshResource(deps))
+    app.add_route("/api/secrets", SecretsResource(deps))
+    app.add_route("/api/secrets/{name}", SecretResource(deps))
     return app
 
 

@@ -16,12 +16,13 @@ from pydantic.json_schema import models_json_schema
 
 from sluice_api import schemas
 from sluice_api.inputs import RFC3339
+from sluice_common.secrets import SECRET_NAME_PATTERN as SECRET_NAME
 from sluice_common.workflow import STEP_CONFIGS, STEP_ID_PATTERN, WorkflowDefinition
 
 REF = "#/components/schemas/{model}"
 PROBLEM = "application/problem+json"
 
-_REQUEST_MODELS: list[type[BaseModel]] = [WorkflowDefinition, schemas.RunRequest]
+_REQUEST_MODELS: list[type[BaseModel]] = [WorkflowDefinition, schemas.RunRequest, schemas.SecretValue]
 _RESPONSE_MODELS: list[type[BaseModel]] = [
     schemas.Problem,
     schemas.Workflow,
@@ -31,6 +32,8 @@ _RESPONSE_MODELS: list[type[BaseModel]] = [
     schemas.RunPage,
     schemas.CancelResult,
     schemas.QueueStatsBody,
+    schemas.Secret,
+    schemas.SecretList,
     schemas.Health,
     schemas.Ready,
 ]
@@ -315,6 +318,34 @@ def _other_ops() -> dict[str, Any]:
                     "202": _json({"type": "object"}, "Requested"),
                     **_errors(*AUTH, 503),
                 },
+            },
+        },
+        "/api/secrets": {
+            "get": {
+                "operationId": "listSecrets",
+                "summary": "Your secrets' names (values are never returned)",
+                "responses": {"200": _json(_ref(schemas.SecretList), "Names and times"), **_errors(*AUTH)},
+            },
+        },
+        "/api/secrets/{name}": {
+            "parameters": [
+                {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": SECRET_NAME}}
+            ],
+            "put": {
+                "operationId": "putSecret",
+                "summary": "Create or replace a secret (stored encrypted; steps use it as {{ secrets.NAME }})",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(schemas.SecretValue)}},
+                },
+                "responses": {
+                    "200": _json(_ref(schemas.Secret), "Stored"),
+                    **_errors(400, *AUTH, 413, 415, 422),
+                },
+            },
+            "delete": {
+                "operationId": "deleteSecret",
+                "responses": {"204": {"description": "Deleted"}, **_errors(*AUTH, 404, 422)},
             },
         },
         "/api/health": {

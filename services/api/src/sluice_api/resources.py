@@ -30,6 +30,7 @@ from sluice_api.inputs import (
     uuid_param,
     validate,
 )
+from sluice_common import secrets
 from sluice_common.errors import FieldProblem, ValidationFailed
 from sluice_common.runs import cancel_run, enqueue_run, get_queue_stats, seeds_stats_body
 from sluice_common.workflow import validate_workflow
@@ -372,3 +373,30 @@ class SchedulerRefreshResource:
         self._deps.scheduler.refresh()
         resp.status = falcon.HTTP_202
         resp.media = {"success": True, "message": "Scheduler refresh requested"}
+
+
+class SecretsResource:
+    """``GET /api/secrets``: names and times only; values never leave the database decrypted."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        items = secrets.list_secrets(self._deps.pool, caller_of(req).user_id)
+        resp.media = _dump(schemas.SecretList(items=[schemas.Secret.model_validate(vars(i)) for i in items]))
+
+
+class SecretResource:
+    """``PUT|DELETE /api/secrets/{name}``: steps use a secret as ``{{ secrets.NAME }}``."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    def on_put(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        body = validate(schemas.SecretValue, read_json(req, self._deps.settings.api_max_body_bytes))
+        info = secrets.put_secret(self._deps.pool, self._deps.settings, caller_of(req).user_id, name, body.value)
+        resp.media = _dump(schemas.Secret.model_validate(vars(info)))
+
+    def on_delete(self, req: falcon.Request, resp: falcon.Response, name: str) -> None:
+        secrets.delete_secret(self._deps.pool, caller_of(req).user_id, name)
+        resp.status = falcon.HTTP_204

@@ -41,6 +41,12 @@ class RunRequest(_In):
     ] = 0
 
 
+class SecretValue(_In):
+    """Body of ``PUT /api/secrets/{name}``: the value is stored encrypted and never shown again."""
+
+    value: Annotated[str, Field(min_length=1, max_length=16384)]
+
+
 # Responses --------------------------------------------------------------------------------------
 
 
@@ -183,6 +189,16 @@ class QueueStatsBody(BaseModel):
     scheduler: SchedulerInfo
     capacity: dict[str, str]
     alerts: list[str]
+
+
+class Secret(_Out):
+    name: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class SecretList(_Out):
+    items: list[Secret]
 
 
 class Health(BaseModel):

@@ -55,6 +55,17 @@ class Settings(BaseSettings):
     db_pool_min: Annotated[int, Field(ge=0, le=100, validation_alias=_env("SLUICE_DB_POOL_MIN"))] = 1
     db_pool_max: Annotated[int, Field(ge=1, le=200, validation_alias=_env("SLUICE_DB_POOL_MAX"))] = 10
     log_level: Annotated[str, Field(validation_alias=_env("SLUICE_LOG_LEVEL"))] = "INFO"
+    # Scheduler
+    cron_priority: Annotated[int, Field(ge=1, le=10, validation_alias=_env("SLUICE_CRON_PRIORITY"))] = 7
+    run_retention_days: Annotated[float, Field(gt=0, le=36500, validation_alias=_env("SLUICE_RUN_RETENTION_DAYS"))] = (
+        30.0
+    )
+    scheduler_lease_seconds: Annotated[
+        float, Field(ge=1, le=60, validation_alias=_env("SLUICE_SCHEDULER_LEASE_SECONDS"))
+    ] = 8.0
+    cron_late_tolerance_seconds: Annotated[
+        float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_CRON_LATE_TOLERANCE_SECONDS"))
+    ] = 60.0
 
     @field_validator("api_bind")
     @classmethod

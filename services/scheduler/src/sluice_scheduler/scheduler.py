@@ -169,6 +169,16 @@ class CronScheduler:
             self.loaded = True
             self._next_resync = time.monotonic() + RESYNC_SECONDS
             log.info("scheduling %d cron workflow(s)", len(self.entries))
+        self.publish_status()
+
+    def publish_status(self) -> None:
+        """Refresh the status the API reads (also done by the lease thread every few seconds)."""
+        if not (self.loaded and self.lease.is_leader()):
+            return
+        try:
+            self.lease.publish_status({"initialized": True, "scheduledWorkflows": len(self.entries)})
+        except Exception:
+            log.warning("cannot publish the scheduler status", exc_info=True)
 
     def _forget(self) -> None:
         self.entries.clear()
@@ -305,11 +315,8 @@ class CronScheduler:
 
     def lease_loop(self, stopping: threading.Event) -> None:
         while not stopping.is_set():
-            if self.lease.tick() and self.loaded:
-                try:
-                    self.lease.publish_status({"initialized": True, "scheduledWorkflows": len(self.entries)})
-                except Exception:
-                    log.warning("cannot publish the scheduler status", exc_info=True)
+            if self.lease.tick():
+                self.publish_status()
             stopping.wait(self.lease.interval())
 
     def start(self, stopping: threading.Event) -> None:

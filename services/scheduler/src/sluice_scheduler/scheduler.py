@@ -166,6 +166,10 @@ class CronScheduler:
             if self.entries.pop(wf_id, None) is not None:
                 log.info("workflow %s is no longer scheduled", wf_id)
         if workflow_id is None:
+            # Rebuilt rather than pushed onto, so the heap holds one item per workflow after each
+            # periodic reload instead of growing with stale ones.
+            self.heap = [(e.next_at, k, e.generation) for k, e in self.entries.items() if e.next_at is not None]
+            heapq.heapify(self.heap)
             self.loaded = True
             self._next_resync = time.monotonic() + RESYNC_SECONDS
             log.info("scheduling %d cron workflow(s)", len(self.entries))
@@ -216,7 +220,11 @@ class CronScheduler:
             )
         for planned in plan.fires:
             if not self.lease.is_leader():
-                return  # the new leader resumes from the last claimed slot
+                # The new leader resumes from the last claimed slot; if leadership comes back to
+                # this replica instead, the entry is due again at once.
+                entry.next_at = now
+                self._push(entry)
+                return
             try:
                 outcome, run_id = fire(self.pool, self.broker, self.settings, entry.workflow, planned)
             except Exception:

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from sluice_common.cron import RedisSchedulerLink, schedule_preview
 from sluice_common.errors import ConflictError, NotFoundError
+from sluice_scheduler.leadership import RedisLease
 from sluice_scheduler.maintenance import prune_history
 from sluice_scheduler.scheduler import CronScheduler
 from sluice_scheduler.service import create_scheduler
@@ -404,3 +405,22 @@ def test_standalone_runs_cron_in_process(pipeline: Pipeline) -> None:
     finally:
         app.stop()
     assert timedelta(0) <= first["fired_at"] - first["scheduled_at"] < timedelta(seconds=1)
+
+
+def test_lease_one_leader_takeover_on_expiry_and_job_slots_claimed_once(pipeline: Pipeline) -> None:
+    prefix = pipeline.settings.redis_prefix
+    a, b = RedisLease(pipeline.redis, prefix, 1.0), RedisLease(pipeline.redis, prefix, 1.0)
+    assert a.tick()
+    assert not b.tick()
+    assert a.tick()  # renewal
+    assert (a.is_leader(), b.is_leader()) == (True, False)
+    # a stops renewing (frozen or killed): it stops acting before its lease lapses, then b leads.
+    time.sleep(0.6)
+    assert not a.is_leader()
+    assert wait_until(b.tick, timeout=2)
+    assert not a.tick()
+    b.release()
+    assert a.tick()  # a clean stop hands over at once
+    claims = [lease.claim_job("prune", 42, 60) for lease in (a, b, a)]
+    assert claims == [True, False, False]
+    assert b.claim_job("prune", 43, 60)

@@ -330,6 +330,8 @@ class CronScheduler:
     def start(self, stopping: threading.Event) -> None:
         """Start the lease, maintenance and cron threads (standalone mode runs the scheduler so)."""
         self.lease.tick()
+        # Subscribe to change notices before the first load, so no change falls in between.
+        self.signals.wait(0)
         for name, target in (
             ("sluice-scheduler-lease", self.lease_loop),
             ("sluice-maintenance", lambda s: maintenance_loop(self.lease, self.jobs, s)),

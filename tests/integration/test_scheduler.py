@@ -16,10 +16,12 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
 from sluice_common.cron import RedisSchedulerLink, schedule_preview
+from sluice_common.db import open_pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_scheduler.leadership import RedisLease
 from sluice_scheduler.maintenance import prune_history
@@ -424,3 +426,36 @@ def test_lease_one_leader_takeover_on_expiry_and_job_slots_claimed_once(pipeline
     claims = [lease.claim_job("prune", 42, 60) for lease in (a, b, a)]
     assert claims == [True, False, False]
     assert b.claim_job("prune", 43, 60)
+
+
+def test_dropped_database_connections_lose_no_slot(pipeline: Pipeline, link: RedisSchedulerLink) -> None:
+    owner = pipeline.user()
+    wf = cron_workflow(pipeline, owner, "* * * * * *")
+    url = pipeline.settings.database_url or ""
+    pool = open_pool(pipeline.settings, url, name="scheduler-under-test")
+    sched = create_scheduler(pipeline.settings, pool, pipeline.new_broker(), pipeline.redis)
+    stopping = threading.Event()
+    sched.start(stopping)
+    try:
+        first = wait_until(lambda: fires(pipeline, wf), timeout=5)[0]
+        with psycopg.connect(url, autocommit=True) as admin:
+            for _ in range(3):
+                time.sleep(1.5)
+                # Every connection but the test's own: the scheduler's pool and the test pool alike.
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+        time.sleep(3)
+    finally:
+        stopping.set()
+        sched.join()
+        pool.close()
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT scheduled_at FROM cron_fires WHERE workflow_id = %s ORDER BY scheduled_at", (wf,)
+        ).fetchall()
+    slots = [r[0] for r in rows]
+    assert slots[0] == first["scheduled_at"]
+    assert slots == [slots[0] + timedelta(seconds=i) for i in range(len(slots))]
+    assert len(slots) >= 8

@@ -89,6 +89,11 @@ def fire(
     """Claim ``planned`` and create its run (or record why not); return the outcome and the run."""
     run_id: UUID | None = None
     with pool.connection() as conn, conn.transaction():
+        # Not waiting for the WAL flush makes a fire about four times cheaper. The claim and its
+        # run commit or vanish together, and a later durable commit flushes this one too; a fire
+        # lost in a database crash is fired again because the scheduler reloads its anchors from
+        # the database after any failed fire (see CronScheduler.fire_due).
+        conn.execute("SET LOCAL synchronous_commit = off")
         row = _lock_workflow(conn, wf)
         if row is None:
             return "stale", None

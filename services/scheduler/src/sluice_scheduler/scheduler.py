@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -43,6 +44,7 @@ DEFERRED_POLL_SECONDS = 0.25
 # An idle loop still wakes this often, to notice it became (or stopped being) the leader.
 IDLE_WAIT_SECONDS = 0.5
 RETRY_SECONDS = 1.0
+FIRE_THREADS = 4
 
 _LOAD_SQL = """
 SELECT w.id, w.owner_id, w.trigger, w.updated_at,
@@ -103,7 +105,12 @@ class CronScheduler:
         self._next_deferred_check = 0.0
         self._next_resync = 0.0
         self._leading = False
+        self._reanchor = False
         self._threads: list[threading.Thread] = []
+        self._stats_lock = threading.Lock()
+        # Fires of different workflows due at the same moment go out in parallel (each on its
+        # own connection); one workflow's slots are always handled in order by one task.
+        self._executor = ThreadPoolExecutor(max_workers=FIRE_THREADS, thread_name_prefix="sluice-fire")
 
     # status ------------------------------------------------------------------------------------
 
@@ -200,14 +207,32 @@ class CronScheduler:
         return None
 
     def fire_due(self) -> None:
+        """Fire every entry that is due, several at once: slots cluster on round minutes."""
         now = _utcnow()
-        while self.lease.is_leader():
-            entry = self._due(now)
-            if entry is None:
-                return
-            self._fire_entry(entry, now)
+        due: list[Entry] = []
+        while self.lease.is_leader() and (entry := self._due(now)) is not None:
+            due.append(entry)
+        if len(due) == 1:
+            results = [self._fire_entry(due[0], now)]
+        else:
+            results = list(self._executor.map(lambda e: self._fire_entry(e, now), due))
+        if "retry" in results:
+            # The database failed under us: once it answers again, take every anchor from it
+            # afresh, so a fire whose commit was lost in a crash is fired again (if still recent).
+            self._reanchor = True
+        for entry, result in zip(due, results, strict=True):
+            if result == "stale":
+                # Paused, deleted or changed since it was loaded: reload it, then plan again.
+                self.reload(entry.workflow.id)
+                fresh = self.entries.get(entry.workflow.id)
+                if fresh is not None:
+                    fresh.next_at = _utcnow()  # this turn's ``now`` is past, so no hot loop
+                    self._push(fresh)
+            else:
+                self._push(entry)
 
-    def _fire_entry(self, entry: Entry, now: datetime) -> None:
+    def _fire_entry(self, entry: Entry, now: datetime) -> str:
+        """Handle an entry's due slots in order; set its next time. Runs on the fire threads."""
         config = entry.workflow.config
         plan = plan_due(entry.schedule, config, entry.anchor, now, self.settings.cron_late_tolerance_seconds)
         if plan.missed:
@@ -223,23 +248,15 @@ class CronScheduler:
                 # The new leader resumes from the last claimed slot; if leadership comes back to
                 # this replica instead, the entry is due again at once.
                 entry.next_at = now
-                self._push(entry)
-                return
+                return "lost"
             try:
                 outcome, run_id = fire(self.pool, self.broker, self.settings, entry.workflow, planned)
             except Exception:
                 log.warning("cannot fire workflow %s yet; retrying", entry.workflow.id, exc_info=True)
                 entry.next_at = _utcnow() + timedelta(seconds=RETRY_SECONDS)
-                self._push(entry)
-                return
+                return "retry"
             if outcome == "stale":
-                # Paused, deleted or changed since it was loaded: reload it, then plan again.
-                self.reload(entry.workflow.id)
-                if entry.workflow.id in self.entries:
-                    fresh = self.entries[entry.workflow.id]
-                    fresh.next_at = _utcnow()  # this turn's ``now`` is past, so no hot loop
-                    self._push(fresh)
-                return
+                return "stale"
             entry.anchor = planned.scheduled_at
             self._count(outcome, planned.scheduled_at)
             if outcome == "deferred":
@@ -248,9 +265,13 @@ class CronScheduler:
         if plan.last_slot is not None and plan.last_slot > entry.anchor:
             entry.anchor = plan.last_slot
         entry.next_at = entry.schedule.next_after(max(entry.anchor, now))
-        self._push(entry)
+        return "ok"
 
     def _count(self, outcome: str, scheduled_at: datetime) -> None:
+        with self._stats_lock:
+            self._count_locked(outcome, scheduled_at)
+
+    def _count_locked(self, outcome: str, scheduled_at: datetime) -> None:
         if outcome == "fired":
             self.stats.fired += 1
             self.stats.lateness.append((_utcnow() - scheduled_at).total_seconds())
@@ -290,7 +311,11 @@ class CronScheduler:
         """One turn of the cron loop: follow leadership, fire what is due, wait for the next thing."""
         leading = self.lease.is_leader()
         try:
-            if leading and (not self._leading or time.monotonic() >= self._next_resync):
+            if leading and self._reanchor:
+                self._forget()
+                self.reload()
+                self._reanchor = False
+            elif leading and (not self._leading or time.monotonic() >= self._next_resync):
                 self.reload()
             elif not leading and self._leading:
                 log.info("no longer the leader; schedules handed over")
@@ -344,6 +369,7 @@ class CronScheduler:
     def join(self, timeout: float = 5.0) -> None:
         for thread in self._threads:
             thread.join(timeout=timeout)
+        self._executor.shutdown(wait=True)
         self.lease.release()
         self.signals.close()
 

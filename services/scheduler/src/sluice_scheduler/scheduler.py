@@ -106,6 +106,7 @@ class CronScheduler:
         self._next_resync = 0.0
         self._leading = False
         self._reanchor = False
+        self._logged_count = -1
         self._threads: list[threading.Thread] = []
         self._stats_lock = threading.Lock()
         # Fires of different workflows due at the same moment go out in parallel (each on its
@@ -177,9 +178,11 @@ class CronScheduler:
             # periodic reload instead of growing with stale ones.
             self.heap = [(e.next_at, k, e.generation) for k, e in self.entries.items() if e.next_at is not None]
             heapq.heapify(self.heap)
+            level = logging.DEBUG if self.loaded and len(self.entries) == self._logged_count else logging.INFO
+            log.log(level, "scheduling %d cron workflow(s)", len(self.entries))
+            self._logged_count = len(self.entries)
             self.loaded = True
             self._next_resync = time.monotonic() + RESYNC_SECONDS
-            log.info("scheduling %d cron workflow(s)", len(self.entries))
         self.publish_status()
 
     def publish_status(self) -> None:

@@ -20,9 +20,11 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
-from sluice_common.cron import RedisSchedulerLink, schedule_preview
+from sluice_common.cron import PlannedFire, RedisSchedulerLink, schedule_preview
 from sluice_common.db import open_pool
 from sluice_common.errors import ConflictError, NotFoundError
+from sluice_common.workflow import CronConfig
+from sluice_scheduler.firing import CronWorkflow, fire
 from sluice_scheduler.leadership import RedisLease
 from sluice_scheduler.maintenance import prune_history
 from sluice_scheduler.scheduler import CronScheduler
@@ -192,10 +194,10 @@ def test_each_fire_creates_one_cron_run_at_the_cron_priority(
     scheduler()
     rows = wait_until(lambda: (r := fires(pipeline, wf)) and len(r) >= 3 and r, timeout=8)
     made = {str(r["id"]): r for r in runs(pipeline, wf)}
-    for fire in rows:
-        run = made[str(fire["run_id"])]
+    for row in rows:
+        run = made[str(row["run_id"])]
         assert (run["trigger_type"], run["priority"], run["status"]) == ("cron", 7, "queued")
-        assert run["trigger_data"]["scheduledAt"] == fire["scheduled_at"].isoformat().replace("+00:00", "Z")
+        assert run["trigger_data"]["scheduledAt"] == row["scheduled_at"].isoformat().replace("+00:00", "Z")
         assert run["trigger_data"]["timezone"] == "Europe/Paris"
     assert len(made) >= len(rows)
 
@@ -459,3 +461,23 @@ def test_dropped_database_connections_lose_no_slot(pipeline: Pipeline, link: Red
     assert slots[0] == first["scheduled_at"]
     assert slots == [slots[0] + timedelta(seconds=i) for i in range(len(slots))]
     assert len(slots) >= 8
+
+
+def test_a_slot_claimed_twice_has_one_run_and_a_paused_workflow_none(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf_id = cron_workflow(pipeline, owner, "* * * * * *")
+    trigger = {"type": "cron", "config": {"schedule": "* * * * * *"}}
+    wf = CronWorkflow(wf_id, owner, trigger, CronConfig.model_validate(trigger["config"]))
+    slot = PlannedFire(datetime(2026, 1, 1, tzinfo=UTC), "fired")
+    outcome, run_id = fire(pipeline.pool, pipeline.broker, pipeline.settings, wf, slot)
+    assert outcome == "fired"
+    assert run_id is not None
+    # A second scheduler (a frozen leader waking up) claiming the same slot: no second run.
+    assert fire(pipeline.pool, pipeline.broker, pipeline.settings, wf, slot) == ("duplicate", None)
+    assert [str(r["id"]) for r in runs(pipeline, wf_id)] == [str(run_id)]
+    assert [(f["outcome"], f["run_id"]) for f in fires(pipeline, wf_id)] == [("fired", run_id)]
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE workflows SET status = 'paused' WHERE id = %s", (wf_id,))
+    later = PlannedFire(datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), "fired")
+    assert fire(pipeline.pool, pipeline.broker, pipeline.settings, wf, later) == ("stale", None)
+    assert len(runs(pipeline, wf_id)) == 1

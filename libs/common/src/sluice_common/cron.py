@@ -17,11 +17,12 @@ the scheduler service owns leadership, timing and firing.
 
 from __future__ import annotations
 
+import copy
 import json
 import uuid
 import zoneinfo
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -71,11 +72,15 @@ class Schedule:
     expression: str
     has_seconds: bool
     tz: zoneinfo.ZoneInfo
+    # Parsing an expression costs several times more than a step; each iteration starts from a
+    # shallow copy of this parsed one (its expanded fields are only read).
+    _parsed: croniter = field(compare=False, repr=False)
 
     @classmethod
     def parse(cls, schedule: str, timezone: str = "UTC") -> Schedule:
         expression, has_seconds = parse_cron(schedule)
-        return cls(expression, has_seconds, zoneinfo.ZoneInfo(timezone))
+        parsed = croniter(expression, datetime(2000, 1, 1), second_at_beginning=has_seconds)
+        return cls(expression, has_seconds, zoneinfo.ZoneInfo(timezone), parsed)
 
     @classmethod
     def of(cls, config: CronConfig) -> Schedule:
@@ -102,7 +107,8 @@ class Schedule:
     def fires_after(self, after: datetime) -> Iterator[datetime]:
         """Fire instants (UTC, strictly increasing) strictly after the aware ``after``."""
         last = after.astimezone(UTC)
-        it = croniter(self.expression, _wall(last, self.tz), second_at_beginning=self.has_seconds)
+        it = copy.copy(self._parsed)
+        it.set_current(_wall(last, self.tz), force=True)
         while True:
             try:
                 wall = it.get_next(datetime)

@@ -41,11 +41,17 @@ class CronWorkflow:
     config: CronConfig
 
 
-def _lock_workflow(conn: DictConnection, wf: CronWorkflow) -> dict[str, Any] | None:
-    """The workflow row if it is still active with the trigger we loaded, locked against changes."""
+def _lock_workflow(conn: DictConnection, wf: CronWorkflow, *, fast_commit: bool = False) -> dict[str, Any] | None:
+    """The workflow row if it is still active with the trigger we loaded, locked against changes.
+
+    ``fast_commit``: the transaction's commit does not wait for the WAL flush (set in the same
+    round trip).
+    """
     row = conn.execute(
-        "SELECT version, settings, trigger, status, deleted_at FROM workflows WHERE id = %s FOR SHARE",
-        (wf.id,),
+        "SELECT version, settings, trigger, status, deleted_at, "
+        "set_config('synchronous_commit', CASE WHEN %s THEN 'off' ELSE current_setting('synchronous_commit') END, "
+        "true) AS commit_mode FROM workflows WHERE id = %s FOR SHARE",
+        (fast_commit, wf.id),
     ).fetchone()
     if row is None or row["deleted_at"] is not None or row["status"] != "active" or row["trigger"] != wf.trigger:
         return None
@@ -83,42 +89,48 @@ def _create_run(
     return UUID(str(run["id"]))
 
 
+class _Duplicate(Exception):
+    """Raised inside the fire transaction to roll back the run when the slot was already claimed."""
+
+
 def fire(
     pool: Pool, broker: dramatiq.Broker, settings: Settings, wf: CronWorkflow, planned: PlannedFire
 ) -> tuple[FireResult, UUID | None]:
-    """Claim ``planned`` and create its run (or record why not); return the outcome and the run."""
+    """Claim ``planned`` and create its run (or record why not); return the outcome and the run.
+
+    Four statements in one transaction: lock the workflow, insert the run, insert the claim with
+    the run's id (``ON CONFLICT DO NOTHING``; a conflict rolls the run back), commit.
+    """
     run_id: UUID | None = None
-    with pool.connection() as conn, conn.transaction():
-        # Not waiting for the WAL flush makes a fire about four times cheaper. The claim and its
-        # run commit or vanish together, and a later durable commit flushes this one too; a fire
-        # lost in a database crash is fired again because the scheduler reloads its anchors from
-        # the database after any failed fire (see CronScheduler.fire_due).
-        conn.execute("SET LOCAL synchronous_commit = off")
-        row = _lock_workflow(conn, wf)
-        if row is None:
-            return "stale", None
-        outcome: FireResult = planned.outcome
-        if planned.creates_run and wf.config.overlap != "allow" and _busy(conn, wf.id):
-            outcome = "skipped_overlap"
-            if wf.config.overlap == "queue_one":
-                waiting = conn.execute(
-                    "SELECT 1 FROM cron_fires WHERE workflow_id = %s AND outcome = 'deferred' LIMIT 1", (wf.id,)
-                ).fetchone()
-                outcome = "skipped_overlap" if waiting else "deferred"
-        claimed = conn.execute(
-            "INSERT INTO cron_fires (workflow_id, scheduled_at, fired_at, outcome, missed_slots) "
-            "VALUES (%s, %s, clock_timestamp(), %s, %s) ON CONFLICT DO NOTHING RETURNING scheduled_at",
-            (wf.id, planned.scheduled_at, outcome, planned.missed_slots),
-        ).fetchone()
-        if claimed is None:
-            return "duplicate", None
-        if outcome in ("fired", "catch_up"):
-            extra = {"catchUp": True, "missedSlots": planned.missed_slots} if outcome == "catch_up" else {}
-            run_id = _create_run(conn, settings, wf, row, planned.scheduled_at, extra)
-            conn.execute(
-                "UPDATE cron_fires SET run_id = %s WHERE workflow_id = %s AND scheduled_at = %s",
-                (run_id, wf.id, planned.scheduled_at),
-            )
+    try:
+        with pool.connection() as conn, conn.transaction():
+            # Not waiting for the WAL flush makes a fire several times cheaper. The claim and its
+            # run commit or vanish together, and a later durable commit flushes this one too; a
+            # fire lost in a database crash is fired again because the scheduler reloads its
+            # anchors from the database after any failed fire (see CronScheduler.fire_due).
+            row = _lock_workflow(conn, wf, fast_commit=True)
+            if row is None:
+                return "stale", None
+            outcome: FireResult = planned.outcome
+            if planned.creates_run and wf.config.overlap != "allow" and _busy(conn, wf.id):
+                outcome = "skipped_overlap"
+                if wf.config.overlap == "queue_one":
+                    waiting = conn.execute(
+                        "SELECT 1 FROM cron_fires WHERE workflow_id = %s AND outcome = 'deferred' LIMIT 1", (wf.id,)
+                    ).fetchone()
+                    outcome = "skipped_overlap" if waiting else "deferred"
+            if outcome in ("fired", "catch_up"):
+                extra = {"catchUp": True, "missedSlots": planned.missed_slots} if outcome == "catch_up" else {}
+                run_id = _create_run(conn, settings, wf, row, planned.scheduled_at, extra)
+            claimed = conn.execute(
+                "INSERT INTO cron_fires (workflow_id, scheduled_at, fired_at, outcome, missed_slots, run_id) "
+                "VALUES (%s, %s, clock_timestamp(), %s, %s, %s) ON CONFLICT DO NOTHING RETURNING scheduled_at",
+                (wf.id, planned.scheduled_at, outcome, planned.missed_slots, run_id),
+            ).fetchone()
+            if claimed is None:
+                raise _Duplicate
+    except _Duplicate:
+        return "duplicate", None
     if run_id is not None:
         _wake(broker, run_id)
     return outcome, run_id

@@ -6,10 +6,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import redis
 
 from sluice_common import cron
 from sluice_common.cron import Schedule, iso, plan_due
 from sluice_common.errors import ValidationFailed
+from sluice_common.settings import load_settings
 from sluice_common.workflow import CronConfig, validate_workflow
 
 
@@ -158,3 +160,14 @@ def test_a_very_long_outage_is_not_scanned_slot_by_slot(monkeypatch: pytest.Monk
 def test_nothing_due() -> None:
     p = plan(NOW, missed="all")
     assert (p.fires, p.missed, p.last_slot) == ([], 0, None)
+
+
+def test_the_redis_link_without_redis() -> None:
+    # Nothing listens on port 1: a change is still saved (announcing it must not fail the
+    # request), the status says no scheduler, and an explicit refresh reports the failure.
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    link = cron.RedisSchedulerLink(client, load_settings({}))
+    link.trigger_changed("5f0c8f0e-0000-4000-8000-000000000000")
+    assert link.status() == {"initialized": False, "scheduledWorkflows": 0}
+    with pytest.raises(redis.RedisError):
+        link.refresh()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import uuid
 import zoneinfo
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
 from sluice_common.settings import Settings
 from sluice_common.workflow import CronConfig, parse_cron
+
+log = logging.getLogger(__name__)
 
 # A missed-fire scan stops counting slot by slot after this many slots (an every-second schedule
 # down for more than half a day) and jumps to the grace window; the missed count is then a floor.
@@ -305,13 +308,24 @@ class RedisSchedulerLink:
         self._prefix = settings.redis_prefix
 
     def trigger_changed(self, workflow_id: str) -> None:
-        self._client.publish(changes_channel(self._prefix), str(workflow_id))
+        """Announce a committed change. Never raises: the change is already saved, and without
+        Redis the leader still picks it up with its periodic full reload (within 30 s)."""
+        try:
+            self._client.publish(changes_channel(self._prefix), str(workflow_id))
+        except redis.RedisError:
+            log.warning("could not announce the change of workflow %s; the scheduler reloads it later", workflow_id)
 
     def refresh(self) -> None:
+        """Ask for a full reload; raises ``redis.RedisError`` if Redis cannot be reached."""
         self._client.publish(changes_channel(self._prefix), REFRESH_ALL)
 
     def status(self) -> dict[str, object]:
-        raw = self._client.get(status_key(self._prefix))
+        """The leader's status; not initialized when no scheduler leads or Redis cannot be reached."""
+        try:
+            raw = self._client.get(status_key(self._prefix))
+        except redis.RedisError:
+            log.warning("cannot read the scheduler status from Redis", exc_info=True)
+            raw = None
         if raw is None:
             return {"initialized": False, "scheduledWorkflows": 0}
         data = json.loads(raw)

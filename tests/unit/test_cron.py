@@ -7,6 +7,8 @@ from typing import Any
 
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from sluice_common import cron
 from sluice_common.cron import Schedule, iso, plan_due
@@ -165,7 +167,7 @@ def test_nothing_due() -> None:
 def test_the_redis_link_without_redis() -> None:
     # Nothing listens on port 1: a change is still saved (announcing it must not fail the
     # request), the status says no scheduler, and an explicit refresh reports the failure.
-    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
     link = cron.RedisSchedulerLink(client, load_settings({}))
     link.trigger_changed("5f0c8f0e-0000-4000-8000-000000000000")
     assert link.status() == {"initialized": False, "scheduledWorkflows": 0}

@@ -57,9 +57,7 @@ class Settings(BaseSettings):
     log_level: Annotated[str, Field(validation_alias=_env("SLUICE_LOG_LEVEL"))] = "INFO"
     # Scheduler
     cron_priority: Annotated[int, Field(ge=1, le=10, validation_alias=_env("SLUICE_CRON_PRIORITY"))] = 7
-    run_retention_days: Annotated[float, Field(gt=0, le=36500, validation_alias=_env("SLUICE_RUN_RETENTION_DAYS"))] = (
-        30.0
-    )
+    run_retention_days: Annotated[float, Field(gt=0, validation_alias=_env("SLUICE_RUN_RETENTION_DAYS"))] = 30.0
     scheduler_lease_seconds: Annotated[
         float, Field(ge=1, le=60, validation_alias=_env("SLUICE_SCHEDULER_LEASE_SECONDS"))
     ] = 8.0

@@ -2,8 +2,8 @@
 
 Three threads: the cron loop (sleeps in :meth:`Signals.wait` until the earliest fire is due or a
 trigger change arrives), the lease (acquire, renew, publish the status) and maintenance (leader
-only). A replica that becomes leader loads every active cron workflow and resumes each one from
-its *anchor*: its latest claimed slot in ``cron_fires``, or the time its row last changed
+only), plus a few fire threads for workflows due at the same moment. A replica that becomes
+leader loads every active cron workflow and resumes each one from its *anchor*: its latest claimed slot in ``cron_fires``, or the time its row last changed
 (creation, edit, resume), whichever is later. Slots since the anchor are planned by
 :func:`~sluice_common.cron.plan_due`: those at most ``SLUICE_CRON_LATE_TOLERANCE_SECONDS`` old
 fire as usual (a handover gap is fired, not lost), older ones follow the workflow's missed policy.
@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -36,8 +36,8 @@ from sluice_scheduler.signals import LocalSignals, Signals
 
 log = logging.getLogger(__name__)
 
-# Every replica reloads everything this often anyway: a change notice lost with a dropped Redis
-# connection costs at most this long.
+# The leader reloads everything this often anyway: a change notice lost with a dropped Redis
+# connection delays that change by at most this long.
 RESYNC_SECONDS = 30.0
 # Deferred fires (overlap ``queue_one``) are checked this often while any exist.
 DEFERRED_POLL_SECONDS = 0.25
@@ -71,15 +71,6 @@ class Entry:
         return self.workflow.config.schedule, self.workflow.config.timezone
 
 
-@dataclass
-class SchedulerStats:
-    fired: int = 0
-    missed: int = 0
-    skipped: int = 0
-    duplicates: int = 0
-    lateness: list[float] = field(default_factory=list)  # seconds, the last 1000 on-time fires
-
-
 class CronScheduler:
     def __init__(
         self,
@@ -100,7 +91,6 @@ class CronScheduler:
         self.entries: dict[str, Entry] = {}
         self.heap: list[tuple[datetime, str, int]] = []
         self.loaded = False
-        self.stats = SchedulerStats()
         self._has_deferred = False
         self._next_deferred_check = 0.0
         self._next_resync = 0.0
@@ -108,7 +98,6 @@ class CronScheduler:
         self._reanchor = False
         self._logged_count = -1
         self._threads: list[threading.Thread] = []
-        self._stats_lock = threading.Lock()
         # Fires of different workflows due at the same moment go out in parallel (each on its
         # own connection); one workflow's slots are always handled in order by one task.
         self._executor = ThreadPoolExecutor(max_workers=FIRE_THREADS, thread_name_prefix="sluice-fire")
@@ -261,7 +250,6 @@ class CronScheduler:
             if outcome == "stale":
                 return "stale"
             entry.anchor = planned.scheduled_at
-            self._count(outcome, planned.scheduled_at)
             if outcome == "deferred":
                 self._has_deferred = True
             log.debug("workflow %s slot %s: %s (run %s)", entry.workflow.id, planned.scheduled_at, outcome, run_id)
@@ -269,22 +257,6 @@ class CronScheduler:
             entry.anchor = plan.last_slot
         entry.next_at = entry.schedule.next_after(max(entry.anchor, now))
         return "ok"
-
-    def _count(self, outcome: str, scheduled_at: datetime) -> None:
-        with self._stats_lock:
-            self._count_locked(outcome, scheduled_at)
-
-    def _count_locked(self, outcome: str, scheduled_at: datetime) -> None:
-        if outcome == "fired":
-            self.stats.fired += 1
-            self.stats.lateness.append((_utcnow() - scheduled_at).total_seconds())
-            del self.stats.lateness[:-1000]
-        elif outcome == "missed":
-            self.stats.missed += 1
-        elif outcome == "skipped_overlap":
-            self.stats.skipped += 1
-        elif outcome == "duplicate":
-            self.stats.duplicates += 1
 
     def _release_deferred(self) -> None:
         if not self._has_deferred or time.monotonic() < self._next_deferred_check:

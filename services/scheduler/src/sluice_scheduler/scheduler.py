@@ -2,9 +2,11 @@
 
 Three threads: the cron loop (sleeps in :meth:`Signals.wait` until the earliest fire is due or a
 trigger change arrives), the lease (acquire, renew, publish the status) and maintenance (leader
-only), plus a few fire threads for workflows due at the same moment. A replica that becomes
-leader loads every active cron workflow and resumes each one from its *anchor*: its latest claimed slot in ``cron_fires``, or the time its row last changed
-(creation, edit, resume), whichever is later. Slots since the anchor are planned by
+only), plus a few fire threads for workflows due at the same moment.
+
+A replica that becomes leader loads every active cron workflow and resumes each one from its
+*anchor*: its latest claimed slot in ``cron_fires``, or the time its row last changed (creation,
+edit, resume), whichever is later. Slots since the anchor are planned by
 :func:`~sluice_common.cron.plan_due`: those at most ``SLUICE_CRON_LATE_TOLERANCE_SECONDS`` old
 fire as usual (a handover gap is fired, not lost), older ones follow the workflow's missed policy.
 A replica that stops leading forgets its schedules; the new leader starts again from the database.

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -19,6 +18,7 @@ from typing import Any
 import pytest
 
 from sluice_common.cron import RedisSchedulerLink, status_key
+from tests.conftest import SLUICE
 from tests.integration.conftest import Pipeline
 from tests.integration.test_scheduler import cron_workflow, db_now, fires, runs, wait_until
 
@@ -37,7 +37,7 @@ def spawn(pipeline: Pipeline) -> Iterator[Spawn]:
     )
 
     def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "sluice_scheduler"], env=env)
+        proc = subprocess.Popen([*SLUICE, "scheduler"], env=env)  # the group's default: run a replica
         procs.append(proc)
         return proc
 

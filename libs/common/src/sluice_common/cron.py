@@ -18,6 +18,7 @@ the scheduler service owns leadership, timing and firing.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import uuid
@@ -68,6 +69,12 @@ def _wall(instant: datetime, tz: zoneinfo.ZoneInfo) -> datetime:
     return instant.astimezone(tz).replace(tzinfo=None)
 
 
+@functools.lru_cache(maxsize=4096)
+def _parsed(expression: str, has_seconds: bool) -> croniter:
+    # Many workflows share a handful of expressions (``0 * * * *``): parse each once.
+    return croniter(expression, datetime(2000, 1, 1), second_at_beginning=has_seconds)
+
+
 @dataclass(frozen=True)
 class Schedule:
     """A cron expression (5 fields, or 6 with seconds first) in an IANA time zone."""
@@ -82,8 +89,7 @@ class Schedule:
     @classmethod
     def parse(cls, schedule: str, timezone: str = "UTC") -> Schedule:
         expression, has_seconds = parse_cron(schedule)
-        parsed = croniter(expression, datetime(2000, 1, 1), second_at_beginning=has_seconds)
-        return cls(expression, has_seconds, zoneinfo.ZoneInfo(timezone), parsed)
+        return cls(expression, has_seconds, zoneinfo.ZoneInfo(timezone), _parsed(expression, has_seconds))
 
     @classmethod
     def of(cls, config: CronConfig) -> Schedule:

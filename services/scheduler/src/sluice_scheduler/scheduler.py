@@ -119,6 +119,14 @@ class CronScheduler:
     def _entry_from_row(self, row: dict[str, Any]) -> Entry | None:
         wf_id = str(row["id"])
         trigger = row["trigger"] or {}
+        old = self.entries.get(wf_id)
+        if old is not None and old.workflow.trigger == trigger and old.workflow.owner_id == str(row["owner_id"]):
+            # Unchanged (the periodic reload, or an edit of something else): keep the entry, only
+            # catching up with a slot another leader may have claimed meanwhile.
+            if row["last_fire"] is not None and row["last_fire"] > old.anchor:
+                old.anchor = row["last_fire"]
+                old.next_at = old.schedule.next_after(old.anchor)
+            return old
         try:
             config = CronConfig.model_validate(trigger.get("config", {}))
             schedule = Schedule.of(config)
@@ -127,7 +135,6 @@ class CronScheduler:
             return None
         workflow = CronWorkflow(wf_id, str(row["owner_id"]), trigger, config)
         anchor = max(a for a in (row["updated_at"], row["last_fire"]) if a is not None)
-        old = self.entries.get(wf_id)
         if old is not None and old.timing == (config.schedule, config.timezone):
             # Same schedule (a rename, a policy change): keep going from where it was.
             anchor = max(old.anchor, row["last_fire"] or old.anchor)
@@ -214,6 +221,7 @@ class CronScheduler:
             # The database failed under us: once it answers again, take every anchor from it
             # afresh, so a fire whose commit was lost in a crash is fired again (if still recent).
             self._reanchor = True
+            self._drop_broken_connections()
         for entry, result in zip(due, results, strict=True):
             if result == "stale":
                 # Paused, deleted or changed since it was loaded: reload it, then plan again.
@@ -260,6 +268,14 @@ class CronScheduler:
         entry.next_at = entry.schedule.next_after(max(entry.anchor, now))
         return "ok"
 
+    def _drop_broken_connections(self) -> None:
+        # After a database restart every idle connection in the pool is dead; without this each
+        # would fail one attempt (and cost a retry interval) before the pool replaced it.
+        try:
+            self.pool.check()
+        except Exception:
+            log.debug("pool check failed", exc_info=True)
+
     def _release_deferred(self) -> None:
         if not self._has_deferred or time.monotonic() < self._next_deferred_check:
             return
@@ -305,6 +321,7 @@ class CronScheduler:
             log.warning("cron loop error; retrying", exc_info=True)
             self._leading = False  # reload from scratch on the next turn
             self._forget()
+            self._drop_broken_connections()
             time.sleep(RETRY_SECONDS)
         notices = self.signals.wait(self._wait_seconds())
         if notices and self._leading:

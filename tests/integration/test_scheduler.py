@@ -277,7 +277,7 @@ def test_overlap_skip_and_queue_one_with_a_real_worker(
     for before, after in itertools.pairwise(q_runs):
         assert before["finished_at"] is not None
         assert before["finished_at"] <= after["started_at"]
-        assert (after["started_at"] - before["finished_at"]).total_seconds() < 1.5
+        assert (after["started_at"] - before["finished_at"]).total_seconds() < 3
     q_fires = fires(pipeline, queue_one)
     assert sum(1 for f in q_fires if f["outcome"] == "deferred") <= 1
     assert any(r["trigger_data"].get("deferred") for r in q_runs)  # started when the previous one ended

@@ -274,7 +274,10 @@ def schedule_preview(
             "SELECT coalesce(sum(missed_slots), 0) AS n FROM cron_fires WHERE workflow_id = %s AND missed_slots > 0",
             (wf_id,),
         ).fetchone()
-    config = CronConfig.model_validate(wf["trigger"].get("config", {}))
+    try:
+        config = CronConfig.model_validate((wf["trigger"] or {}).get("config", {}))
+    except ValueError as exc:  # pydantic's ValidationError; only rows written around the API
+        raise ConflictError(f"the workflow's cron trigger is invalid: {exc}") from None
     schedule = Schedule.of(config)
     nexts = schedule.next_fires(now or datetime.now(UTC), count)
     active = wf["status"] == "active"

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -481,3 +482,17 @@ def test_a_slot_claimed_twice_has_one_run_and_a_paused_workflow_none(pipeline: P
     later = PlannedFire(datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), "fired")
     assert fire(pipeline.pool, pipeline.broker, pipeline.settings, wf, later) == ("stale", None)
     assert len(runs(pipeline, wf_id)) == 1
+
+
+def test_a_schedule_fires_at_its_local_wall_time(pipeline: Pipeline, scheduler: Callable[..., CronScheduler]) -> None:
+    # Kathmandu is UTC+05:45: read as UTC, this schedule would fire hours away from now.
+    tz = ZoneInfo("Asia/Kathmandu")
+    target = (datetime.now(UTC) + timedelta(seconds=6)).replace(microsecond=0)
+    local = target.astimezone(tz)
+    owner = pipeline.user()
+    wf = cron_workflow(pipeline, owner, f"{local.second} {local.minute} {local.hour} * * *", timezone=tz.key)
+    scheduler()
+    [row] = wait_until(lambda: fires(pipeline, wf), timeout=10)
+    assert row["scheduled_at"] == target
+    assert row["outcome"] == "fired"
+    assert timedelta(0) <= row["fired_at"] - target < timedelta(seconds=1)

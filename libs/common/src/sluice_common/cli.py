@@ -11,8 +11,9 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 import psycopg
@@ -25,6 +26,10 @@ from sluice_common.runtime import Endpoints, resolve_endpoints
 from sluice_common.settings import Settings, load_settings
 from sluice_common.supervisor import Child, Supervisor
 
+if TYPE_CHECKING:
+    from sluice_common.cron import RedisSchedulerLink
+
+T = TypeVar("T")
 SERVICES = ("api", "worker", "scheduler")
 DEV_USER = "dev"
 
@@ -177,10 +182,44 @@ def worker_cmd() -> None:
     _run_service("worker")
 
 
-@main.command("scheduler")
-def scheduler_cmd() -> None:
-    """Run the cron scheduler."""
-    _run_service("scheduler")
+@main.group("scheduler", invoke_without_command=True)
+@click.pass_context
+def scheduler_group(ctx: click.Context) -> None:
+    """Run the cron scheduler (no subcommand), or talk to the running ones."""
+    if ctx.invoked_subcommand is None:
+        _run_service("scheduler")
+
+
+@scheduler_group.command("refresh")
+def scheduler_refresh() -> None:
+    """Make the scheduler reload every cron trigger from the database now."""
+    _with_scheduler_link(lambda link: link.refresh())
+    click.echo("refresh requested; the leading scheduler reloads every cron trigger")
+
+
+@scheduler_group.command("status")
+def scheduler_status() -> None:
+    """Print whether a scheduler leads and how many cron workflows it schedules (JSON)."""
+    import json
+
+    status = _with_scheduler_link(lambda link: link.status())
+    click.echo(json.dumps(status))
+
+
+def _with_scheduler_link(action: Callable[[RedisSchedulerLink], T]) -> T:
+    import redis
+
+    from sluice_common.cron import RedisSchedulerLink
+
+    settings = _settings()
+    with _endpoints(settings) as endpoints:
+        client = redis.Redis.from_url(endpoints.redis_url)
+        try:
+            return action(RedisSchedulerLink(client, settings))
+        except redis.RedisError as exc:
+            raise click.ClickException(f"cannot reach Redis: {exc}") from None
+        finally:
+            client.close()
 
 
 @main.command("standalone")

@@ -17,10 +17,11 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message
-from sluice_common.db import Pool
+from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.settings import Settings
@@ -72,6 +73,59 @@ def _check_options(priority: int, delay_ms: int, trigger_type: str) -> None:
         problems.append(FieldProblem("$.triggerType", f"must be one of {', '.join(TRIGGER_TYPES)}"))
     if problems:
         raise ValidationFailed(problems)
+
+
+def insert_run(
+    conn: DictConnection,
+    settings: Settings,
+    *,
+    workflow_id: UUID | str,
+    owner_id: UUID | str,
+    workflow_version: int,
+    workflow_settings: dict[str, Any] | None,
+    trigger_type: str,
+    trigger_data: Any = None,
+    priority: int = 5,
+    delay_ms: int = 0,
+    idempotency_key: str | None = None,
+    traceparent: str | None = None,
+    parent_run_id: UUID | str | None = None,
+) -> DictRow | None:
+    """Insert one run row in the caller's open transaction; return ``{id, status}``.
+
+    ``None`` when ``idempotency_key`` matched an existing run. The caller commits, then sends the
+    wake-up with :func:`~sluice_common.broker.send_run_message`: the scheduler uses this to create
+    a cron run in the same transaction that claims its fire.
+    """
+    _check_options(priority, delay_ms, trigger_type)
+    max_attempts = (workflow_settings or {}).get("maxAttempts") or settings.max_attempts
+    return conn.execute(
+        """
+        INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type,
+                          trigger_data, priority, status, max_attempts, not_before, dispatch_at,
+                          idempotency_key, traceparent)
+        SELECT %(wf)s, %(owner)s, %(version)s, %(parent)s, %(trigger)s, %(data)s, %(priority)s,
+               CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END, %(max_attempts)s,
+               CASE WHEN %(delay)s > 0 THEN ready END, ready + %(aging)s, %(key)s, %(traceparent)s
+        FROM (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
+        ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING id, status
+        """,
+        {
+            "wf": str(workflow_id),
+            "owner": str(owner_id),
+            "version": workflow_version,
+            "parent": str(parent_run_id) if parent_run_id else None,
+            "trigger": trigger_type,
+            "data": Jsonb(trigger_data if trigger_data is not None else {}),
+            "priority": priority,
+            "delay": delay_ms,
+            "max_attempts": max_attempts,
+            "aging": dispatch_delay(settings, priority),
+            "key": idempotency_key,
+            "traceparent": traceparent,
+        },
+    ).fetchone()
 
 
 def enqueue_run(

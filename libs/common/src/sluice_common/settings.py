@@ -77,6 +77,15 @@ class Settings(BaseSettings):
     http_allow_hosts: Annotated[str, Field(validation_alias=_env("SLUICE_HTTP_ALLOW_HOSTS"))] = ""
     secret_key: Annotated[str | None, Field(validation_alias=_env("SLUICE_SECRET_KEY"), repr=False)] = None
     workflow_max_depth: Annotated[int, Field(ge=1, le=50, validation_alias=_env("SLUICE_WORKFLOW_MAX_DEPTH"))] = 5
+    # Scheduler
+    cron_priority: Annotated[int, Field(ge=1, le=10, validation_alias=_env("SLUICE_CRON_PRIORITY"))] = 7
+    run_retention_days: Annotated[float, Field(gt=0, validation_alias=_env("SLUICE_RUN_RETENTION_DAYS"))] = 30.0
+    scheduler_lease_seconds: Annotated[
+        float, Field(ge=1, le=60, validation_alias=_env("SLUICE_SCHEDULER_LEASE_SECONDS"))
+    ] = 8.0
+    cron_late_tolerance_seconds: Annotated[
+        float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_CRON_LATE_TOLERANCE_SECONDS"))
+    ] = 60.0
 
     @field_validator("api_bind")
     @classmethod

@@ -1,9 +1,9 @@
-"""Builds and runs the scheduler service.
+"""Builds and runs the scheduler service (queue mode) and the in-process scheduler (standalone).
 
-Today it runs the pipeline's maintenance on a fixed interval (``SLUICE_RECONCILE_SECONDS``): the
-reconciler, which wakes runs PostgreSQL holds but Redis lost, and the recovery of runs whose
-worker died. Both are safe to run from several replicas at once. Cron firing arrives with its
-own change.
+The service fires the cron triggers stored in PostgreSQL and runs the pipeline's maintenance
+(recovery of runs whose worker died, the reconciler, pruning of old history). Any number of
+replicas can run: one leads through a lease in Redis and does all of that; the others wait to
+take over. See :mod:`sluice_scheduler.scheduler` for how slots are fired exactly once.
 """
 
 from __future__ import annotations
@@ -12,41 +12,53 @@ import logging
 import threading
 
 import dramatiq
+import redis
 
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool, open_pool
 from sluice_common.lifecycle import service_main
-from sluice_common.runs import reconcile, recover_expired
 from sluice_common.runtime import Endpoints
 from sluice_common.settings import Settings
+from sluice_scheduler.leadership import LocalLease, RedisLease
+from sluice_scheduler.scheduler import CronScheduler, LocalSchedulerLink
+from sluice_scheduler.signals import LocalSignals, RedisSignals
 
 log = logging.getLogger(__name__)
 
 
-def maintain(settings: Settings, pool: Pool, broker: dramatiq.Broker) -> None:
-    """One maintenance pass; errors are logged and retried on the next pass."""
-    try:
-        recover_expired(pool, broker)
-        reconcile(pool, broker, settings)
-    except Exception:
-        log.warning("maintenance pass failed; will retry", exc_info=True)
+def create_scheduler(settings: Settings, pool: Pool, broker: dramatiq.Broker, client: redis.Redis) -> CronScheduler:
+    """A replica of the queue-mode scheduler: leader election and change notices through Redis."""
+    lease = RedisLease(client, settings.redis_prefix, settings.scheduler_lease_seconds)
+    return CronScheduler(settings, pool, broker, lease, RedisSignals(client, settings.redis_prefix))
 
 
-def maintenance_loop(settings: Settings, pool: Pool, broker: dramatiq.Broker, stopping: threading.Event) -> None:
-    while True:
-        maintain(settings, pool, broker)
-        if stopping.wait(settings.reconcile_seconds):
-            return
+def create_local_scheduler(
+    settings: Settings, pool: Pool, broker: dramatiq.Broker
+) -> tuple[CronScheduler, LocalSchedulerLink]:
+    """The standalone scheduler (always the leader) and the link the API uses to reach it."""
+    signals = LocalSignals()
+    scheduler = CronScheduler(settings, pool, broker, LocalLease(), signals)
+    return scheduler, LocalSchedulerLink(scheduler, signals)
 
 
 def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:
     pool = open_pool(settings, endpoints.database_url, name="scheduler")
     broker = make_broker(settings, endpoints.redis_url)
+    client = redis.Redis.from_url(endpoints.redis_url)
     try:
-        log.info("scheduler ready (maintenance every %.1fs)", settings.reconcile_seconds)
-        maintenance_loop(settings, pool, broker, stopping)
+        scheduler = create_scheduler(settings, pool, broker, client)
+        log.info(
+            "scheduler %s ready (lease %.0fs, maintenance every %.1fs)",
+            scheduler.lease.instance,
+            settings.scheduler_lease_seconds,
+            settings.reconcile_seconds,
+        )
+        scheduler.start(stopping)
+        stopping.wait()
         log.info("scheduler stopping")
+        scheduler.join()
     finally:
+        client.close()
         broker.close()
         pool.close()
 

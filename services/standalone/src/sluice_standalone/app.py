@@ -1,4 +1,8 @@
-"""Builds the standalone process from its parts (``create_standalone``) and serves it."""
+"""Builds the standalone process from its parts (``create_standalone``) and serves it.
+
+The cron scheduler runs in-process (always the leader; fires are still claimed in PostgreSQL) and
+also runs the maintenance jobs; ``Standalone.scheduler_link`` is the API's link to it.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from sluice_common.db import Pool
 from sluice_common.ratelimit import LocalRateLimiter
 from sluice_common.runs import reconcile
 from sluice_common.settings import Settings
-from sluice_scheduler.service import maintenance_loop
+from sluice_scheduler.scheduler import CronScheduler, LocalSchedulerLink
+from sluice_scheduler.service import create_local_scheduler
 from sluice_worker.service import WorkerApp, create_worker
 
 log = logging.getLogger(__name__)
@@ -39,7 +44,8 @@ class Standalone:
     limiter: LocalRateLimiter
     worker: WorkerApp
     stopping: threading.Event
-    maintenance: threading.Thread
+    scheduler: CronScheduler
+    scheduler_link: LocalSchedulerLink
 
     def start(self) -> None:
         # Runs queued when the last process stopped have no wake-up in this new broker yet.
@@ -47,12 +53,12 @@ class Standalone:
         if woken:
             log.info("resuming %d run(s) left queued by the previous process", woken)
         self.worker.start()
-        self.maintenance.start()
+        self.scheduler.start(self.stopping)
 
     def stop(self) -> None:
         self.stopping.set()
         self.worker.stop()
-        self.maintenance.join(timeout=5)
+        self.scheduler.join(timeout=5)
         self.broker.close()
 
 
@@ -61,10 +67,8 @@ def create_standalone(settings: Settings, pool: Pool) -> Standalone:
     limiter = LocalRateLimiter(settings.rate_limit_per_minute)
     worker = create_worker(settings, pool, broker, limiter)
     stopping = threading.Event()
-    maintenance = threading.Thread(
-        target=maintenance_loop, args=(settings, pool, broker, stopping), name="sluice-maintenance", daemon=True
-    )
-    return Standalone(settings, pool, broker, limiter, worker, stopping, maintenance)
+    scheduler, link = create_local_scheduler(settings, pool, broker)
+    return Standalone(settings, pool, broker, limiter, worker, stopping, scheduler, link)
 
 
 def serve(app: Standalone, stopping: threading.Event) -> None:

@@ -1,0 +1,108 @@
+"""Maintenance jobs the scheduler's leader runs on fixed schedules.
+
+- ``recover`` and ``reconcile`` every ``SLUICE_RECONCILE_SECONDS``: runs whose worker died go back
+  to the queue; runs PostgreSQL holds but Redis lost get their wake-up again.
+- ``prune`` every hour: finished runs older than ``SLUICE_RUN_RETENTION_DAYS`` (their attempts
+  and steps go with them) and old cron fires, in small batches so no long lock is held.
+
+Each job slot is claimed (in Redis, next to the lease) before it runs, so a job runs once per
+slot even when leadership changes hands in the middle of an interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import dramatiq
+
+from sluice_common.db import Pool
+from sluice_common.runs import reconcile, recover_expired
+from sluice_common.settings import Settings
+from sluice_scheduler.leadership import Lease
+
+log = logging.getLogger(__name__)
+
+PRUNE_INTERVAL_SECONDS = 3600.0
+PRUNE_BATCH = 1000
+
+
+def prune_history(pool: Pool, retention_days: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
+    """Delete finished runs and cron fires older than the retention; return ``(runs, fires)``.
+
+    A workflow's latest fire is kept (it is where its schedule resumes after a restart), and so
+    are rows that record missed slots (the missed count stays visible).
+    """
+    runs = fires = 0
+    while True:
+        with pool.connection() as conn:
+            cur = conn.execute(
+                """
+                DELETE FROM runs WHERE id IN (
+                    SELECT id FROM runs
+                    WHERE status IN ('succeeded', 'failed', 'cancelled')
+                      AND finished_at < now() - make_interval(secs => %(secs)s)
+                    LIMIT %(batch)s)
+                """,
+                {"secs": retention_days * 86400, "batch": batch},
+            )
+        runs += cur.rowcount
+        if cur.rowcount < batch:
+            break
+    while True:
+        with pool.connection() as conn:
+            cur = conn.execute(
+                """
+                DELETE FROM cron_fires WHERE (workflow_id, scheduled_at) IN (
+                    SELECT f.workflow_id, f.scheduled_at FROM cron_fires f
+                    WHERE f.missed_slots = 0 AND f.outcome <> 'deferred'
+                      AND f.scheduled_at < now() - make_interval(secs => %(secs)s)
+                      AND f.scheduled_at < (SELECT max(g.scheduled_at) FROM cron_fires g
+                                            WHERE g.workflow_id = f.workflow_id)
+                    LIMIT %(batch)s)
+                """,
+                {"secs": retention_days * 86400, "batch": batch},
+            )
+        fires += cur.rowcount
+        if cur.rowcount < batch:
+            break
+    if runs or fires:
+        log.info("pruned %d run(s) and %d cron fire(s) older than %g day(s)", runs, fires, retention_days)
+    return runs, fires
+
+
+@dataclass
+class Job:
+    name: str
+    interval: float
+    action: Callable[[], object]
+    next_at: float = 0.0  # monotonic; 0 runs it as soon as this replica leads
+
+
+def maintenance_jobs(settings: Settings, pool: Pool, broker: dramatiq.Broker) -> list[Job]:
+    return [
+        Job("recover", settings.reconcile_seconds, lambda: recover_expired(pool, broker)),
+        Job("reconcile", settings.reconcile_seconds, lambda: reconcile(pool, broker, settings)),
+        Job("prune", PRUNE_INTERVAL_SECONDS, lambda: prune_history(pool, settings.run_retention_days)),
+    ]
+
+
+def maintenance_loop(lease: Lease, jobs: list[Job], stopping: threading.Event) -> None:
+    """Run each job once per interval slot while this replica leads; errors wait for the next slot."""
+    while not stopping.is_set():
+        now = time.monotonic()
+        for job in jobs:
+            if now < job.next_at or not lease.is_leader():
+                continue
+            job.next_at = now + job.interval
+            slot = int(time.time() // job.interval)
+            try:
+                if lease.claim_job(job.name, slot, job.interval * 2):
+                    job.action()
+            except Exception:
+                log.warning("maintenance job %s failed; will retry next interval", job.name, exc_info=True)
+        pending = [job.next_at for job in jobs]
+        stopping.wait(max(0.05, min(min(pending) - time.monotonic(), 1.0)))

@@ -59,7 +59,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float 
 def api(
     servers: Servers, database_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
-    """``sluice api`` (two gunicorn workers) and ``sluice worker`` on this run's servers."""
+    """``sluice api`` (two gunicorn workers), ``sluice worker`` and ``sluice scheduler`` on this run's servers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
     data: Path = tmp_path_factory.mktemp("api")
@@ -81,6 +81,7 @@ def api(
     api = Api(f"http://127.0.0.1:{port}", database_url, env)
     proc = api.start("api")
     api.start("worker")
+    api.start("scheduler")
     try:
         wait_for(f"{api.base}/api/ready", proc=proc)
         yield api

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -415,3 +416,50 @@ def test_secrets_are_write_only_and_per_user(api: Api) -> None:
 
     assert alice.delete("/api/secrets/API_KEY").status_code == 204
     problem(alice.delete("/api/secrets/API_KEY"), 404)
+
+
+def test_cron_triggers_follow_api_changes_without_a_refresh(api: Api) -> None:
+    _, client = api.user()
+    body = {
+        "name": "ticker",
+        "trigger": {"type": "cron", "config": {"schedule": "0 0 1 1 *", "timezone": "Europe/Paris"}},
+        "steps": [{"id": "tick", "type": "transform", "config": {"value": "{{ trigger }}"}}],
+    }
+    wf = client.post("/api/workflows", json=body).json()
+    preview = client.get(f"/api/workflows/{wf['id']}/schedule", params={"count": 3}).json()
+    assert preview["schedule"] == "0 0 1 1 *"
+    assert preview["timezone"] == "Europe/Paris"
+    assert preview["active"] is True
+    assert len(preview["nextFires"]) == 3
+    assert preview["nextFire"] == preview["nextFires"][0]
+    assert preview["lastFire"] is None
+    assert preview["missedCount"] == 0
+
+    def cron_runs() -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = client.get(f"/api/workflows/{wf['id']}/runs").json()["items"]
+        return [r for r in items if r["triggerType"] == "cron"]
+
+    # Every second from now on: the scheduler sees the change within 2 seconds, with no refresh.
+    changed = time.monotonic()
+    patched = client.patch(
+        f"/api/workflows/{wf['id']}", json={"trigger": {"config": {"schedule": "* * * * * *"}}}
+    ).json()
+    assert patched["version"] == 2
+    wait_until(cron_runs, timeout=10, interval=0.05)
+    assert time.monotonic() - changed < 2.5
+    assert cron_runs()[0]["priority"] == 7  # cron runs queue behind manual ones by default
+    stats = api.anonymous().get("/api/workflows/queue/stats").json()["scheduler"]
+    assert stats["initialized"] is True
+    assert stats["scheduledWorkflows"] >= 1
+
+    paused = client.patch(f"/api/workflows/{wf['id']}", json={"status": "paused"}).json()
+    time.sleep(2.5)
+    assert all(r["queuedAt"] <= paused["updatedAt"] for r in cron_runs())
+    assert client.get(f"/api/workflows/{wf['id']}/schedule").json()["nextFire"] is None
+    last = client.get(f"/api/workflows/{wf['id']}/schedule").json()["lastFire"]
+    assert last["outcome"] == "fired"
+
+    assert client.post("/api/scheduler/refresh").status_code == 202
+    manual = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    problem(client.get(f"/api/workflows/{manual['id']}/schedule"), 409)
+    problem(client.get(f"/api/workflows/{wf['id']}/schedule", params={"count": 0}), 422)

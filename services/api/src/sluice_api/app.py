@@ -25,6 +25,7 @@ from sluice_api.resources import (
     RunResource,
     RunsResource,
     RunWorkflowResource,
+    ScheduleResource,
     SchedulerRefreshResource,
     SecretResource,
     SecretsResource,
@@ -33,6 +34,7 @@ from sluice_api.resources import (
     WorkflowsResource,
 )
 from sluice_common.broker import WakeupSender, make_broker
+from sluice_common.cron import RedisSchedulerLink
 from sluice_common.db import open_pool
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runtime import resolve_endpoints
@@ -100,6 +102,7 @@ def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response
     app.add_route("/api/workflows/{workflow_id:uuid}/run", RunWorkflowResource(deps))
     app.add_route("/api/workflows/{workflow_id:uuid}/runs", RunsResource(deps, of_workflow=True))
     app.add_route("/api/workflows/{workflow_id:uuid}/webhook/rotate", WebhookRotateResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}/schedule", ScheduleResource(deps))
     app.add_route("/api/runs", RunsResource(deps))
     app.add_route("/api/runs/{run_id:uuid}", RunResource(deps))
     app.add_route("/api/runs/{run_id:uuid}/cancel", CancelRunResource(deps))
@@ -126,4 +129,5 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     atexit.register(client.close)
     atexit.register(broker.close)
     atexit.register(sender.close)
-    return create_app(Dependencies(settings, pool, client, broker, limiter, sender=sender))
+    link = RedisSchedulerLink(client, settings)
+    return create_app(Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender))

@@ -16,6 +16,7 @@ from pydantic.json_schema import models_json_schema
 
 from sluice_api import schemas
 from sluice_api.inputs import RFC3339
+from sluice_common.cron import PREVIEW_MAX
 from sluice_common.secrets import SECRET_NAME_PATTERN as SECRET_NAME
 from sluice_common.workflow import STEP_CONFIGS, STEP_ID_PATTERN, WorkflowDefinition
 
@@ -34,6 +35,7 @@ _RESPONSE_MODELS: list[type[BaseModel]] = [
     schemas.QueueStatsBody,
     schemas.Secret,
     schemas.SecretList,
+    schemas.SchedulePreview,
     schemas.Health,
     schemas.Ready,
 ]
@@ -221,6 +223,18 @@ def _workflow_ops() -> dict[str, Any]:
                 "operationId": "rotateWebhook",
                 "summary": "Replace the webhook secret; the old URL stops working at once",
                 "responses": {"200": _json(_ref(schemas.Workflow), "The new URL"), **_errors(*AUTH, 404, 409)},
+            },
+        },
+        "/api/workflows/{workflowId}/schedule": {
+            **one,
+            "get": {
+                "operationId": "getSchedule",
+                "summary": "A cron workflow's next fire times, last fire and missed fires",
+                "parameters": [_q("count", {"type": "integer", "minimum": 1, "maximum": PREVIEW_MAX}, "Fire times.")],
+                "responses": {
+                    "200": _json(_ref(schemas.SchedulePreview), "The schedule"),
+                    **_errors(400, *AUTH, 404, 409, 422),
+                },
             },
         },
         "/api/workflows/{workflowId}/runs": {

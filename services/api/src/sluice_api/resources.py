@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 from uuid import UUID
 
 import falcon
+import redis
 
 from sluice_api import schemas, store
 from sluice_api.auth import RequestLimiter, caller_of, too_many
@@ -31,7 +32,8 @@ from sluice_api.inputs import (
     validate,
 )
 from sluice_common import secrets
-from sluice_common.errors import FieldProblem, ValidationFailed
+from sluice_common.cron import PREVIEW_MAX, schedule_preview
+from sluice_common.errors import FieldProblem, InfrastructureError, ValidationFailed
 from sluice_common.runs import cancel_run, enqueue_run, get_queue_stats, seeds_stats_body
 from sluice_common.workflow import validate_workflow
 
@@ -361,6 +363,20 @@ class QueueStatsResource:
         resp.media = seeds_stats_body(stats, scheduler_status(self._deps))
 
 
+class ScheduleResource:
+    """``GET /api/workflows/{id}/schedule``: the next fire times, the last fire and missed fires."""
+
+    query_params = frozenset({"count"})
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
+        count = int_param(query(req), "count", 5, 1, PREVIEW_MAX)
+        preview = schedule_preview(self._deps.pool, str(workflow_id), str(caller_of(req).user_id), count)
+        resp.media = _dump(schemas.SchedulePreview.model_validate(preview))
+
+
 class SchedulerRefreshResource:
     """The seeds' manual refresh; changes made through the API reach the scheduler on their own."""
 
@@ -369,8 +385,11 @@ class SchedulerRefreshResource:
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         if self._deps.scheduler is None:
-            raise falcon.HTTPServiceUnavailable(title="Service Unavailable", description="no scheduler is connected")
-        self._deps.scheduler.refresh()
+            raise InfrastructureError("no scheduler is connected")
+        try:
+            self._deps.scheduler.refresh()
+        except redis.RedisError:
+            raise InfrastructureError("Redis is unavailable; the scheduler reloads on its own every 30 s") from None
         resp.status = falcon.HTTP_202
         resp.media = {"success": True, "message": "Scheduler refresh requested"}
 

@@ -201,6 +201,24 @@ class SecretList(_Out):
     items: list[Secret]
 
 
+class LastFire(_Out):
+    scheduled_at: datetime
+    fired_at: datetime
+    outcome: str
+    run_id: UUID | None
+
+
+class SchedulePreview(_Out):
+    workflow_id: UUID
+    schedule: str
+    timezone: str
+    active: bool
+    next_fires: list[datetime]
+    last_fire: LastFire | None
+    next_fire: datetime | None
+    missed_count: int
+
+
 class Health(BaseModel):
     status: str
 

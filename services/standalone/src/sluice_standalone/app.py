@@ -74,7 +74,7 @@ def create_standalone(settings: Settings, pool: Pool) -> Standalone:
 def serve(app: Standalone, stopping: threading.Event) -> None:
     """Serve the API on ``SLUICE_API_BIND`` until ``stopping`` is set."""
     host, port = app.settings.api_bind.rsplit(":", 1)
-    wsgi = create_app(Dependencies(app.settings, app.pool, None, app.broker, app.limiter))
+    wsgi = create_app(Dependencies(app.settings, app.pool, None, app.broker, app.limiter, scheduler=app.scheduler_link))
     server = make_server(host.strip("[]"), int(port), wsgi, _ThreadingWSGIServer, _QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="sluice-http", daemon=True)
     thread.start()

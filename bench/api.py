@@ -26,24 +26,20 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from sluice_common import users
 from sluice_common.db import migrate
-from sluice_common.embedded import EmbeddedServers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import pct, with_db
+from common import BenchServers, bench_servers
+from pipeline import pct
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = "2"
@@ -136,56 +132,26 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=20.0, help="load time per server, over all rounds")
-    parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
-
-    admin = os.environ.get("SLUICE_TEST_DATABASE_URL")
-    redis_url = os.environ.get("SLUICE_TEST_REDIS_URL")
-    embedded = None
-    if not admin or not redis_url:
-        embedded = EmbeddedServers(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
-        admin = admin or embedded.postgres_admin_url()
-        redis_url = redis_url or embedded.redis_url()
-    tag = uuid.uuid4().hex[:8]
-    names = [f"sluice_bench_{tag}_base", f"sluice_bench_{tag}_api"]
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    rclient = redis.Redis.from_url(redis_url)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+def measure(
+    servers: BenchServers, clean: dict[str, str], args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, float], list[float], int]:
+    """Both servers side by side, loaded in alternating rounds; the median round and all ratios."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        base_url = with_db(admin, names[0])
+        base_url = servers.databases["base"]
         with psycopg.connect(base_url, autocommit=True) as conn:
             conn.execute(
                 "CREATE TABLE bench_items (id bigserial PRIMARY KEY, data jsonb, at timestamptz DEFAULT now())"
             )
         base_port = free_port()
+        gunicorn = ["-w", WORKERS, "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{base_port}"]
         procs.append(
             serve(
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "-w",
-                    WORKERS,
-                    "-k",
-                    "gthread",
-                    "--threads",
-                    "4",
-                    "-b",
-                    f"127.0.0.1:{base_port}",
-                    "bench.baseline_api:create()",
-                ],
+                [sys.executable, "-m", "gunicorn", *gunicorn, "bench.baseline_api:create()"],
                 clean | {"BENCH_DATABASE_URL": base_url},
             )
         )
-        url = with_db(admin, names[1])
+        url = servers.databases["api"]
         migrate(url)
         with psycopg.connect(url, autocommit=True) as conn:
             issued = users.create_user(conn, "bench")
@@ -202,8 +168,8 @@ def main() -> None:
         port = free_port()
         env = clean | {
             "DATABASE_URL": url,
-            "REDIS_URL": redis_url,
-            "SLUICE_REDIS_PREFIX": f"sluice_bench_{tag}",
+            "REDIS_URL": servers.redis_url,
+            "SLUICE_REDIS_PREFIX": servers.prefix,
             "SLUICE_API_BIND": f"127.0.0.1:{port}",
             "SLUICE_API_WORKERS": WORKERS,
             "SLUICE_API_RATE_LIMIT_PER_MINUTE": "100000000",
@@ -223,29 +189,34 @@ def main() -> None:
             o = load(port, path, headers, args.clients, args.threads, args.seconds / args.rounds)
             rounds.append((b, o))
         rounds.sort(key=lambda r: r[1]["rps"] / r[0]["rps"])
-        base, ours = rounds[len(rounds) // 2]
-        ratios = [r[1]["rps"] / r[0]["rps"] for r in rounds]
         with psycopg.connect(url) as conn:
             stored = conn.execute("SELECT count(*) FROM runs").fetchone()
         assert stored is not None
     finally:
         for proc in procs:
             stop(proc)
-        for key in rclient.scan_iter(match=f"sluice_bench_{tag}*"):
-            rclient.delete(key)
-        rclient.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            for name in names:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if embedded is not None:
-            embedded.stop_started()
+    base, ours = rounds[len(rounds) // 2]
+    return base, ours, [r[1]["rps"] / r[0]["rps"] for r in rounds], int(stored[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="load time per server, over all rounds")
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+    with bench_servers("base", "api") as servers:
+        base, ours, ratios, stored = measure(servers, clean, args)
 
     print(
         f"\nAPI: {args.clients} client processes x {args.threads} threads for {args.seconds:.0f} s, "
-        f"gunicorn {WORKERS} workers x 4 threads; {stored[0]} runs stored"
+        f"gunicorn {WORKERS} workers x 4 threads; {stored} runs stored"
     )
-    print(f"{'':28}{'baseline':>12}{'sluice':>12}{'ratio':>8}  target")
     print(f"ratio per round (sorted): {', '.join(f'{r:.2f}' for r in ratios)}; the median round:")
+    print(f"{'':28}{'baseline':>12}{'sluice':>12}{'ratio':>8}  target")
     print(f"{'requests/s':28}{base['rps']:12.0f}{ours['rps']:12.0f}{ours['rps'] / base['rps']:8.2f}  >= 0.70")
     print(f"{'latency p50 (ms)':28}{base['p50']:12.1f}{ours['p50']:12.1f}")
     print(f"{'latency p99 (ms)':28}{base['p99']:12.1f}{ours['p99']:12.1f}")

@@ -22,25 +22,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
-import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
-import psycopg
-import redis
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import spawn, stop, wait_until, with_db
+from common import bench_servers
+from pipeline import spawn, stop, wait_until
 
 from sluice_common.broker import make_broker, send_run_message
 from sluice_common.db import migrate, open_pool
-from sluice_common.embedded import EmbeddedServers
 from sluice_common.settings import load_settings
 
 THREADS = 10
@@ -152,30 +147,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=1)
     args = parser.parse_args()
 
-    admin = os.environ.get("SLUICE_TEST_DATABASE_URL")
-    redis_url = os.environ.get("SLUICE_TEST_REDIS_URL")
-    embedded = None
-    if not admin or not redis_url:
-        embedded = EmbeddedServers(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
-        admin = admin or embedded.postgres_admin_url()
-        redis_url = redis_url or embedded.redis_url()
-    tag = uuid.uuid4().hex[:8]
-    name = f"sluice_bench_{tag}_engine"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    client = redis.Redis.from_url(redis_url)
-    try:
-        url = with_db(admin, name)
+    with bench_servers("engine") as servers:
+        url = servers.databases["engine"]
         migrate(url)
-        one, three = bench(url, redis_url, f"sluice_bench_{tag}", args.runs, args.processes)
-    finally:
-        for key in client.scan_iter(match=f"sluice_bench_{tag}*"):
-            client.delete(key)
-        client.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if embedded is not None:
-            embedded.stop_started()
+        one, three = bench(url, servers.redis_url, servers.prefix, args.runs, args.processes)
 
     slots = args.processes * THREADS
     wall_step = (slots / three["throughput"] - slots / one["throughput"]) / 2 * 1000

@@ -18,34 +18,26 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
 import psutil
 import psycopg
-import redis
 from dramatiq.brokers.redis import RedisBroker
-from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from sluice_common.broker import make_broker
 from sluice_common.db import migrate, open_pool
-from sluice_common.embedded import EmbeddedServers
 from sluice_common.runs import enqueue_run
 from sluice_common.settings import load_settings
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_servers
+
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 10
-
-
-def with_db(url: str, name: str) -> str:
-    p = urlsplit(url)
-    return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
 
 
 def pct(values: list[float], q: float) -> float:
@@ -229,41 +221,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
 
-    admin = os.environ.get("SLUICE_TEST_DATABASE_URL")
-    redis_url = os.environ.get("SLUICE_TEST_REDIS_URL")
-    embedded = None
-    if not admin or not redis_url:
-        embedded = EmbeddedServers(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
-        admin = admin or embedded.postgres_admin_url()
-        redis_url = redis_url or embedded.redis_url()
-    tag = uuid.uuid4().hex[:8]
-    names = [f"sluice_bench_{tag}_base", f"sluice_bench_{tag}_sluice"]
-    with psycopg.connect(admin, autocommit=True) as conn:
-        for name in names:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    client = redis.Redis.from_url(redis_url)
-    try:
+    with bench_servers("base", "sluice") as servers:
         base = baseline(
-            with_db(admin, names[0]),
-            redis_url,
-            f"sluice_bench_{tag}_base",
+            servers.databases["base"],
+            servers.redis_url,
+            f"{servers.prefix}_base",
             args.runs,
             args.processes,
             args.rate,
             args.seconds,
         )
-        url = with_db(admin, names[1])
+        url = servers.databases["sluice"]
         migrate(url)
-        ours = sluice(url, redis_url, f"sluice_bench_{tag}", args.runs, args.processes, args.rate, args.seconds)
-    finally:
-        for key in client.scan_iter(match=f"sluice_bench_{tag}*"):
-            client.delete(key)
-        client.close()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            for name in names:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-        if embedded is not None:
-            embedded.stop_started()
+        ours = sluice(url, servers.redis_url, servers.prefix, args.runs, args.processes, args.rate, args.seconds)
 
     print(f"\nrun pipeline: {args.runs} one-step runs, {args.processes} worker processes x {THREADS} threads")
     print(f"{'':28}{'baseline':>12}{'sluice':>12}{'ratio':>8}  target")

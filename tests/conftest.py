@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -39,6 +42,18 @@ def sluice(
 def start_sluice(env: dict[str, str], *args: str) -> subprocess.Popen[bytes]:
     """Start a long-running ``sluice`` command (its output merged, for the test to drain or ignore)."""
     return subprocess.Popen([*SLUICE, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.05) -> Any:
+    """Call ``check`` until it returns something truthy (returned), or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last: {value!r})")
+        time.sleep(interval)
 
 
 def with_database(url: str, name: str) -> str:
@@ -108,9 +123,8 @@ def redis_prefix(servers: Servers, run_id: str) -> Iterator[str]:
         client.close()
 
 
-@pytest.fixture
-def fresh_database(servers: Servers, database_url: str, run_id: str) -> Iterator[str]:
-    """A database of its own for one test, copied from the run's migrated one (fast)."""
+@contextmanager
+def _copy_of_run_database(servers: Servers, run_id: str) -> Iterator[str]:
     name = f"sluice_test_{run_id}_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(servers.admin_url, autocommit=True) as conn:
         conn.execute(
@@ -126,17 +140,32 @@ def fresh_database(servers: Servers, database_url: str, run_id: str) -> Iterator
 
 
 @pytest.fixture
-def db(database_url: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
-    with psycopg.connect(database_url) as conn:
+def fresh_database(servers: Servers, database_url: str, run_id: str) -> Iterator[str]:
+    """A database of its own for one test, copied from the run's migrated one (fast)."""
+    with _copy_of_run_database(servers, run_id) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_database(servers: Servers, database_url: str, run_id: str) -> Iterator[str]:
+    """A database of its own for one test module (the run's database stays the clean template)."""
+    with _copy_of_run_database(servers, run_id) as url:
+        yield url
+
+
+@pytest.fixture
+def db(fresh_database: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    with psycopg.connect(fresh_database) as conn:
         yield conn
 
 
 @pytest.fixture
-def service_env(servers: Servers, database_url: str, redis_prefix: str, tmp_path: Path) -> dict[str, str]:
-    """Environment for a Sluice process bound to this run's database, Redis prefix and a temp dir."""
+def service_env(servers: Servers, fresh_database: str, redis_prefix: str, tmp_path: Path) -> dict[str, str]:
+    """Environment for a Sluice process bound to a database of its own, this run's Redis prefix
+    and a temp dir (the run's database stays the clean template of the others)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
     env.update(
-        DATABASE_URL=database_url,
+        DATABASE_URL=fresh_database,
         REDIS_URL=servers.redis_url,
         SLUICE_REDIS_PREFIX=redis_prefix,
         SLUICE_DATA_DIR=str(tmp_path / "data"),

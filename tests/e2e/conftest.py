@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import psycopg
@@ -44,27 +42,16 @@ class Api:
         return proc
 
 
-def wait_until(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met in {timeout}s (last: {value!r})")
-        time.sleep(interval)
-
-
 @pytest.fixture(scope="module")
 def api(
-    servers: Servers, database_url: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
+    servers: Servers, module_database: str, redis_prefix: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Api]:
     """``sluice api`` (two gunicorn workers), ``sluice worker`` and ``sluice scheduler`` on this run's servers."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
     data: Path = tmp_path_factory.mktemp("api")
     env.update(
-        DATABASE_URL=database_url,
+        DATABASE_URL=module_database,
         REDIS_URL=servers.redis_url,
         # Its own namespace: the module's queue is not shared with other tests' workers.
         SLUICE_REDIS_PREFIX=f"{redis_prefix}_api{port}",
@@ -78,7 +65,7 @@ def api(
         SLUICE_RETRY_BACKOFF_MAX_MS="100",
         SLUICE_HTTP_ALLOW_PRIVATE="true",
     )
-    api = Api(f"http://127.0.0.1:{port}", database_url, env)
+    api = Api(f"http://127.0.0.1:{port}", module_database, env)
     proc = api.start("api")
     api.start("worker")
     api.start("scheduler")

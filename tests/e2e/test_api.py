@@ -11,7 +11,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.e2e.conftest import Api, wait_until
+from tests.conftest import wait_until
+from tests.e2e.conftest import Api
 from tests.e2e.helpers import free_port, wait_for
 from tests.httpserver import LocalServer, serve
 

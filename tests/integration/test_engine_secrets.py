@@ -14,8 +14,8 @@ from sluice_common.settings import Settings
 
 
 @pytest.fixture
-def pool(settings: Settings, database_url: str) -> Iterator[Pool]:
-    pool = open_pool(settings, database_url, name="secrets-test", max_size=2)
+def pool(settings: Settings) -> Iterator[Pool]:
+    pool = open_pool(settings, settings.database_url or "", name="secrets-test", max_size=2)
     yield pool
     pool.close()
 

@@ -31,23 +31,12 @@ from sluice_scheduler.maintenance import prune_history
 from sluice_scheduler.scheduler import CronScheduler
 from sluice_scheduler.service import create_scheduler
 from sluice_standalone.app import Standalone, create_standalone
-from tests.conftest import sluice
+from tests.conftest import sluice, wait_until
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
 
 NOOP = [{"id": "a", "type": "transform", "config": {"value": 1}}]
 NEVER = "0 0 1 1 *"  # once a year: loaded, but never due during a test
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 def cron_workflow(

@@ -1,0 +1,62 @@
+"""What every benchmark needs: servers, databases and a Redis namespace of its own, removed after.
+
+Uses SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else starts the embedded servers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import redis
+from psycopg import sql
+
+from sluice_common.embedded import EmbeddedServers
+
+
+def with_db(url: str, name: str) -> str:
+    p = urlsplit(url)
+    return urlunsplit((p.scheme, p.netloc, f"/{name}", p.query, p.fragment))
+
+
+@dataclass(frozen=True)
+class BenchServers:
+    redis_url: str
+    prefix: str  # Redis keys and database names of this run start with it
+    databases: dict[str, str]  # suffix -> database URL
+
+
+@contextmanager
+def bench_servers(*suffixes: str) -> Iterator[BenchServers]:
+    """Empty databases ``sluice_bench_<tag>_<suffix>`` and a Redis prefix, dropped at the end."""
+    admin = os.environ.get("SLUICE_TEST_DATABASE_URL")
+    redis_url = os.environ.get("SLUICE_TEST_REDIS_URL")
+    embedded = None
+    if not admin or not redis_url:
+        embedded = EmbeddedServers(Path(tempfile.mkdtemp(prefix="sluice-bench-")))
+        admin = admin or embedded.postgres_admin_url()
+        redis_url = redis_url or embedded.redis_url()
+    prefix = f"sluice_bench_{uuid.uuid4().hex[:8]}"
+    names = {suffix: f"{prefix}_{suffix}" for suffix in suffixes}
+    client = redis.Redis.from_url(redis_url)
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names.values():
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        yield BenchServers(redis_url, prefix, {s: with_db(admin, n) for s, n in names.items()})
+    finally:
+        for key in client.scan_iter(match=f"{prefix}*"):
+            client.delete(key)
+        client.close()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            for name in names.values():
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        if embedded is not None:
+            embedded.stop_started()

@@ -4,7 +4,10 @@ from typing import Any
 
 import falcon
 import falcon.testing
+import psycopg
+import psycopg_pool
 import pytest
+import redis
 
 from sluice_api import problems
 from sluice_common.errors import (
@@ -89,3 +92,18 @@ def test_falcon_errors_and_unknown_routes_are_problems() -> None:
     missing = client.simulate_get("/nowhere")
     assert missing.status_code == 404
     assert problem(missing)["status"] == 404
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        redis.ConnectionError("connection refused"),
+        psycopg.OperationalError("server closed the connection"),
+        psycopg_pool.PoolTimeout("no connection in 30 s"),
+    ],
+)
+def test_backing_services_down_is_a_503_not_a_500(exc: Exception) -> None:
+    result = client_raising(exc).simulate_get("/boom")
+    assert result.status_code == 503
+    assert result.headers["retry-after"] == "5"
+    assert problem(result)["detail"] == "a backing service is unavailable"

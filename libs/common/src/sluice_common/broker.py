@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import dramatiq
+import redis
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
@@ -171,7 +172,9 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
     broker: dramatiq.Broker
     if redis_url:
         broker = DoorbellRedisBroker(
-            url=redis_url,
+            # Timeouts, so that a Redis that hangs (rather than refusing) cannot block a sender or
+            # a request thread for ever; consumers' blocking waits are far shorter than these.
+            client=redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5),
             namespace=f"{settings.redis_prefix}:dramatiq",
             middleware=middleware(settings),
             heartbeat_timeout=HEARTBEAT_TIMEOUT_MS,

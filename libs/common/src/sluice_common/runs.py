@@ -146,6 +146,9 @@ def enqueue_run(
 ) -> EnqueuedRun:
     """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name."""
     _check_options(priority, delay_ms, trigger_type)
+    # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first) the key
+    # of the owner's manual runs, nor the other way round.
+    key = f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None
     params = {
         "wf": str(workflow_id),
         "owner": str(owner_id),
@@ -156,7 +159,7 @@ def enqueue_run(
         "delay": delay_ms,
         "max_attempts": settings.max_attempts,
         "aging": dispatch_delay(settings, priority),
-        "key": idempotency_key,
+        "key": key,
         "traceparent": traceparent,
     }
     with pool.connection() as conn:
@@ -170,7 +173,7 @@ def enqueue_run(
         if row["id"] is None:
             existing = conn.execute(
                 "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
-                (str(workflow_id), idempotency_key),
+                (str(workflow_id), key),
             ).fetchone()
             assert existing is not None
             return EnqueuedRun(existing["id"], existing["status"], created=False)
@@ -237,29 +240,29 @@ def change_rate_limit(pool: Pool, broker: dramatiq.Broker, limiter: RateLimiter,
 
 
 def _pending_messages(broker: dramatiq.Broker) -> tuple[int, bool]:
-    """Wake-ups the broker holds (ready and delayed), and whether that includes those in flight."""
+    """Ready wake-ups the broker holds, and whether that includes those in flight.
+
+    Delayed ones are left out: they may belong to runs cancelled since, so counting them could
+    hide a lost wake-up of a run that is due now.
+    """
     from dramatiq.brokers.redis import RedisBroker
 
     if isinstance(broker, RedisBroker):
-        ns = broker.namespace
-        pipe = broker.client.pipeline()
-        pipe.hlen(f"{ns}:{RUN_QUEUE}.msgs")  # queued and unacknowledged (in flight)
-        pipe.hlen(f"{ns}:{RUN_QUEUE}.DQ.msgs")
-        ready, delayed = pipe.execute()
-        return int(ready) + int(delayed), True
+        ready = broker.client.hlen(f"{broker.namespace}:{RUN_QUEUE}.msgs")  # queued and in flight
+        return int(ready), True
     queues = getattr(broker, "queues", {})
-    held = sum(q.qsize() for name, q in queues.items() if name in (RUN_QUEUE, f"{RUN_QUEUE}.DQ"))
-    return held, False
+    return (queues[RUN_QUEUE].qsize() if RUN_QUEUE in queues else 0), False
 
 
 def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
     """Send wake-ups for runs that PostgreSQL holds but the broker has lost; return how many.
 
     Counts are compared rather than ids, because a wake-up may start any run: a spare one costs
-    a no-op claim, a missing one would strand a run. Needed: one per runnable due run (users at
-    their cap excluded: the end of one of their runs wakes the next), one per future delayed run,
+    a no-op claim, a missing one would strand a run. Needed among the ready wake-ups: one per
+    runnable due run (users at their cap excluded: the end of one of their runs wakes the next)
     and, where the broker counts them, one per run in flight. A delayed run whose wake-up was lost
-    is woken by a later pass once it is due, so it starts at most one interval late.
+    is woken by a later pass once it is due, so it starts at most one interval late; a due run
+    whose delayed wake-up has not moved to the ready queue yet may get a spare one.
     """
     with pool.connection() as conn:
         counts = conn.execute(
@@ -271,7 +274,6 @@ def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
             SELECT count(*) FILTER (WHERE status IN ('queued', 'delayed') AND NOT cancel_requested
                                       AND coalesce(not_before, '-infinity') <= now()
                                       AND owner_id NOT IN (SELECT owner_id FROM capped)) AS due,
-                   count(*) FILTER (WHERE status = 'delayed' AND not_before > now()) AS future,
                    count(*) FILTER (WHERE status = 'running') AS running
             FROM runs WHERE status IN ('queued', 'delayed', 'running')
             """,
@@ -279,7 +281,7 @@ def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
         ).fetchone()
         assert counts is not None
         held, counts_in_flight = _pending_messages(broker)
-        needed = counts["due"] + counts["future"] + (counts["running"] if counts_in_flight else 0)
+        needed = counts["due"] + (counts["running"] if counts_in_flight else 0)
         deficit = min(needed - held, counts["due"])
         rows = (
             conn.execute(

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     api_rate_limit_per_minute: Annotated[
         int, Field(ge=0, validation_alias=_env("SLUICE_API_RATE_LIMIT_PER_MINUTE"))
     ] = 600
-    # Where clients reach the API, for the webhook URLs it hands out (else they are relative).
+    # Where clients reach the API, for the webhook URLs it hands out (else the request's own host).
     public_url: Annotated[str | None, Field(validation_alias=_env("SLUICE_PUBLIC_URL"))] = None
     concurrency: Annotated[int, Field(ge=1, le=1000, validation_alias=_env("SLUICE_CONCURRENCY"))] = 10
     rate_limit_per_minute: Annotated[int, Field(ge=1, validation_alias=_env("SLUICE_RATE_LIMIT_PER_MINUTE"))] = 100

@@ -1,12 +1,14 @@
 """Bearer-token authentication and the per-token request limit.
 
-Resources are private unless they set ``public = True``. A verified token is remembered for a
-couple of seconds per process so that a burst of requests costs one token lookup, not one per
-request; a revoked token therefore stops working within ``TOKEN_CACHE_SECONDS``.
+Resources are private unless they set ``public = True``. A token's verdict (valid or not) is
+remembered for a couple of seconds per process, so that a burst of requests, good or bad, costs
+one lookup, not one per request; a revoked token therefore stops working within
+``TOKEN_CACHE_SECONDS``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -21,6 +23,8 @@ import redis
 from sluice_common.db import Pool
 from sluice_common.errors import AuthError
 from sluice_common.users import TOKEN_PREFIX, authenticate, hash_token
+
+log = logging.getLogger(__name__)
 
 TOKEN_CACHE_SECONDS = 2.0
 _CACHE_SIZE = 10_000
@@ -73,7 +77,12 @@ class RedisRequestLimiter:
         pipe = self._client.pipeline(transaction=False)
         pipe.incrby(name, self._slice)
         pipe.expire(name, 61)
-        total = int(pipe.execute()[0])
+        try:
+            total = int(pipe.execute()[0])
+        except redis.RedisError:
+            # The limit protects the service; it must not take it down with Redis: let it pass.
+            log.warning("request limit not checked: Redis unavailable")
+            return None
         granted = min(self._slice, self._slice - (total - self._limit))
         with self._lock:
             if len(self._left) > _CACHE_SIZE:
@@ -81,7 +90,10 @@ class RedisRequestLimiter:
             if granted <= 0:
                 self._left[key] = (window, -1)
                 return (window + 1) * 60 - now
-            self._left[key] = (window, granted - 1)
+            # Another thread may have taken a slice meanwhile: keep what is left of both.
+            held = self._left.get(key)
+            left = held[1] if held is not None and held[0] == window and held[1] > 0 else 0
+            self._left[key] = (window, left + granted - 1)
         return None
 
 
@@ -121,7 +133,7 @@ class AuthMiddleware:
     def __init__(self, pool: Pool, limiter: RequestLimiter) -> None:
         self._pool = pool
         self._limiter = limiter
-        self._cache: OrderedDict[bytes, tuple[float, Caller]] = OrderedDict()
+        self._cache: OrderedDict[bytes, tuple[float, Caller | None]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _lookup(self, token: str) -> Caller:
@@ -129,16 +141,26 @@ class AuthMiddleware:
         now = time.monotonic()
         with self._lock:
             hit = self._cache.get(digest)
-            if hit is not None and hit[0] > now:
-                return hit[1]
-        with self._pool.connection() as conn:
-            user = authenticate(conn, token)
+        if hit is not None and hit[0] > now:
+            if hit[1] is None:  # refused a moment ago: no database query for the same bad token
+                raise AuthError("unknown or revoked token")
+            return hit[1]
+        try:
+            with self._pool.connection() as conn:
+                user = authenticate(conn, token)
+        except AuthError:
+            self._remember(digest, now, None)
+            raise
         caller = Caller(UUID(str(user.id)), user.name, digest[:12].hex())
+        self._remember(digest, now, caller)
+        return caller
+
+    def _remember(self, digest: bytes, now: float, caller: Caller | None) -> None:
         with self._lock:
             self._cache[digest] = (now + TOKEN_CACHE_SECONDS, caller)
+            self._cache.move_to_end(digest)
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
-        return caller
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any) -> None:
         if resource is None or getattr(resource, "public", False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from datetime import datetime
 from typing import Any, TypeVar
@@ -32,16 +33,15 @@ _DRAIN_MAX = 16 * 1024 * 1024
 
 def _too_large(req: falcon.Request, limit: int) -> falcon.HTTPError:
     # Read what is left of a moderately oversized body so the connection stays usable for the
-    # client's next request; past that, close it rather than read a huge upload.
+    # client's next request (a huge upload is left to the server, which closes the connection).
     drained = 0
     while drained < _DRAIN_MAX:
         chunk = req.bounded_stream.read(65536)
         if not chunk:
             break
         drained += len(chunk)
-    headers = {"Connection": "close"} if drained >= _DRAIN_MAX else None
     return falcon.HTTPContentTooLarge(
-        title="Content Too Large", description=f"the request body is larger than {limit} bytes", headers=headers
+        title="Content Too Large", description=f"the request body is larger than {limit} bytes"
     )
 
 
@@ -60,12 +60,40 @@ def media_type(req: falcon.Request) -> str:
     return (req.content_type or "").split(";", 1)[0].strip().lower()
 
 
+MAX_DEPTH = 64
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def check_storable(value: Any) -> None:
+    """Refuse what PostgreSQL's jsonb cannot hold, as a 422: NUL characters, lone surrogates,
+    infinite numbers, and nesting deeper than ``MAX_DEPTH`` (walked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                raise ValidationFailed([FieldProblem("$", "strings must not contain NUL (\\u0000) characters")])
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValidationFailed(
+                    [FieldProblem("$", "strings must be valid Unicode (no lone surrogates)")]
+                ) from None
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValidationFailed([FieldProblem("$", "numbers must be finite")])
+        elif isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise ValidationFailed([FieldProblem("$", f"nested deeper than {MAX_DEPTH} levels")])
+            children = [*item.keys(), *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+
+
 def parse_json(data: bytes) -> Any:
-    if b"\\u0000" in data:
-        # PostgreSQL text and jsonb cannot hold NUL characters.
-        raise ValidationFailed([FieldProblem("$", "strings must not contain NUL (\\u0000) characters")])
     try:
-        return json.loads(data)
+        value = json.loads(data, parse_constant=_not_json)
     except UnicodeDecodeError:
         raise falcon.HTTPBadRequest(title="Bad Request", description="the body is not UTF-8 JSON") from None
     except json.JSONDecodeError as exc:
@@ -73,6 +101,12 @@ def parse_json(data: bytes) -> Any:
             title="Bad Request",
             description=f"malformed JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
         ) from None
+    except ValueError as exc:  # NaN, Infinity, integers too long to convert
+        raise falcon.HTTPBadRequest(title="Bad Request", description=f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ValidationFailed([FieldProblem("$", f"nested deeper than {MAX_DEPTH} levels")]) from None
+    check_storable(value)
+    return value
 
 
 def read_json(req: falcon.Request, limit: int, *, required: bool = True) -> Any:
@@ -204,9 +238,14 @@ def decode_cursor(params: dict[str, str]) -> tuple[datetime, UUID] | None:
         return None
     try:
         padded = raw + "=" * (-len(raw) % 4)
-        at, id_ = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        decoded = base64.urlsafe_b64decode(padded.encode("ascii"))
+        if len(decoded) > 200:
+            raise ValueError("too long")
+        at, id_ = json.loads(decoded)
+        if not isinstance(at, str) or not isinstance(id_, str):
+            raise TypeError("not strings")
         position = datetime.fromisoformat(at), UUID(id_)
-    except (ValueError, TypeError, binascii.Error, UnicodeError):
+    except (ValueError, TypeError, binascii.Error, UnicodeError, RecursionError):
         raise bad_param("cursor", "is not a cursor this API returned") from None
     if position[0].tzinfo is None:
         raise bad_param("cursor", "is not a cursor this API returned")

@@ -18,7 +18,7 @@ from sluice_api import schemas
 from sluice_api.inputs import RFC3339
 from sluice_common.cron import PREVIEW_MAX
 from sluice_common.secrets import SECRET_NAME_PATTERN as SECRET_NAME
-from sluice_common.workflow import STEP_CONFIGS, STEP_ID_PATTERN, WorkflowDefinition
+from sluice_common.workflow import STEP_ID_PATTERN, WorkflowDefinition, step_types
 
 REF = "#/components/schemas/{model}"
 PROBLEM = "application/problem+json"
@@ -111,7 +111,7 @@ _IF_MATCH = {
 def _step_schema() -> dict[str, Any]:
     """Each step is one of the known types, with that type's config."""
     variants = []
-    for name, model in sorted(STEP_CONFIGS.items()):
+    for name, model in sorted(step_types().items()):
         variants.append(
             {
                 "type": "object",
@@ -131,7 +131,7 @@ def _step_schema() -> dict[str, Any]:
 def _components() -> dict[str, Any]:
     pairs: list[tuple[type[BaseModel], Any]] = [(m, "validation") for m in _REQUEST_MODELS]
     pairs += [(m, "serialization") for m in _RESPONSE_MODELS]
-    pairs += [(m, "validation") for m in STEP_CONFIGS.values()]
+    pairs += [(m, "validation") for m in step_types().values()]
     _, top = models_json_schema(pairs, by_alias=True, ref_template=REF)
     defs: dict[str, Any] = top["$defs"]
     defs["Step"] = _step_schema()
@@ -249,7 +249,7 @@ def _workflow_ops() -> dict[str, Any]:
 
 
 def _run_filters(*, with_workflow: bool) -> list[dict[str, Any]]:
-    statuses = ["queued", "delayed", "running", "succeeded", "failed", "cancelled"]
+    statuses = list(schemas.RUN_STATUSES)
     params = [
         *_PAGE,
         _q("status", {"enum": statuses}, "Only runs in this status."),

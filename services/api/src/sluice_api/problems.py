@@ -11,6 +11,9 @@ import logging
 from typing import Any
 
 import falcon
+import psycopg
+import psycopg_pool
+import redis
 
 from sluice_common.errors import (
     AuthError,
@@ -74,11 +77,23 @@ def handle_http_error(
     _respond(resp, status, problem_body(status, exc.title or str(status), exc.description, slug))
 
 
+def handle_unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
+    """PostgreSQL or Redis did not answer: a 503 the client may retry, not a 500."""
+    log.warning("%s %s: backing service unavailable: %s", req.method, _loggable(req.path), type(exc).__name__)
+    resp.set_header("Retry-After", "5")
+    _respond(resp, 503, problem_body(503, "Service Unavailable", "a backing service is unavailable", "unavailable"))
+
+
+def _loggable(path: str) -> str:
+    # A webhook's path is its secret.
+    return "/api/hooks/<secret>" if path.startswith("/api/hooks/") else path
+
+
 def handle_unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
     if isinstance(exc, falcon.HTTPError):
         handle_http_error(req, resp, exc, params)
         return
-    log.exception("unhandled error on %s %s", req.method, req.path)
+    log.exception("unhandled error on %s %s", req.method, _loggable(req.path))
     _respond(resp, 500, problem_body(500, "Internal Server Error", None, "internal"))
 
 
@@ -87,3 +102,5 @@ def install(app: falcon.App[falcon.Request, falcon.Response]) -> None:
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(falcon.HTTPError, handle_http_error)
     app.add_error_handler(SluiceError, handle_sluice_error)
+    for unavailable in (redis.RedisError, psycopg.OperationalError, psycopg_pool.PoolTimeout):
+        app.add_error_handler(unavailable, handle_unavailable)

@@ -7,6 +7,8 @@ and turned into problems in one place (``problems``).
 
 from __future__ import annotations
 
+import re
+import time
 from typing import Any
 from urllib.parse import parse_qsl
 from uuid import UUID
@@ -18,6 +20,7 @@ from sluice_api import schemas, store
 from sluice_api.auth import RequestLimiter, caller_of, too_many
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import (
+    check_storable,
     choice_param,
     decode_cursor,
     encode_cursor,
@@ -33,7 +36,7 @@ from sluice_api.inputs import (
 )
 from sluice_common import secrets
 from sluice_common.cron import PREVIEW_MAX, schedule_preview
-from sluice_common.errors import FieldProblem, InfrastructureError, ValidationFailed
+from sluice_common.errors import ConflictError, FieldProblem, InfrastructureError, ValidationFailed
 from sluice_common.runs import cancel_run, enqueue_run, get_queue_stats, seeds_stats_body
 from sluice_common.workflow import validate_workflow
 
@@ -138,24 +141,42 @@ class WorkflowResource:
         resp.etag = f'"{row["version"]}"'
         resp.media = workflow_view(req, self._deps, row)
 
-    def _replace(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID, data: Any) -> None:
+    def _replace(
+        self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID, data: Any, version: int | None
+    ) -> None:
         definition = validate_workflow(data)
         old, row, secret = store.update_workflow(
-            self._deps.pool, caller_of(req).user_id, workflow_id, definition, expected_version=_expected_version(req)
+            self._deps.pool, caller_of(req).user_id, workflow_id, definition, expected_version=version
         )
         _notify(self._deps, row, old)
         resp.etag = f'"{row["version"]}"'
         resp.media = workflow_view(req, self._deps, row, secret)
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        self._replace(req, resp, workflow_id, read_json(req, self._deps.settings.api_max_body_bytes))
+        data = read_json(req, self._deps.settings.api_max_body_bytes)
+        self._replace(req, resp, workflow_id, data, _expected_version(req))
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         patch = read_json(req, self._deps.settings.api_max_body_bytes)
         if not isinstance(patch, dict):
             raise ValidationFailed([FieldProblem("$", "a merge patch must be a JSON object")])
-        current = store.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
-        self._replace(req, resp, workflow_id, _merge_patch(store.definition_of(current), patch))
+        expected = _expected_version(req)
+        for tries_left in range(4, -1, -1):
+            current = store.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
+            if expected is not None and current["version"] != expected:
+                raise ConflictError(
+                    f"the workflow is at version {current['version']}, not {expected}; fetch it and try again"
+                )
+            try:
+                # Applied to the version read just now: a concurrent update in between is not
+                # overwritten but makes this patch apply again to the newer version.
+                self._replace(
+                    req, resp, workflow_id, _merge_patch(store.definition_of(current), patch), current["version"]
+                )
+                return
+            except ConflictError:
+                if expected is not None or tries_left == 0:
+                    raise
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         row = store.delete_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
@@ -176,11 +197,20 @@ def _idempotency_key(req: falcon.Request) -> str | None:
     key = req.get_header("Idempotency-Key")
     if key is None:
         return None
-    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not key.isprintable():
+    if not 1 <= len(key) <= IDEMPOTENCY_KEY_MAX or not (key.isascii() and key.isprintable()):
         raise ValidationFailed(
-            [FieldProblem("header.Idempotency-Key", f"must be 1 to {IDEMPOTENCY_KEY_MAX} printable characters")]
+            [FieldProblem("header.Idempotency-Key", f"must be 1 to {IDEMPOTENCY_KEY_MAX} printable ASCII characters")]
         )
     return key
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+def _traceparent(req: falcon.Request) -> str | None:
+    """The caller's W3C trace context, carried to the worker; anything malformed is dropped."""
+    value = req.get_header("traceparent")
+    return value if value is not None and _TRACEPARENT.fullmatch(value.strip().lower()) else None
 
 
 def _accepted(resp: falcon.Response, run_id: UUID, status: str) -> None:
@@ -216,7 +246,7 @@ class RunWorkflowResource:
             priority=body.priority,
             delay_ms=body.delay,
             idempotency_key=_idempotency_key(req),
-            traceparent=req.get_header("traceparent"),
+            traceparent=_traceparent(req),
             sender=self._deps.sender,
         )
         _accepted(resp, run.run_id, run.status)
@@ -231,11 +261,15 @@ def _webhook_data(req: falcon.Request, limit: int) -> Any:
         return parse_json(data)
     if kind == "application/x-www-form-urlencoded":
         try:
-            return dict(parse_qsl(data.decode(), keep_blank_values=True))
+            form: Any = dict(parse_qsl(data.decode(), keep_blank_values=True))
         except UnicodeDecodeError:
             raise falcon.HTTPBadRequest(title="Bad Request", description="the form is not UTF-8") from None
+        check_storable(form)
+        return form
     if kind.startswith("text/"):
-        return {"text": data.decode(errors="replace")}
+        text = {"text": data.decode(errors="replace")}
+        check_storable(text)
+        return text
     raise falcon.HTTPUnsupportedMediaType(
         title="Unsupported Media Type",
         description=f"send JSON, a form or text, not {kind}",
@@ -266,7 +300,7 @@ class HookResource:
             trigger_type="webhook",
             trigger_data=data,
             idempotency_key=_idempotency_key(req),
-            traceparent=req.get_header("traceparent"),
+            traceparent=_traceparent(req),
             sender=self._deps.sender,
         )
         _accepted(resp, run.run_id, run.status)
@@ -307,7 +341,7 @@ class RunsResource:
             limit=limit,
             after=after,
             workflow_id=workflow_id,
-            status=choice_param(params, "status", ("queued", "delayed", "running", "succeeded", "failed", "cancelled")),
+            status=choice_param(params, "status", schemas.RUN_STATUSES),
             since=time_param(params, "since"),
             until=time_param(params, "until"),
         )
@@ -352,15 +386,23 @@ class QueueStatsResource:
     """The seeds' queue stats: aggregate counts only, so readable without a token."""
 
     public = True
+    CACHE_SECONDS = 1.0  # public and unauthenticated: a flood of reads costs one query a second
 
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
+        self._cached: tuple[float, dict[str, Any]] | None = None
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        cached = self._cached
+        if cached is not None and cached[0] > time.monotonic():
+            resp.media = cached[1]
+            return
         stats = get_queue_stats(
             self._deps.pool, self._deps.settings, self._deps.limiter, redis=self._deps.redis is not None
         )
-        resp.media = seeds_stats_body(stats, scheduler_status(self._deps))
+        body = seeds_stats_body(stats, scheduler_status(self._deps))
+        self._cached = (time.monotonic() + self.CACHE_SECONDS, body)
+        resp.media = body
 
 
 class ScheduleResource:

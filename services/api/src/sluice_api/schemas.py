@@ -15,7 +15,8 @@ from pydantic.alias_generators import to_camel
 
 from sluice_common.runs import MAX_DELAY_MS
 
-RunStatus = Literal["queued", "delayed", "running", "succeeded", "failed", "cancelled"]
+RunStatus = Literal["queued", "delayed", "running", "waiting", "succeeded", "failed", "cancelled"]
+RUN_STATUSES: tuple[str, ...] = RunStatus.__args__  # type: ignore[attr-defined]
 StepStatus = Literal["running", "succeeded", "failed", "skipped", "waiting"]
 TriggerType = Literal["manual", "cron", "webhook", "workflow", "retry"]
 
@@ -115,7 +116,7 @@ class RunStep(_Out):
 
 class RunAttempt(_Out):
     attempt: int
-    status: Literal["running", "succeeded", "failed", "cancelled"]
+    status: Literal["running", "parked", "succeeded", "failed", "cancelled"]
     worker_id: str | None
     started_at: datetime
     finished_at: datetime | None

@@ -192,7 +192,7 @@ def delete_workflow(pool: Pool, owner: UUID, workflow_id: UUID) -> dict[str, Any
             raise NotFoundError("no such workflow")
         conn.execute(
             "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
-            "error = 'the workflow was deleted' WHERE workflow_id = %s AND status IN ('queued', 'delayed')",
+            "error = 'the workflow was deleted' WHERE workflow_id = %s AND status IN ('queued', 'delayed', 'waiting')",
             (workflow_id,),
         )
         conn.execute(
@@ -296,11 +296,12 @@ def retry_run(pool: Pool, broker: dramatiq.Broker, settings: Settings, owner: UU
     """Queue a failed run again for a new series of attempts; completed steps are not repeated.
 
     Attempt numbers keep counting (the earlier attempts stay on record); the run gets as many new
-    attempts as its workflow allows.
+    attempts as its workflow allows, and runs the workflow's current version.
     """
     with pool.connection() as conn, conn.transaction():
         run = conn.execute(
-            "SELECT r.status, r.attempt, r.priority, w.settings, w.deleted_at FROM runs r "
+            "SELECT r.status, r.attempt, r.priority, w.settings, w.deleted_at, w.status AS workflow_status, "
+            "w.version FROM runs r "
             "JOIN workflows w ON w.id = r.workflow_id WHERE r.id = %s AND r.owner_id = %s FOR UPDATE OF r",
             (run_id, owner),
         ).fetchone()
@@ -310,15 +311,23 @@ def retry_run(pool: Pool, broker: dramatiq.Broker, settings: Settings, owner: UU
             raise ConflictError(f"only a failed run can be retried; this one is {run['status']}")
         if run["deleted_at"] is not None:
             raise ConflictError("the run's workflow was deleted")
+        if run["workflow_status"] != "active":
+            raise ConflictError("the workflow is paused; activate it to retry its runs")
         series = (run["settings"] or {}).get("maxAttempts") or settings.max_attempts
         conn.execute(
             """
             UPDATE runs SET status = 'queued', max_attempts = attempt + %(series)s, error = NULL,
+                   workflow_version = %(version)s,
                    finished_at = NULL, not_before = NULL, cancel_requested = false,
                    dispatch_at = now() + %(aging)s, updated_at = now()
             WHERE id = %(id)s
             """,
-            {"series": series, "aging": dispatch_delay(settings, run["priority"]), "id": run_id},
+            {
+                "series": series,
+                "aging": dispatch_delay(settings, run["priority"]),
+                "id": run_id,
+                "version": run["version"],
+            },
         )
     try:
         send_run_message(broker, str(run_id))

@@ -59,7 +59,8 @@ WITH claimed AS (
     ON CONFLICT (run_id, attempt) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
         started_at = now(), finished_at = NULL, error = NULL
 )
-SELECT c.*, w.steps, w.settings,
+-- A run of a workflow deleted while its wake-up was on the way is cancelled, not run.
+SELECT c.*, CASE WHEN w.deleted_at IS NULL THEN w.steps END AS steps, w.settings,
        (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
          WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps,
        (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
@@ -142,7 +143,7 @@ class Claimed:
     priority: int
     trigger_type: str
     trigger_data: Any
-    steps: list[dict[str, Any]] | None  # None: the workflow is gone
+    steps: list[dict[str, Any]] | None  # None: the workflow was deleted
     settings: dict[str, Any]
     done_steps: dict[str, Any]
     waiting_steps: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -383,7 +384,7 @@ class RunExecutor:
 
     def run(self, claimed: Claimed) -> Outcome:
         if claimed.steps is None:
-            return Outcome("failed", "the workflow no longer exists", final=True)
+            return Outcome("cancelled", "the workflow was deleted")
         timeout = claimed.settings.get("timeoutSeconds") or self.settings.run_timeout_seconds
         ctx = RunContext(
             run_id=claimed.run_id,

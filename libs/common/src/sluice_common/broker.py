@@ -119,7 +119,13 @@ class DoorbellRedisBroker(RedisBroker):
         for key, count in bells.items():
             pipe.rpush(key, *([1] * count))
             pipe.ltrim(key, -_DOORBELL_MAX, -1)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.exceptions.NoScriptError:
+            # Redis does not have the script yet (first use, or after a restart), so no message
+            # went in; the bells did ring. Send them one by one, which loads the script.
+            for message, delay in items:
+                RedisBroker.enqueue(self, message, delay=delay)
 
     def _dispatch(self, command: str) -> Callable[..., Any]:
         # Dramatiq's own dispatch (same script, same arguments: keep in step with the pinned
@@ -139,7 +145,12 @@ class DoorbellRedisBroker(RedisBroker):
                 self._max_unpack_size(),  # type: ignore[no-untyped-call]
                 *args,
             ]
-            return dispatch(args=call, keys=keys, client=getattr(self._local, "pipe", None))
+            pipe = getattr(self._local, "pipe", None)
+            if pipe is not None:
+                # EVALSHA directly: a pipeline that runs a Script object first asks Redis whether
+                # the script exists, one more round trip per batch.
+                return pipe.evalsha(dispatch.sha, len(keys), *keys, *call)
+            return dispatch(args=call, keys=keys)
 
         return do_dispatch
 

@@ -74,7 +74,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     return out
 
 
-AUTH = (401, 429)
+AUTH = (401, 429, 503)
 
 _UUID = {"type": "string", "format": "uuid"}
 _RFC3339 = f"^{RFC3339.pattern}$"
@@ -312,7 +312,7 @@ def _other_ops() -> dict[str, Any]:
                 "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
                 "responses": {
                     "202": _json(_ref(schemas.RunAccepted), "Queued"),
-                    **_errors(400, 404, 409, 413, 415, 422, 429),
+                    **_errors(400, 404, 409, 413, 415, 422, 429, 503),
                 },
             },
         },

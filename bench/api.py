@@ -43,6 +43,7 @@ from pipeline import pct
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = "2"
+THREADS = os.environ.get("SLUICE_API_THREADS", "4")  # gunicorn threads per worker, the same for both
 
 
 def free_port() -> int:
@@ -144,7 +145,7 @@ def measure(
                 "CREATE TABLE bench_items (id bigserial PRIMARY KEY, data jsonb, at timestamptz DEFAULT now())"
             )
         base_port = free_port()
-        gunicorn = ["-w", WORKERS, "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{base_port}"]
+        gunicorn = ["-w", WORKERS, "-k", "gthread", "--threads", THREADS, "-b", f"127.0.0.1:{base_port}"]
         procs.append(
             serve(
                 [sys.executable, "-m", "gunicorn", *gunicorn, "bench.baseline_api:create()"],
@@ -172,6 +173,7 @@ def measure(
             "SLUICE_REDIS_PREFIX": servers.prefix,
             "SLUICE_API_BIND": f"127.0.0.1:{port}",
             "SLUICE_API_WORKERS": WORKERS,
+            "SLUICE_API_THREADS": THREADS,
             "SLUICE_API_RATE_LIMIT_PER_MINUTE": "100000000",
             "SLUICE_LOG_LEVEL": "WARNING",
         }
@@ -213,7 +215,7 @@ def main() -> None:
 
     print(
         f"\nAPI: {args.clients} client processes x {args.threads} threads for {args.seconds:.0f} s, "
-        f"gunicorn {WORKERS} workers x 4 threads; {stored} runs stored"
+        f"gunicorn {WORKERS} workers x {THREADS} threads; {stored} runs stored"
     )
     print(f"ratio per round (sorted): {', '.join(f'{r:.2f}' for r in ratios)}; the median round:")
     print(f"{'':28}{'baseline':>12}{'sluice':>12}{'ratio':>8}  target")

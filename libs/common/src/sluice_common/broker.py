@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
+import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import dramatiq
@@ -22,7 +24,7 @@ import redis
 from dramatiq.broker import Consumer, MessageProxy
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.brokers.stub import StubBroker
-from dramatiq.common import current_millis
+from dramatiq.common import current_millis, dq_name
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -91,10 +93,6 @@ class _DoorbellConsumer(Consumer):
 class DoorbellRedisBroker(RedisBroker):
     """A RedisBroker whose enqueue rings a per-queue doorbell that idle consumers wait on."""
 
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
-        self._local = threading.local()
-
     def doorbell_key(self, queue_name: str) -> str:
         return f"{self.namespace}:{queue_name}.bell"
 
@@ -108,14 +106,40 @@ class DoorbellRedisBroker(RedisBroker):
         return sent
 
     def enqueue_many(self, items: list[tuple[dramatiq.Message[Any], int | None]]) -> None:
-        """Enqueue ``(message, delay)`` pairs and ring their doorbells in one Redis round trip."""
+        """Enqueue ``(message, delay)`` pairs and ring their doorbells in one Redis round trip.
+
+        Each message goes in as :meth:`RedisBroker.enqueue` puts it (a fresh Redis message id, an
+        ``eta`` and the delay queue when delayed, Dramatiq's own ``dispatch`` script), without its
+        enqueue hooks, which none of Sluice's middleware uses.
+        """
+        dispatch = self.scripts["dispatch"]
         pipe = self.client.pipeline(transaction=False)
-        self._local.pipe = pipe
-        try:
-            sent = [RedisBroker.enqueue(self, message, delay=delay) for message, delay in items]
-        finally:
-            self._local.pipe = None
-        bells = Counter(self.doorbell_key(m.queue_name) for m in sent)
+        bells: Counter[str] = Counter()
+        for message, delay in items:
+            queue_name = message.queue_name
+            options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
+            if delay is not None:
+                queue_name = dq_name(queue_name)
+                options["eta"] = current_millis() + delay
+            message = message.copy(queue_name=queue_name, options=options)
+            # EVALSHA directly: a pipeline that runs a Script object first asks Redis whether
+            # the script exists, one more round trip per batch.
+            pipe.evalsha(
+                dispatch.sha,
+                1,
+                self.namespace,
+                "enqueue",
+                current_millis(),
+                queue_name,
+                self.broker_id,
+                self.heartbeat_timeout,
+                self.dead_message_ttl,
+                self._should_do_maintenance("enqueue"),
+                self._max_unpack_size(),  # type: ignore[no-untyped-call]
+                options["redis_message_id"],
+                message.encode(),
+            )
+            bells[self.doorbell_key(queue_name)] += 1
         for key, count in bells.items():
             pipe.rpush(key, *([1] * count))
             pipe.ltrim(key, -_DOORBELL_MAX, -1)
@@ -126,33 +150,6 @@ class DoorbellRedisBroker(RedisBroker):
             # went in; the bells did ring. Send them one by one, which loads the script.
             for message, delay in items:
                 RedisBroker.enqueue(self, message, delay=delay)
-
-    def _dispatch(self, command: str) -> Callable[..., Any]:
-        # Dramatiq's own dispatch (same script, same arguments: keep in step with the pinned
-        # version), run on this thread's pipeline when enqueue_many has one open.
-        dispatch = self.scripts["dispatch"]
-        keys = [self.namespace]
-
-        def do_dispatch(queue_name: str, *args: Any) -> Any:
-            call = [
-                command,
-                current_millis(),
-                queue_name,
-                self.broker_id,
-                self.heartbeat_timeout,
-                self.dead_message_ttl,
-                self._should_do_maintenance(command),
-                self._max_unpack_size(),  # type: ignore[no-untyped-call]
-                *args,
-            ]
-            pipe = getattr(self._local, "pipe", None)
-            if pipe is not None:
-                # EVALSHA directly: a pipeline that runs a Script object first asks Redis whether
-                # the script exists, one more round trip per batch.
-                return pipe.evalsha(dispatch.sha, len(keys), *keys, *call)
-            return dispatch(args=call, keys=keys)
-
-        return do_dispatch
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=timeout), self, queue_name)
@@ -182,7 +179,7 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
     """A Redis broker namespaced by ``SLUICE_REDIS_PREFIX``, or an in-process one (standalone)."""
     broker: dramatiq.Broker
     if redis_url:
-        broker = DoorbellRedisBroker(
+        broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
             # Timeouts, so that a Redis that hangs (rather than refusing) cannot block a sender or
             # a request thread for ever; consumers' blocking waits are far shorter than these.
             client=redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5),
@@ -228,6 +225,7 @@ class WakeupSender:
     """
 
     _STOP = object()
+    LINGER_S = 0.002
 
     def __init__(self, broker: dramatiq.Broker, *, max_batch: int = 500) -> None:
         self._broker = broker
@@ -246,9 +244,12 @@ class WakeupSender:
                 return
             batch = [item]
             stop = False
+            # Wait a moment for more: a few wake-ups per round trip cost far less CPU than one
+            # each, for a start at most LINGER_S later.
+            until = time.monotonic() + self.LINGER_S
             while len(batch) < self._max_batch:
                 try:
-                    more = self._queue.get_nowait()
+                    more = self._queue.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is self._STOP:

@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     data_dir: Annotated[Path, Field(validation_alias=_env("SLUICE_DATA_DIR"))] = Path(".sluice")
     api_bind: Annotated[str, Field(validation_alias=_env("SLUICE_API_BIND"))] = "127.0.0.1:8000"
     api_workers: Annotated[int, Field(ge=1, le=64, validation_alias=_env("SLUICE_API_WORKERS"))] = 2
+    api_threads: Annotated[int, Field(ge=1, le=256, validation_alias=_env("SLUICE_API_THREADS"))] = 4
     api_max_body_bytes: Annotated[
         int, Field(ge=1024, le=64 * 1024 * 1024, validation_alias=_env("SLUICE_API_MAX_BODY_BYTES"))
     ] = 1024 * 1024

@@ -37,7 +37,7 @@ def main() -> None:
             "bind": settings.api_bind,
             "workers": settings.api_workers,
             "worker_class": "gthread",
-            "threads": 4,
+            "threads": settings.api_threads,
             "graceful_timeout": 10,
             "accesslog": None,
             "loglevel": settings.log_level.lower(),

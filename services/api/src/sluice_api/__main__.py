@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
-from sluice_common.settings import load_settings
+from sluice_common.runtime import resolve_endpoints
+from sluice_common.settings import Settings, load_settings
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -32,6 +34,18 @@ def main() -> None:
     except SluiceError as exc:
         raise SystemExit(str(exc)) from None
     configure_logging(settings.log_level, "api")
+    # Resolved once, here: gunicorn workers come and go, and the embedded servers (when no URL is
+    # set) must outlive every one of them.
+    endpoints = resolve_endpoints(settings)
+    os.environ["DATABASE_URL"] = endpoints.database_url
+    os.environ["REDIS_URL"] = endpoints.redis_url
+    try:
+        _serve(settings)
+    finally:
+        endpoints.close()
+
+
+def _serve(settings: Settings) -> None:
     _Gunicorn(
         {
             "bind": settings.api_bind,

@@ -225,7 +225,7 @@ class WakeupSender:
     """
 
     _STOP = object()
-    LINGER_S = 0.002
+    LINGER_S = 0.005
 
     def __init__(self, broker: dramatiq.Broker, *, max_batch: int = 500) -> None:
         self._broker = broker
@@ -238,15 +238,17 @@ class WakeupSender:
         self._queue.put(run_message(run_id, delay_ms=delay_ms, traceparent=traceparent))
 
     def _loop(self) -> None:
+        busy = False
         while True:
             item = self._queue.get()
             if item is self._STOP:
                 return
             batch = [item]
             stop = False
-            # Wait a moment for more: a few wake-ups per round trip cost far less CPU than one
-            # each, for a start at most LINGER_S later.
-            until = time.monotonic() + self.LINGER_S
+            # Under load, wait a moment for more: a few wake-ups per round trip cost far less CPU
+            # than one each, for a start at most LINGER_S later. A lone wake-up (light load, the
+            # last batch was a single one) goes at once.
+            until = time.monotonic() + (self.LINGER_S if busy else 0.0)
             while len(batch) < self._max_batch:
                 try:
                     more = self._queue.get(timeout=max(0.0, until - time.monotonic()))
@@ -256,6 +258,7 @@ class WakeupSender:
                     stop = True
                     break
                 batch.append(more)
+            busy = len(batch) > 1
             try:
                 if isinstance(self._broker, DoorbellRedisBroker):
                     self._broker.enqueue_many(batch)

@@ -10,7 +10,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 import sluice_worker.executor as executor_module
-from sluice_common.runs import cancel_run
+from sluice_common.runs import cancel_run, get_queue_stats, seeds_stats_body
 from sluice_common.secrets import generate_key, put_secret
 from sluice_worker.executor import PgStepStore
 from sluice_worker.service import create_worker
@@ -216,9 +216,14 @@ def test_a_waiting_parent_can_be_cancelled(pipeline: Pipeline) -> None:
     [row] = pipeline.wait_for([run.run_id], {"waiting"}, timeout=10)
     assert row["attempt"] == 0
     child_id = row["waiting_for"]
+    stats = get_queue_stats(pipeline.pool, pipeline.settings, pipeline.limiter, redis=True)
+    assert stats.extra["waitingOnSubWorkflows"] == 1
+    assert seeds_stats_body(stats, {})["queue"]["waitingOnSubWorkflows"] == 1
     assert cancel_run(pipeline.pool, run.run_id, owner) == "cancelled"
     assert pipeline.run(run.run_id)["status"] == "cancelled"
-    assert cancel_run(pipeline.pool, child_id, owner) == "cancelled"
+    # The sub-workflow run it waited for goes with it.
+    child = pipeline.run(child_id)
+    assert (child["status"], child["error"]) == ("cancelled", "its parent run was cancelled")
 
 
 def test_the_sweep_wakes_a_parent_whose_child_ended_outside_a_worker(pipeline: Pipeline) -> None:

@@ -198,7 +198,7 @@ def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
     """
     with pool.connection() as conn, conn.transaction():
         row = conn.execute(
-            "SELECT status FROM runs WHERE id = %s AND owner_id = %s FOR UPDATE",
+            "SELECT status, waiting_for FROM runs WHERE id = %s AND owner_id = %s FOR UPDATE",
             (str(run_id), str(owner_id)),
         ).fetchone()
         if row is None:
@@ -207,14 +207,38 @@ def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
         if status in ("queued", "delayed", "waiting"):  # waiting: parked until a sub-workflow ends
             conn.execute(
                 "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
-                "error = 'cancelled before it started' WHERE id = %s",
+                "error = CASE WHEN status = 'waiting' THEN 'cancelled while waiting for a sub-workflow' "
+                "ELSE 'cancelled before it started' END WHERE id = %s",
                 (str(run_id),),
             )
+            if row["waiting_for"] is not None:
+                _cancel_sub_runs(conn, row["waiting_for"])
             return "cancelled"
         if status == "running":
             conn.execute("UPDATE runs SET cancel_requested = true, updated_at = now() WHERE id = %s", (str(run_id),))
             return "running"
         raise ConflictError(f"the run has already finished ({status})")
+
+
+def _cancel_sub_runs(conn: DictConnection, child_id: UUID) -> None:
+    """Cancel the sub-workflow run a cancelled parent waited for, and the runs it started in turn."""
+    conn.execute(
+        """
+        WITH RECURSIVE tree AS (
+            SELECT id FROM runs WHERE id = %(child)s
+            UNION
+            SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id
+        )
+        UPDATE runs SET
+            status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+            cancel_requested = status = 'running',
+            finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+            error = CASE WHEN status = 'running' THEN error ELSE 'its parent run was cancelled' END,
+            updated_at = now()
+        WHERE id IN (SELECT id FROM tree) AND status IN ('queued', 'delayed', 'waiting', 'running')
+        """,
+        {"child": child_id},
+    )
 
 
 def change_rate_limit(pool: Pool, broker: dramatiq.Broker, limiter: RateLimiter, per_minute: int) -> int:
@@ -378,7 +402,8 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
             SELECT (SELECT count(*) FROM runs WHERE status = 'succeeded'
                       AND finished_at > now() - interval '24 hours') AS completed,
                    (SELECT count(*) FROM runs WHERE status = 'failed'
-                      AND finished_at > now() - interval '7 days') AS failed
+                      AND finished_at > now() - interval '7 days') AS failed,
+                   (SELECT count(*) FROM runs WHERE status = 'waiting') AS parked
             """
         ).fetchone()
     assert done is not None
@@ -393,6 +418,7 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
         rate_limit_per_minute=limiter.limit(),
         rate_used=limiter.used(),
         redis=redis,
+        extra={"waitingOnSubWorkflows": int(done["parked"])},
     )
 
 
@@ -412,6 +438,8 @@ def seeds_stats_body(stats: QueueStats, scheduler: dict[str, Any]) -> dict[str, 
         "waitingByPriority": {str(k): v for k, v in sorted(stats.waiting_by_priority.items())},
         "rateLimit": {"perMinute": stats.rate_limit_per_minute, "usedLastMinute": stats.rate_used},
         "concurrency": stats.concurrency,
+        # Runs parked until a sub-workflow ends: they hold no worker and are not waiting for one.
+        "waitingOnSubWorkflows": int(stats.extra.get("waitingOnSubWorkflows", 0)),
     }
     capacity: dict[str, Any]
     if stats.redis:

@@ -175,6 +175,7 @@ class QueueInfo(_Out):
     waiting_by_priority: dict[str, int]
     rate_limit: dict[str, int]
     concurrency: int
+    waiting_on_sub_workflows: int
 
 
 class SchedulerInfo(_Out):

@@ -60,3 +60,16 @@ def bench_servers(*suffixes: str) -> Iterator[BenchServers]:
                 conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         if embedded is not None:
             embedded.stop_started()
+
+
+def worker_env(db_url: str, redis_url: str, prefix: str, threads: int) -> dict[str, str]:
+    """Settings of a benchmarked Sluice worker: no rate limit or per-user cap in the way."""
+    return {
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "SLUICE_REDIS_PREFIX": prefix,
+        "SLUICE_CONCURRENCY": str(threads),
+        "SLUICE_RATE_LIMIT_PER_MINUTE": "10000000",
+        "SLUICE_USER_CONCURRENCY": "10000",
+        "SLUICE_LOG_LEVEL": "WARNING",
+    }

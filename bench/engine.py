@@ -31,7 +31,7 @@ import psutil
 from psycopg.types.json import Jsonb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_servers
+from common import bench_servers, worker_env
 from pipeline import spawn, stop, wait_until
 
 from sluice_common.broker import make_broker, send_run_message
@@ -93,15 +93,7 @@ def batch(pool: Any, broker: Any, procs: list[Any], user: Any, wf: Any, n: int, 
 def bench(
     db_url: str, redis_url: str, prefix: str, n: int, processes: int
 ) -> tuple[dict[str, float], dict[str, float]]:
-    env_vars = {
-        "DATABASE_URL": db_url,
-        "REDIS_URL": redis_url,
-        "SLUICE_REDIS_PREFIX": prefix,
-        "SLUICE_CONCURRENCY": str(THREADS),
-        "SLUICE_RATE_LIMIT_PER_MINUTE": "10000000",
-        "SLUICE_USER_CONCURRENCY": "10000",
-        "SLUICE_LOG_LEVEL": "WARNING",
-    }
+    env_vars = worker_env(db_url, redis_url, prefix, THREADS)
     settings = load_settings(env_vars)
     pool = open_pool(settings, db_url, name="bench", max_size=4)
     broker = make_broker(settings, redis_url)

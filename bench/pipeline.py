@@ -34,7 +34,7 @@ from sluice_common.runs import enqueue_run
 from sluice_common.settings import load_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_servers
+from common import bench_servers, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 10
@@ -143,15 +143,7 @@ def baseline(
 def sluice(
     db_url: str, redis_url: str, prefix: str, n: int, processes: int, rate: float, seconds: float
 ) -> dict[str, float]:
-    env_vars = {
-        "DATABASE_URL": db_url,
-        "REDIS_URL": redis_url,
-        "SLUICE_REDIS_PREFIX": prefix,
-        "SLUICE_CONCURRENCY": str(THREADS),
-        "SLUICE_RATE_LIMIT_PER_MINUTE": "10000000",
-        "SLUICE_USER_CONCURRENCY": "10000",
-        "SLUICE_LOG_LEVEL": "WARNING",
-    }
+    env_vars = worker_env(db_url, redis_url, prefix, THREADS)
     settings = load_settings(env_vars)
     pool = open_pool(settings, db_url, name="bench", max_size=4)
     broker = make_broker(settings, redis_url)

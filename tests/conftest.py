@@ -56,6 +56,13 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float 
         time.sleep(interval)
 
 
+def process_env(database_url: str, redis_url: str, redis_prefix: str, **settings: str) -> dict[str, str]:
+    """This environment without any Sluice setting of its own, pointed at the given servers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+    env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SLUICE_REDIS_PREFIX=redis_prefix, **settings)
+    return env
+
+
 def with_database(url: str, name: str) -> str:
     """The same server URL, pointing at database ``name``."""
     parts = urlsplit(url)
@@ -163,16 +170,14 @@ def db(fresh_database: str) -> Iterator[psycopg.Connection[tuple[object, ...]]]:
 def service_env(servers: Servers, fresh_database: str, redis_prefix: str, tmp_path: Path) -> dict[str, str]:
     """Environment for a Sluice process bound to a database of its own, this run's Redis prefix
     and a temp dir (the run's database stays the clean template of the others)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
-    env.update(
-        DATABASE_URL=fresh_database,
-        REDIS_URL=servers.redis_url,
-        SLUICE_REDIS_PREFIX=redis_prefix,
+    return process_env(
+        fresh_database,
+        servers.redis_url,
+        redis_prefix,
         SLUICE_DATA_DIR=str(tmp_path / "data"),
         # The tests' HTTP server listens on 127.0.0.1, which HTTP steps refuse by default.
         SLUICE_HTTP_ALLOW_PRIVATE="true",
     )
-    return env
 
 
 @pytest.fixture

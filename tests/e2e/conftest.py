@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import uuid
@@ -15,7 +14,7 @@ import psycopg
 import pytest
 
 from sluice_common import users
-from tests.conftest import Servers, start_sluice
+from tests.conftest import Servers, process_env, start_sluice
 from tests.e2e.helpers import free_port, wait_for
 
 
@@ -48,13 +47,12 @@ def api(
 ) -> Iterator[Api]:
     """``sluice api`` (two gunicorn workers), ``sluice worker`` and ``sluice scheduler`` on this run's servers."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
     data: Path = tmp_path_factory.mktemp("api")
-    env.update(
-        DATABASE_URL=module_database,
-        REDIS_URL=servers.redis_url,
+    env = process_env(
+        module_database,
+        servers.redis_url,
         # Its own namespace: the module's queue is not shared with other tests' workers.
-        SLUICE_REDIS_PREFIX=f"{redis_prefix}_api{port}",
+        f"{redis_prefix}_api{port}",
         SLUICE_DATA_DIR=str(data),
         SLUICE_API_BIND=f"127.0.0.1:{port}",
         SLUICE_API_WORKERS="2",

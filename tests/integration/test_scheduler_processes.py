@@ -7,7 +7,6 @@ PostgreSQL: ``cron_fires.fired_at`` (the claim's ``clock_timestamp()``) minus th
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from sluice_common.cron import RedisSchedulerLink, status_key
-from tests.conftest import SLUICE
+from tests.conftest import SLUICE, process_env
 from tests.integration.conftest import Pipeline
 from tests.integration.test_scheduler import cron_workflow, db_now, fires, runs, wait_until
 
@@ -29,12 +28,7 @@ Spawn = Callable[[], subprocess.Popen[bytes]]
 @pytest.fixture
 def spawn(pipeline: Pipeline) -> Iterator[Spawn]:
     procs: list[subprocess.Popen[bytes]] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
-    env.update(
-        DATABASE_URL=pipeline.settings.database_url or "",
-        REDIS_URL=pipeline.redis_url,
-        SLUICE_REDIS_PREFIX=pipeline.settings.redis_prefix,
-    )
+    env = process_env(pipeline.settings.database_url or "", pipeline.redis_url, pipeline.settings.redis_prefix)
 
     def start() -> subprocess.Popen[bytes]:
         proc = subprocess.Popen([*SLUICE, "scheduler"], env=env)  # the group's default: run a replica

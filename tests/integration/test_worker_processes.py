@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.conftest import process_env
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
 
@@ -20,11 +20,10 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 @pytest.fixture
 def spawn(pipeline: Pipeline) -> Iterator[object]:
     procs: list[subprocess.Popen[bytes]] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
-    env.update(
-        DATABASE_URL=pipeline.settings.database_url or "",
-        REDIS_URL=pipeline.redis_url,
-        SLUICE_REDIS_PREFIX=pipeline.settings.redis_prefix,
+    env = process_env(
+        pipeline.settings.database_url or "",
+        pipeline.redis_url,
+        pipeline.settings.redis_prefix,
         SLUICE_LEASE_SECONDS="3",
         SLUICE_CONCURRENCY="2",
         SLUICE_RATE_LIMIT_PER_MINUTE="100000",

@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 import dramatiq
-from psycopg.rows import DictRow, tuple_row
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message
@@ -81,8 +81,6 @@ def insert_run(
     *,
     workflow_id: UUID | str,
     owner_id: UUID | str,
-    workflow_version: int,
-    workflow_settings: dict[str, Any] | None,
     trigger_type: str,
     trigger_data: Any = None,
     priority: int = 5,
@@ -90,42 +88,47 @@ def insert_run(
     idempotency_key: str | None = None,
     traceparent: str | None = None,
     parent_run_id: UUID | str | None = None,
-) -> DictRow | None:
-    """Insert one run row in the caller's open transaction; return ``{id, status}``.
+) -> EnqueuedRun:
+    """Insert one run row on the caller's connection: the workflow check and the insert are one
+    statement. An idempotency hit returns the earlier run (``created`` false).
 
-    ``None`` when ``idempotency_key`` matched an existing run. The caller commits, then sends the
-    wake-up with :func:`~sluice_common.broker.send_run_message`: the scheduler uses this to create
-    a cron run in the same transaction that claims its fire.
+    :func:`enqueue_run` runs it in autocommit; the scheduler runs it in the transaction that
+    claims a cron fire, commits, then sends the wake-up with
+    :func:`~sluice_common.broker.send_run_message`.
     """
     _check_options(priority, delay_ms, trigger_type)
-    max_attempts = (workflow_settings or {}).get("maxAttempts") or settings.max_attempts
-    return conn.execute(
-        """
-        INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type,
-                          trigger_data, priority, status, max_attempts, not_before, dispatch_at,
-                          idempotency_key, traceparent)
-        SELECT %(wf)s, %(owner)s, %(version)s, %(parent)s, %(trigger)s, %(data)s, %(priority)s,
-               CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END, %(max_attempts)s,
-               CASE WHEN %(delay)s > 0 THEN ready END, ready + %(aging)s, %(key)s, %(traceparent)s
-        FROM (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
-        ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-        RETURNING id, status
-        """,
-        {
-            "wf": str(workflow_id),
-            "owner": str(owner_id),
-            "version": workflow_version,
-            "parent": str(parent_run_id) if parent_run_id else None,
-            "trigger": trigger_type,
-            "data": Jsonb(trigger_data if trigger_data is not None else {}),
-            "priority": priority,
-            "delay": delay_ms,
-            "max_attempts": max_attempts,
-            "aging": dispatch_delay(settings, priority),
-            "key": idempotency_key,
-            "traceparent": traceparent,
-        },
-    ).fetchone()
+    params = {
+        "wf": str(workflow_id),
+        "owner": str(owner_id),
+        "parent": str(parent_run_id) if parent_run_id else None,
+        "trigger": trigger_type,
+        "data": Jsonb(trigger_data if trigger_data is not None else {}),
+        "priority": priority,
+        "delay": delay_ms,
+        "max_attempts": settings.max_attempts,
+        "aging": dispatch_delay(settings, priority),
+        # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first)
+        # the key of the owner's manual runs, nor the other way round.
+        "key": f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None,
+        "traceparent": traceparent,
+    }
+    # Plain tuples: the hot path of every accepted run skips building a dict per row.
+    with conn.cursor(row_factory=tuple_row) as cur:
+        found = cur.execute(ENQUEUE_SQL, params).fetchone()
+        assert found is not None
+        workflow_status, run_id, status = found
+        if workflow_status is None:
+            raise NotFoundError("no such workflow")
+        if workflow_status != "active":
+            raise ConflictError("the workflow is paused; activate it to run it")
+        if run_id is not None:
+            return EnqueuedRun(run_id, status, created=True)
+        existing = cur.execute(
+            "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
+            (params["wf"], params["key"]),
+        ).fetchone()
+    assert existing is not None
+    return EnqueuedRun(existing[0], existing[1], created=False)
 
 
 def enqueue_run(
@@ -145,50 +148,32 @@ def enqueue_run(
     sender: WakeupSender | None = None,
 ) -> EnqueuedRun:
     """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name."""
-    _check_options(priority, delay_ms, trigger_type)
-    # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first) the key
-    # of the owner's manual runs, nor the other way round.
-    key = f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None
-    params = {
-        "wf": str(workflow_id),
-        "owner": str(owner_id),
-        "parent": str(parent_run_id) if parent_run_id else None,
-        "trigger": trigger_type,
-        "data": Jsonb(trigger_data if trigger_data is not None else {}),
-        "priority": priority,
-        "delay": delay_ms,
-        "max_attempts": settings.max_attempts,
-        "aging": dispatch_delay(settings, priority),
-        "key": key,
-        "traceparent": traceparent,
-    }
     with pool.connection() as conn:
-        # One statement (one round trip, atomic on its own): the workflow check and the insert.
-        # Plain tuples: the hot path of every accepted run skips building a dict per row.
-        with conn.cursor(row_factory=tuple_row) as cur:
-            found = cur.execute(ENQUEUE_SQL, params).fetchone()
-        assert found is not None
-        workflow_status, run_id, status = found
-        if workflow_status is None:
-            raise NotFoundError("no such workflow")
-        if workflow_status != "active":
-            raise ConflictError("the workflow is paused; activate it to run it")
-        if run_id is None:
-            existing = conn.execute(
-                "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
-                (str(workflow_id), key),
-            ).fetchone()
-            assert existing is not None
-            return EnqueuedRun(existing["id"], existing["status"], created=False)
+        # Autocommit: one statement, one round trip, atomic on its own.
+        run = insert_run(
+            conn,
+            settings,
+            workflow_id=workflow_id,
+            owner_id=owner_id,
+            trigger_type=trigger_type,
+            trigger_data=trigger_data,
+            priority=priority,
+            delay_ms=delay_ms,
+            idempotency_key=idempotency_key,
+            traceparent=traceparent,
+            parent_run_id=parent_run_id,
+        )
+    if not run.created:
+        return run
     try:
         if sender is not None:
-            sender.send(str(run_id), delay_ms=delay_ms, traceparent=traceparent)
+            sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
         else:
-            send_run_message(broker, str(run_id), delay_ms=delay_ms, traceparent=traceparent)
+            send_run_message(broker, str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
     except Exception:
         # The run is safe in PostgreSQL; the reconciler sends its wake-up once Redis is back.
-        log.warning("run %s stored but its message could not be sent yet", run_id, exc_info=True)
-    return EnqueuedRun(run_id, status, created=True)
+        log.warning("run %s stored but its message could not be sent yet", run.run_id, exc_info=True)
+    return run
 
 
 def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:

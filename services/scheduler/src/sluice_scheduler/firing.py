@@ -66,16 +66,12 @@ def _busy(conn: DictConnection, workflow_id: str) -> bool:
     return bool(row and row["busy"])
 
 
-def _create_run(
-    conn: DictConnection, settings: Settings, wf: CronWorkflow, row: dict[str, Any], scheduled_at: datetime, extra: Any
-) -> UUID:
+def _create_run(conn: DictConnection, settings: Settings, wf: CronWorkflow, scheduled_at: datetime, extra: Any) -> UUID:
     run = insert_run(
         conn,
         settings,
         workflow_id=wf.id,
         owner_id=wf.owner_id,
-        workflow_version=row["version"],
-        workflow_settings=row["settings"],
         trigger_type="cron",
         trigger_data={
             "scheduledAt": iso(scheduled_at),
@@ -85,8 +81,7 @@ def _create_run(
         },
         priority=settings.cron_priority,
     )
-    assert run is not None  # no idempotency key, so always a new row
-    return UUID(str(run["id"]))
+    return run.run_id
 
 
 class _Duplicate(Exception):
@@ -121,7 +116,7 @@ def fire(
                     outcome = "skipped_overlap" if waiting else "deferred"
             if outcome in ("fired", "catch_up"):
                 extra = {"catchUp": True, "missedSlots": planned.missed_slots} if outcome == "catch_up" else {}
-                run_id = _create_run(conn, settings, wf, row, planned.scheduled_at, extra)
+                run_id = _create_run(conn, settings, wf, planned.scheduled_at, extra)
             claimed = conn.execute(
                 "INSERT INTO cron_fires (workflow_id, scheduled_at, fired_at, outcome, missed_slots, run_id) "
                 "VALUES (%s, %s, clock_timestamp(), %s, %s, %s) ON CONFLICT DO NOTHING RETURNING scheduled_at",
@@ -177,7 +172,7 @@ def release_deferred(
             if _busy(conn, wf_id):
                 waiting += 1
                 continue
-            run_id = _create_run(conn, settings, wf, row, pending["scheduled_at"], {"deferred": True})
+            run_id = _create_run(conn, settings, wf, pending["scheduled_at"], {"deferred": True})
             conn.execute(
                 "UPDATE cron_fires SET outcome = 'fired', run_id = %s, fired_at = clock_timestamp() "
                 "WHERE workflow_id = %s AND scheduled_at = %s",

@@ -1,14 +1,27 @@
-"""Wake-ups sent in batches (the API's WakeupSender) on real Redis, through Dramatiq's own script."""
+"""Wake-ups sent in batches (the API's WakeupSender) on real Redis, in Dramatiq's layout: its consumer reads them."""
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import redis
+from dramatiq.broker import MessageProxy
 
 from sluice_common.broker import RUN_QUEUE, DoorbellRedisBroker, WakeupSender, make_broker
 from sluice_common.settings import load_settings
 from tests.conftest import Servers
+
+
+def _drain(broker: DoorbellRedisBroker, queue: str, expected: int) -> list[MessageProxy]:
+    consumer = broker.consume(queue, prefetch=100, timeout=100)
+    got: list[MessageProxy] = []
+    for _ in range(expected + 5):
+        message = next(consumer)
+        if message is not None:
+            got.append(message)
+    consumer.close()
+    return got
 
 
 def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, redis_prefix: str) -> None:
@@ -25,14 +38,22 @@ def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, re
         assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 45
         assert client.hlen(f"{ns}:{RUN_QUEUE}.DQ.msgs") == 5
         assert client.llen(broker.doorbell_key(RUN_QUEUE)) == 45
+        assert client.llen(broker.doorbell_key(f"{RUN_QUEUE}.DQ")) == 5
+        # Dramatiq's own consumer fetches them, in order, with their run ids; delayed ones carry an eta.
+        got = _drain(broker, RUN_QUEUE, 45)
+        assert [m.args[0] for m in got] == [f"run-{i}" for i in range(50) if i % 10]
+        assert all(m.actor_name == "execute_run" and m.options["redis_message_id"] for m in got)
+        held = _drain(broker, f"{RUN_QUEUE}.DQ", 5)
+        assert sorted(m.args[0] for m in held) == [f"run-{i}" for i in range(0, 50, 10)]
+        assert all(m.options["eta"] > time.time() * 1000 + 50_000 for m in held)
 
-        # Redis forgot its scripts (as after a restart): the batch falls back and loses nothing.
+        # Redis forgot its scripts (as after a restart): the script is loaded again, nothing is lost.
         client.script_flush()
         sender = WakeupSender(broker)
         for i in range(10):
             sender.send(f"again-{i}")
         sender.close()
-        assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 55
+        assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 55  # 45 fetched above (not acked) and 10 new
     finally:
         broker.close()
         client.close()

@@ -10,12 +10,12 @@ find nothing to claim); the reconciler tops up missing ones.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RUN_QUEUE = "runs"
 RUN_ACTOR = "execute_run"
+Wakeup = tuple[str, int | None, str | None]  # run id, delay in ms (None: now), W3C traceparent
 
 # Milliseconds Dramatiq waits for a crashed process's unacknowledged messages to be re-queued.
 HEARTBEAT_TIMEOUT_MS = 15_000
@@ -49,6 +50,27 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 DOORBELL_WAIT_S = 0.5
 DELAYED_DOORBELL_WAIT_S = 0.05
 _DOORBELL_MAX = 10_000
+
+# Dramatiq's Redis layout for an enqueued message (its ``dispatch`` script's "enqueue"): the body
+# in the queue's ``.msgs`` hash, the id at the end of the queue's list; then each queue's doorbell
+# rings once per message. ARGV: namespace, doorbell cap, then (queue, message id, body) triples.
+_ENQUEUE_MANY = """
+local ns = ARGV[1]
+local rings = {}
+for i = 3, #ARGV, 3 do
+  local queue = ns .. ':' .. ARGV[i]
+  redis.call('HSET', queue .. '.msgs', ARGV[i + 1], ARGV[i + 2])
+  redis.call('RPUSH', queue, ARGV[i + 1])
+  rings[queue .. '.bell'] = (rings[queue .. '.bell'] or 0) + 1
+end
+for bell, count in pairs(rings) do
+  for _ = 1, count do
+    redis.call('RPUSH', bell, 1)
+  end
+  redis.call('LTRIM', bell, -tonumber(ARGV[2]), -1)
+end
+return #ARGV
+"""
 
 
 class _DoorbellConsumer(Consumer):
@@ -93,6 +115,10 @@ class _DoorbellConsumer(Consumer):
 class DoorbellRedisBroker(RedisBroker):
     """A RedisBroker whose enqueue rings a per-queue doorbell that idle consumers wait on."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
+        self._enqueue_many = self.client.register_script(_ENQUEUE_MANY)
+
     def doorbell_key(self, queue_name: str) -> str:
         return f"{self.namespace}:{queue_name}.bell"
 
@@ -105,51 +131,22 @@ class DoorbellRedisBroker(RedisBroker):
         pipe.execute()
         return sent
 
-    def enqueue_many(self, items: list[tuple[dramatiq.Message[Any], int | None]]) -> None:
-        """Enqueue ``(message, delay)`` pairs and ring their doorbells in one Redis round trip.
+    def send_wakeups(self, wakeups: list[Wakeup]) -> None:
+        """Enqueue run wake-ups and ring their doorbells in one script call.
 
-        Each message goes in as :meth:`RedisBroker.enqueue` puts it (a fresh Redis message id, an
-        ``eta`` and the delay queue when delayed, Dramatiq's own ``dispatch`` script), without its
-        enqueue hooks, which none of Sluice's middleware uses.
+        Each goes where :meth:`RedisBroker.enqueue` would put its message (a fresh Redis message
+        id, an ``eta`` and the delay queue when delayed; the id in the queue's list, the body in
+        its ``.msgs`` hash, as Dramatiq's ``dispatch`` script does), without enqueue hooks, which
+        none of Sluice's middleware uses. One script call per batch instead of one per message is
+        what makes a busy producer's wake-ups cheap.
         """
-        dispatch = self.scripts["dispatch"]
-        pipe = self.client.pipeline(transaction=False)
-        bells: Counter[str] = Counter()
-        for message, delay in items:
-            queue_name = message.queue_name
-            options: dict[str, Any] = {"redis_message_id": str(uuid.uuid4())}
-            if delay is not None:
-                queue_name = dq_name(queue_name)
-                options["eta"] = current_millis() + delay
-            message = message.copy(queue_name=queue_name, options=options)
-            # EVALSHA directly: a pipeline that runs a Script object first asks Redis whether
-            # the script exists, one more round trip per batch.
-            pipe.evalsha(
-                dispatch.sha,
-                1,
-                self.namespace,
-                "enqueue",
-                current_millis(),
-                queue_name,
-                self.broker_id,
-                self.heartbeat_timeout,
-                self.dead_message_ttl,
-                self._should_do_maintenance("enqueue"),
-                self._max_unpack_size(),  # type: ignore[no-untyped-call]
-                options["redis_message_id"],
-                message.encode(),
-            )
-            bells[self.doorbell_key(queue_name)] += 1
-        for key, count in bells.items():
-            pipe.rpush(key, *([1] * count))
-            pipe.ltrim(key, -_DOORBELL_MAX, -1)
-        try:
-            pipe.execute()
-        except redis.exceptions.NoScriptError:
-            # Redis does not have the script yet (first use, or after a restart), so no message
-            # went in; the bells did ring. Send them one by one, which loads the script.
-            for message, delay in items:
-                RedisBroker.enqueue(self, message, delay=delay)
+        args: list[Any] = [self.namespace, _DOORBELL_MAX]
+        for run_id, delay_ms, traceparent in wakeups:
+            redis_message_id = str(uuid.uuid4())
+            eta = current_millis() + delay_ms if delay_ms else None
+            queue_name = dq_name(RUN_QUEUE) if eta is not None else RUN_QUEUE
+            args += (queue_name, redis_message_id, wakeup_body(run_id, redis_message_id, eta, traceparent))
+        self._enqueue_many(args=args)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
         return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=timeout), self, queue_name)
@@ -179,7 +176,7 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
     """A Redis broker namespaced by ``SLUICE_REDIS_PREFIX``, or an in-process one (standalone)."""
     broker: dramatiq.Broker
     if redis_url:
-        broker = DoorbellRedisBroker(  # type: ignore[no-untyped-call]
+        broker = DoorbellRedisBroker(
             # Timeouts, so that a Redis that hangs (rather than refusing) cannot block a sender or
             # a request thread for ever; consumers' blocking waits are far shorter than these.
             client=redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5),
@@ -193,6 +190,25 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
         broker = StubBroker(middleware=middleware(settings))
     broker.declare_queue(RUN_QUEUE)
     return broker
+
+
+def wakeup_body(run_id: str, redis_message_id: str, eta: int | None, traceparent: str | None) -> bytes:
+    """A run wake-up as :meth:`dramatiq.Message.encode` writes it once the Redis broker has given it
+    its Redis id (and its ``eta`` when delayed), built without the two Message objects per wake-up."""
+    options: dict[str, Any] = {"traceparent": traceparent} if traceparent else {}
+    options["redis_message_id"] = redis_message_id
+    if eta is not None:
+        options["eta"] = eta
+    body = {
+        "queue_name": dq_name(RUN_QUEUE) if eta is not None else RUN_QUEUE,
+        "actor_name": RUN_ACTOR,
+        "args": [run_id],
+        "kwargs": {},
+        "options": options,
+        "message_id": str(uuid.uuid4()),
+        "message_timestamp": current_millis(),
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def send_run_message(
@@ -235,7 +251,7 @@ class WakeupSender:
         self._thread.start()
 
     def send(self, run_id: str, *, delay_ms: int | None = None, traceparent: str | None = None) -> None:
-        self._queue.put(run_message(run_id, delay_ms=delay_ms, traceparent=traceparent))
+        self._queue.put((run_id, delay_ms if delay_ms and delay_ms > 0 else None, traceparent))
 
     def _loop(self) -> None:
         busy = False
@@ -243,15 +259,16 @@ class WakeupSender:
             item = self._queue.get()
             if item is self._STOP:
                 return
+            if busy:
+                # Under load, let more gather: a few wake-ups per round trip cost far less CPU than
+                # one each, for a start at most LINGER_S later. Sleeping (rather than waiting on the
+                # queue) spares a thread switch per wake-up. A lone one at light load goes at once.
+                time.sleep(self.LINGER_S)
             batch = [item]
             stop = False
-            # Under load, wait a moment for more: a few wake-ups per round trip cost far less CPU
-            # than one each, for a start at most LINGER_S later. A lone wake-up (light load, the
-            # last batch was a single one) goes at once.
-            until = time.monotonic() + (self.LINGER_S if busy else 0.0)
             while len(batch) < self._max_batch:
                 try:
-                    more = self._queue.get(timeout=max(0.0, until - time.monotonic()))
+                    more = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if more is self._STOP:
@@ -260,15 +277,18 @@ class WakeupSender:
                 batch.append(more)
             busy = len(batch) > 1
             try:
-                if isinstance(self._broker, DoorbellRedisBroker):
-                    self._broker.enqueue_many(batch)
-                else:
-                    for message, delay in batch:
-                        self._broker.enqueue(message, delay=delay)
+                self._send(batch)
             except Exception:
                 log.warning("%d wake-up(s) not sent; the reconciler will send them", len(batch), exc_info=True)
             if stop:
                 return
+
+    def _send(self, batch: list[Wakeup]) -> None:
+        if isinstance(self._broker, DoorbellRedisBroker):
+            self._broker.send_wakeups(batch)
+            return
+        for run_id, delay_ms, traceparent in batch:
+            send_run_message(self._broker, run_id, delay_ms=delay_ms, traceparent=traceparent)
 
     def close(self, timeout: float = 5.0) -> None:
         """Send what is waiting, then stop."""

@@ -241,7 +241,8 @@ class WakeupSender:
     """
 
     _STOP = object()
-    LINGER_S = 0.005
+    LINGER_S = 0.01
+    BUSY_BATCH = 4  # a batch this big means wake-ups come faster than one round trip each
 
     def __init__(self, broker: dramatiq.Broker, *, max_batch: int = 500) -> None:
         self._broker = broker
@@ -260,9 +261,10 @@ class WakeupSender:
             if item is self._STOP:
                 return
             if busy:
-                # Under load, let more gather: a few wake-ups per round trip cost far less CPU than
-                # one each, for a start at most LINGER_S later. Sleeping (rather than waiting on the
-                # queue) spares a thread switch per wake-up. A lone one at light load goes at once.
+                # Under load, let more gather: many wake-ups per round trip cost far less CPU than a
+                # few, for a start at most LINGER_S later. Sleeping (rather than waiting on the
+                # queue) spares a thread switch per wake-up. At light load (the last batch was
+                # small) a wake-up goes at once.
                 time.sleep(self.LINGER_S)
             batch = [item]
             stop = False
@@ -275,7 +277,7 @@ class WakeupSender:
                     stop = True
                     break
                 batch.append(more)
-            busy = len(batch) > 1
+            busy = len(batch) >= self.BUSY_BATCH
             try:
                 self._send(batch)
             except Exception:

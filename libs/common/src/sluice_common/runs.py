@@ -39,8 +39,8 @@ WITH wf AS (
 ), ins AS (
     INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
                       status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
-    SELECT wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s, %(data)s, %(priority)s,
-           CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END,
+    SELECT wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s::run_trigger, %(data)s, %(priority)s,
+           (CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END)::run_status,
            coalesce((wf.settings ->> 'maxAttempts')::int, %(max_attempts)s),
            CASE WHEN %(delay)s > 0 THEN t.ready END, t.ready + %(aging)s, %(key)s, %(traceparent)s
     FROM wf, (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
@@ -330,8 +330,8 @@ def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
                 FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND a.status = 'running'
             )
             UPDATE runs r SET
-                status = CASE WHEN lost.cancel_requested THEN 'cancelled'
-                              WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END,
+                status = (CASE WHEN lost.cancel_requested THEN 'cancelled'
+                               WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END)::run_status,
                 finished_at = CASE WHEN lost.cancel_requested OR lost.attempt >= lost.max_attempts THEN now() END,
                 error = 'worker lost during attempt ' || lost.attempt,
                 worker_id = NULL, lease_expires_at = NULL, updated_at = now()

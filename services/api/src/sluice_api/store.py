@@ -273,7 +273,7 @@ def list_runs(
             SELECT {_RUN_COLUMNS} FROM runs
             WHERE owner_id = %(owner)s
               AND (%(wf)s::uuid IS NULL OR workflow_id = %(wf)s)
-              AND (%(status)s::text IS NULL OR status = %(status)s)
+              AND (%(status)s::run_status IS NULL OR status = %(status)s::run_status)
               AND (%(since)s::timestamptz IS NULL OR queued_at >= %(since)s)
               AND (%(until)s::timestamptz IS NULL OR queued_at < %(until)s)
               AND (%(at)s::timestamptz IS NULL OR (queued_at, id) < (%(at)s, %(id)s::uuid))

@@ -86,12 +86,12 @@ FINISH_SQL = """
 WITH run AS (
     UPDATE runs SET
         -- A cancel requested while the attempt ran wins over retrying, handing back or parking.
-        status = CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued', 'waiting') THEN 'cancelled'
+        status = (CASE WHEN cancel_requested AND %(status)s IN ('delayed', 'queued', 'waiting') THEN 'cancelled'
                       -- The child may have ended before its parent parked: do not wait for it then.
                       WHEN %(status)s = 'waiting' AND EXISTS (
                           SELECT 1 FROM runs c WHERE c.id = %(child)s::uuid
                           AND c.status IN ('succeeded', 'failed', 'cancelled')) THEN 'queued'
-                      ELSE %(status)s END,
+                      ELSE %(status)s END)::run_status,
         waiting_for = CASE WHEN %(status)s = 'waiting' THEN %(child)s::uuid END,
         attempt = attempt - %(give_back)s,
         not_before = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested

@@ -10,7 +10,8 @@ from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, run_message, wakeup_body
 
 @pytest.mark.parametrize(("eta", "traceparent"), [(None, None), (1_900_000_000_000, None), (None, "00-ab-cd-01")])
 def test_wakeup_body_decodes_like_a_dramatiq_message(eta: int | None, traceparent: str | None) -> None:
-    decoded = dramatiq.Message.decode(wakeup_body("run-1", "redis-id", eta, traceparent))
+    queue_name, body = wakeup_body("run-1", "redis-id", eta, traceparent)
+    decoded = dramatiq.Message.decode(body)
 
     message, _ = run_message("run-1", traceparent=traceparent)
     options: dict[str, object] = {"redis_message_id": "redis-id"}
@@ -22,6 +23,7 @@ def test_wakeup_body_decodes_like_a_dramatiq_message(eta: int | None, traceparen
         "message_id": "",
         "message_timestamp": 0,
     }
+    assert queue_name == expected.queue_name
     assert decoded.actor_name == RUN_ACTOR
     assert decoded.args == ("run-1",)
     assert len(decoded.message_id) == 36

@@ -53,14 +53,14 @@ _DOORBELL_MAX = 10_000
 
 # Dramatiq's Redis layout for an enqueued message (its ``dispatch`` script's "enqueue"): the body
 # in the queue's ``.msgs`` hash, the id at the end of the queue's list; then each queue's doorbell
-# rings once per message. ARGV: namespace, doorbell cap, then (queue, message id, body) triples.
+# rings once per message. ARGV: namespace, doorbell cap, then (message id, queue, body) triples.
 _ENQUEUE_MANY = """
 local ns = ARGV[1]
 local rings = {}
 for i = 3, #ARGV, 3 do
-  local queue = ns .. ':' .. ARGV[i]
-  redis.call('HSET', queue .. '.msgs', ARGV[i + 1], ARGV[i + 2])
-  redis.call('RPUSH', queue, ARGV[i + 1])
+  local queue = ns .. ':' .. ARGV[i + 1]
+  redis.call('HSET', queue .. '.msgs', ARGV[i], ARGV[i + 2])
+  redis.call('RPUSH', queue, ARGV[i])
   rings[queue .. '.bell'] = (rings[queue .. '.bell'] or 0) + 1
 end
 for bell, count in pairs(rings) do
@@ -143,9 +143,8 @@ class DoorbellRedisBroker(RedisBroker):
         args: list[Any] = [self.namespace, _DOORBELL_MAX]
         for run_id, delay_ms, traceparent in wakeups:
             redis_message_id = str(uuid.uuid4())
-            eta = current_millis() + delay_ms if delay_ms else None
-            queue_name = dq_name(RUN_QUEUE) if eta is not None else RUN_QUEUE
-            args += (queue_name, redis_message_id, wakeup_body(run_id, redis_message_id, eta, traceparent))
+            eta = current_millis() + delay_ms if delay_ms and delay_ms > 0 else None
+            args += (redis_message_id, *wakeup_body(run_id, redis_message_id, eta, traceparent))
         self._enqueue_many(args=args)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
@@ -192,15 +191,17 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
     return broker
 
 
-def wakeup_body(run_id: str, redis_message_id: str, eta: int | None, traceparent: str | None) -> bytes:
-    """A run wake-up as :meth:`dramatiq.Message.encode` writes it once the Redis broker has given it
-    its Redis id (and its ``eta`` when delayed), built without the two Message objects per wake-up."""
+def wakeup_body(run_id: str, redis_message_id: str, eta: int | None, traceparent: str | None) -> tuple[str, bytes]:
+    """A run wake-up's queue and body, as :meth:`dramatiq.Message.encode` writes it once the Redis
+    broker has given it its Redis id (and its ``eta`` and the delay queue when delayed), built
+    without the two Message objects per wake-up."""
     options: dict[str, Any] = {"traceparent": traceparent} if traceparent else {}
     options["redis_message_id"] = redis_message_id
     if eta is not None:
         options["eta"] = eta
+    queue_name = dq_name(RUN_QUEUE) if eta is not None else RUN_QUEUE
     body = {
-        "queue_name": dq_name(RUN_QUEUE) if eta is not None else RUN_QUEUE,
+        "queue_name": queue_name,
         "actor_name": RUN_ACTOR,
         "args": [run_id],
         "kwargs": {},
@@ -208,7 +209,7 @@ def wakeup_body(run_id: str, redis_message_id: str, eta: int | None, traceparent
         "message_id": str(uuid.uuid4()),
         "message_timestamp": current_millis(),
     }
-    return json.dumps(body, separators=(",", ":")).encode()
+    return queue_name, json.dumps(body, separators=(",", ":")).encode()
 
 
 def send_run_message(
@@ -252,7 +253,7 @@ class WakeupSender:
         self._thread.start()
 
     def send(self, run_id: str, *, delay_ms: int | None = None, traceparent: str | None = None) -> None:
-        self._queue.put((run_id, delay_ms if delay_ms and delay_ms > 0 else None, traceparent))
+        self._queue.put((run_id, delay_ms, traceparent))
 
     def _loop(self) -> None:
         busy = False

@@ -9,7 +9,7 @@ never claimed again, so redelivered messages are harmless.
 Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, workflow and
 checkpoints, committed without waiting for the WAL flush) and one finishing statement (which
 also writes the last step's checkpoint); one more per earlier step. The claim is the
-``sluice_claim_run`` function (migration 0003): it serialises claims per user, not globally, so
+``sluice_claim_run`` function (migrations 0003 and 0008): it serialises claims per user, not globally, so
 the per-user cap is exact while different users' runs are claimed in parallel.
 
 Parking (a ``delay`` step, a ``workflow`` step waiting for its child) ends the attempt as

@@ -8,7 +8,7 @@ import uuid
 import redis
 from dramatiq.broker import MessageProxy
 
-from sluice_common.broker import RUN_QUEUE, DoorbellRedisBroker, WakeupSender, make_broker
+from sluice_common.broker import DOORBELL_MAX, RUN_QUEUE, DoorbellRedisBroker, WakeupSender, make_broker
 from sluice_common.settings import load_settings
 from tests.conftest import Servers
 
@@ -54,6 +54,15 @@ def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, re
             sender.send(f"again-{i}")
         sender.close()
         assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 55  # 45 fetched above (not acked) and 10 new
+
+        # A burst leaves no more rings than the cap: after it, idle consumers sleep again at once
+        # instead of spinning through one stale ring per message of the burst.
+        sender = WakeupSender(broker)
+        for i in range(3 * DOORBELL_MAX):
+            sender.send(f"burst-{i}")
+        sender.close()
+        assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 55 + 3 * DOORBELL_MAX
+        assert client.llen(broker.doorbell_key(RUN_QUEUE)) == DOORBELL_MAX
     finally:
         broker.close()
         client.close()

@@ -49,7 +49,11 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 # waits, so it waits only briefly: that bounds how late a delayed run or a retry can start.
 DOORBELL_WAIT_S = 0.5
 DELAYED_DOORBELL_WAIT_S = 0.05
-_DOORBELL_MAX = 10_000
+# Rings kept per doorbell: enough to wake every idle consumer of a large fleet (one per worker
+# process and queue) at once. A burst rings once per message, and after it the queue is drained
+# by fetching, not by the bell: every ring beyond this cap would be a stale one that idle consumers
+# spin through (a fetch, an LLEN and a BLPOP each) before they can sleep again.
+DOORBELL_MAX = 128
 
 # Dramatiq's Redis layout for an enqueued message (its ``dispatch`` script's "enqueue"): the body
 # in the queue's ``.msgs`` hash, the id at the end of the queue's list; then each queue's doorbell
@@ -127,7 +131,7 @@ class DoorbellRedisBroker(RedisBroker):
         key = self.doorbell_key(sent.queue_name)  # the delay queue's own bell for delayed messages
         pipe = self.client.pipeline(transaction=False)
         pipe.rpush(key, 1)
-        pipe.ltrim(key, -_DOORBELL_MAX, -1)
+        pipe.ltrim(key, -DOORBELL_MAX, -1)
         pipe.execute()
         return sent
 
@@ -140,7 +144,7 @@ class DoorbellRedisBroker(RedisBroker):
         none of Sluice's middleware uses. One script call per batch instead of one per message is
         what makes a busy producer's wake-ups cheap.
         """
-        args: list[Any] = [self.namespace, _DOORBELL_MAX]
+        args: list[Any] = [self.namespace, DOORBELL_MAX]
         for run_id, delay_ms, traceparent in wakeups:
             redis_message_id = str(uuid.uuid4())
             eta = current_millis() + delay_ms if delay_ms and delay_ms > 0 else None

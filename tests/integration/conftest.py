@@ -13,7 +13,7 @@ import pytest
 import redis
 from psycopg.types.json import Jsonb
 
-from sluice_common.broker import make_broker
+from sluice_common.broker import make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runs import EnqueuedRun, enqueue_run
@@ -78,7 +78,9 @@ class Pipeline:
     def start_worker(self, threads: int = 1, **overrides: Any) -> WorkerApp:
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings
         broker = self.new_broker()
-        limiter = RedisRateLimiter(self.redis, settings.redis_prefix, settings.rate_limit_per_minute)
+        limiter = RedisRateLimiter(
+            self.redis, settings.redis_prefix, settings.rate_limit_per_minute, ready_queue=ready_queue_key(broker)
+        )
         app = create_worker(settings, self.pool, broker, limiter, threads=threads)
         app.start()
         self.workers.append(app)

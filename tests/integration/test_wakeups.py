@@ -8,7 +8,15 @@ import uuid
 import redis
 from dramatiq.broker import MessageProxy
 
-from sluice_common.broker import DOORBELL_MAX, RUN_QUEUE, DoorbellRedisBroker, WakeupSender, make_broker
+from sluice_common.broker import (
+    DOORBELL_MAX,
+    RUN_QUEUE,
+    DoorbellRedisBroker,
+    WakeupSender,
+    make_broker,
+    ready_queue_key,
+)
+from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.settings import load_settings
 from tests.conftest import Servers
 
@@ -63,6 +71,40 @@ def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, re
         sender.close()
         assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 55 + 3 * DOORBELL_MAX
         assert client.llen(broker.doorbell_key(RUN_QUEUE)) == DOORBELL_MAX
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_a_start_slot_and_a_waiting_wake_up_are_taken_together(servers: Servers, redis_prefix: str) -> None:
+    prefix = f"{redis_prefix}:{uuid.uuid4().hex[:8]}"
+    settings = load_settings({"SLUICE_REDIS_PREFIX": prefix})
+    broker = make_broker(settings, servers.redis_url)
+    client = redis.Redis.from_url(servers.redis_url)
+    queue = ready_queue_key(broker)
+    assert queue == f"{broker.namespace}:{RUN_QUEUE}"
+    limiter = RedisRateLimiter(client, prefix, 3, ready_queue=queue)
+    try:
+        # Nothing waits: no slot is taken.
+        assert limiter.acquire_waiting() is False
+        assert limiter.used() == 0
+        sender = WakeupSender(broker)
+        for i in range(4):
+            sender.send(f"run-{i}")
+        sender.close()
+        assert [limiter.acquire_waiting() for _ in range(4)] == [True, True, True, False]
+        # Three slots recorded, the three oldest wake-ups gone (list and body); the full window
+        # left the fourth where it was.
+        assert limiter.used() == 3
+        assert client.llen(queue) == 1
+        assert client.hlen(f"{queue}.msgs") == 1
+        [left] = _drain(broker, RUN_QUEUE, 1)
+        assert left.args[0] == "run-3"
+        # Giving back the last slot (nothing was claimable with it) frees it for the next start.
+        limiter.release()
+        assert limiter.used() == 2
+        # A limiter without the queue's key never takes anything.
+        assert RedisRateLimiter(client, prefix, 3).acquire_waiting() is False
     finally:
         broker.close()
         client.close()

@@ -99,9 +99,15 @@ class _DoorbellConsumer(Consumer):
 
     def __next__(self) -> MessageProxy | None:
         message = next(self._inner)
-        if message is None and self._client.llen(self._queue_key) == 0:
+        if message is None and not self._full() and self._client.llen(self._queue_key) == 0:
             self._client.blpop([self._bell], timeout=self._wait)
         return message
+
+    def _full(self) -> bool:
+        # With as many messages fetched as it may hold, the consumer has nothing to ask Redis:
+        # Dramatiq's own short back-off paces it until a message is acknowledged.
+        inner: Any = self._inner
+        return bool(inner.outstanding_message_count >= inner.prefetch)
 
     def ack(self, message: MessageProxy) -> None:
         self._inner.ack(message)
@@ -193,6 +199,11 @@ def make_broker(settings: Settings, redis_url: str | None) -> dramatiq.Broker:
         broker = StubBroker(middleware=middleware(settings))
     broker.declare_queue(RUN_QUEUE)
     return broker
+
+
+def ready_queue_key(broker: dramatiq.Broker) -> str | None:
+    """The Redis list of the run queue's ready wake-ups (Dramatiq's layout), or None in process."""
+    return f"{broker.namespace}:{RUN_QUEUE}" if isinstance(broker, RedisBroker) else None
 
 
 def wakeup_body(run_id: str, redis_message_id: str, eta: int | None, traceparent: str | None) -> tuple[str, bytes]:

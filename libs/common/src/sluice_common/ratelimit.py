@@ -21,21 +21,56 @@ import redis
 
 WINDOW_MS = 60_000
 
-# KEYS[1] window zset, KEYS[2] limit override; ARGV: now_ms, default limit, window_ms, member
-_ACQUIRE = """
+# KEYS[1] window zset, KEYS[2] limit override; ARGV: now_ms, default limit, window_ms, member.
+# Leaves `now`, `limit`, `window` and `used` (the starts in the window) for what follows.
+_WINDOW = """
 local now = tonumber(ARGV[1])
 local limit = tonumber(redis.call('GET', KEYS[2]) or ARGV[2])
 local window = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
 local used = redis.call('ZCARD', KEYS[1])
+"""
+
+_RECORD = """
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+"""
+
+_ACQUIRE = (
+    _WINDOW
+    + """
 if used < limit then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], window)
+"""
+    + _RECORD
+    + """
   return 0
 end
 local oldest = redis.call('ZRANGE', KEYS[1], used - limit, used - limit, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + window - now)
 """
+)
+
+# KEYS[3] the ready wake-ups' list (Dramatiq's queue), KEYS[4] their bodies (its ``.msgs`` hash).
+# Takes a start slot and the oldest ready wake-up together, or neither; returns 1 or 0.
+_ACQUIRE_WAITING = (
+    """
+if redis.call('LLEN', KEYS[3]) == 0 then
+  return 0
+end
+"""
+    + _WINDOW
+    + """
+if used >= limit then
+  return 0
+end
+"""
+    + _RECORD
+    + """
+local id = redis.call('LPOP', KEYS[3])
+redis.call('HDEL', KEYS[4], id)
+return 1
+"""
+)
 
 
 class RateLimiter(Protocol):
@@ -49,6 +84,15 @@ class RateLimiter(Protocol):
         back at once when there was nothing to claim.
         """
 
+    def acquire_waiting(self) -> bool:
+        """Record one start and take one ready wake-up off the broker's queue, or do neither.
+
+        For a worker thread that has just finished a run: while wake-ups wait in the queue, it
+        claims the next run itself instead of returning to the broker for the next message, and
+        the wake-up it takes is the one that run would have used. ``False`` when no wake-up waits,
+        the window is full, or the broker keeps no queue that can be read this way.
+        """
+
     def limit(self) -> int: ...
 
     def set_limit(self, per_minute: int) -> None: ...
@@ -57,12 +101,15 @@ class RateLimiter(Protocol):
 
 
 class RedisRateLimiter:
-    def __init__(self, client: redis.Redis, prefix: str, default_limit: int) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, default_limit: int, *, ready_queue: str | None = None) -> None:
+        """``ready_queue``: the Redis key of the run queue's list, for :meth:`acquire_waiting`."""
         self._client = client
         self._window_key = f"{prefix}:ratelimit:starts"
         self._limit_key = f"{prefix}:ratelimit:per_minute"
         self._default = default_limit
         self._script = client.register_script(_ACQUIRE)
+        self._waiting_script = client.register_script(_ACQUIRE_WAITING)
+        self._ready_keys = [ready_queue, f"{ready_queue}.msgs"] if ready_queue else None
         self._local = threading.local()
 
     def acquire(self) -> int:
@@ -74,6 +121,17 @@ class RedisRateLimiter:
         if wait == 0:
             self._local.member = member
         return wait
+
+    def acquire_waiting(self) -> bool:
+        if self._ready_keys is None:
+            return False
+        member = uuid.uuid4().hex
+        now_ms = int(time.time() * 1000)
+        keys = [self._window_key, self._limit_key, *self._ready_keys]
+        taken = bool(self._waiting_script(keys=keys, args=[now_ms, self._default, WINDOW_MS, member]))
+        if taken:
+            self._local.member = member
+        return taken
 
     def release(self) -> None:
         member = getattr(self._local, "member", None)
@@ -118,6 +176,11 @@ class LocalRateLimiter:
                 return 0
             oldest = self._starts[len(self._starts) - self._limit]
             return max(1, int((oldest + WINDOW_MS / 1000 - now) * 1000))
+
+    def acquire_waiting(self) -> bool:
+        # The in-process broker's queue is not shared with other processes: its worker threads
+        # take every message themselves, at no cost worth saving.
+        return False
 
     def release(self) -> None:
         stamp = getattr(self._local, "stamp", None)

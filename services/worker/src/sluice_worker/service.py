@@ -20,7 +20,7 @@ import httpx
 import redis
 from dramatiq import Worker
 
-from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker
+from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
 from sluice_common.lifecycle import service_main
 from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
@@ -114,12 +114,19 @@ def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> 
     broker = make_broker(settings, endpoints.redis_url)
     client = redis.Redis.from_url(endpoints.redis_url)
     try:
-        limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
+        limiter = RedisRateLimiter(
+            client, settings.redis_prefix, settings.rate_limit_per_minute, ready_queue=ready_queue_key(broker)
+        )
         app = create_worker(settings, pool, broker, limiter)
         app.start()
         log.info("worker %s ready: %d threads", app.executor.worker_id, settings.concurrency)
         stopping.wait()
-        log.info("worker stopping: finishing or handing back in-flight runs")
+        log.info(
+            "worker stopping after %d wake-up(s) and %d run(s) started off the queue directly; "
+            "finishing or handing back in-flight runs",
+            app.executor.wakeups,
+            app.executor.chained,
+        )
         app.stop()
     finally:
         broker.close()

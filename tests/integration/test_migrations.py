@@ -144,3 +144,32 @@ def test_queries_of_later_issues_use_indexes(db: psycopg.Connection[tuple[object
         plan = "\n".join(r[0] for r in db.execute(f"EXPLAIN {query}").fetchall())  # type: ignore[misc]
         assert "Index" in plan, f"{name}: {plan}"
     db.rollback()
+
+
+def test_the_claim_reads_the_dispatch_index_in_order_however_stale_the_statistics(
+    db: psycopg.Connection[tuple[object, ...]],
+) -> None:
+    # A burst the statistics do not know of yet (a new table here). Costed on such estimates, the
+    # claim's candidate query can come out cheaper as "fetch every waiting run and sort them" than
+    # as the ordered index read it is built for, and PL/pgSQL keeps that plan for the session.
+    # The function plans with sorting disabled (migration 0009), which leaves only the index read.
+    make_run(db)
+    db.execute(
+        "INSERT INTO runs (workflow_id, owner_id, workflow_version, trigger_type, status, max_attempts, dispatch_at) "
+        "SELECT workflow_id, owner_id, 1, 'manual', 'queued', 3, now() + g * interval '1 ms' "
+        "FROM runs, generate_series(1, 2000) g"
+    )
+    row = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'sluice_claim_run'").fetchone()
+    assert row is not None
+    config = list(row[0])  # type: ignore[call-overload]
+    assert config == ["enable_sort=off"]
+    db.execute("SET LOCAL enable_sort = off")
+    candidate = (
+        "SELECT r.id, r.owner_id FROM runs r WHERE r.status IN ('queued', 'delayed') "
+        "AND coalesce(r.not_before, '-infinity') <= now() AND NOT r.cancel_requested "
+        "ORDER BY r.dispatch_at, r.id LIMIT 1 FOR UPDATE SKIP LOCKED"
+    )
+    plan = "\n".join(str(r[0]) for r in db.execute(f"EXPLAIN {candidate}").fetchall())  # type: ignore[misc]
+    db.rollback()
+    assert "Index Scan using runs_dispatch_idx" in plan, plan
+    assert "Sort" not in plan, plan

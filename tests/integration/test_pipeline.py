@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+
+import httpx
 
 from sluice_common.broker import send_run_message
 from sluice_common.runs import (
@@ -14,6 +17,7 @@ from sluice_common.runs import (
     recover_expired,
     seeds_stats_body,
 )
+from sluice_worker.executor import CLAIM_SQL, RunExecutor
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
 
@@ -370,3 +374,51 @@ def test_recovery_counts_the_lost_attempt_and_honours_cancel(pipeline: Pipeline)
     pipeline.start_worker()
     [row] = pipeline.wait_for([again], TERMINAL)
     assert (row["status"], row["attempt"]) == ("succeeded", 2)
+
+
+def test_the_user_cap_is_exact_where_claims_share_the_owners_lock(pipeline: Pipeline) -> None:
+    # Far below the cap (by more than max_connections) claims take the owner's lock in shared
+    # mode and run side by side; near it they take it exclusively. Eight threads claiming at once
+    # across that boundary must stop at exactly the cap.
+    with pipeline.pool.connection() as conn:
+        row = conn.execute("SELECT current_setting('max_connections')::int AS m").fetchone()
+    assert row is not None
+    cap = int(row["m"]) + 6
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    runs = [pipeline.enqueue(wf, owner).run_id for _ in range(cap + 20)]
+    settings = pipeline.settings.model_copy(update={"user_concurrency": cap})
+    executor = RunExecutor(
+        settings, pipeline.pool, pipeline.broker, pipeline.limiter, httpx.Client(), "cap-test", threading.Event()
+    )
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def claim_all() -> None:
+        while (run := executor.claim()) is not None:
+            with lock:
+                claimed.append(run.run_id)
+
+    threads = [threading.Thread(target=claim_all) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(claimed) == len(set(claimed)) == cap
+    rows = [pipeline.run(r) for r in runs]
+    assert sum(r["status"] == "running" for r in rows) == cap
+
+
+def test_the_claim_is_costed_as_one_run_and_never_compiled(pipeline: Pipeline) -> None:
+    # sluice_claim_run returns one row at most (migration 0009): costed as PostgreSQL's default of
+    # 1,000, the claim statement crossed jit_above_cost and was JIT-compiled on every execution.
+    params = {"worker": "w", "lease": 30.0, "user_cap": 5}
+    with pipeline.pool.connection() as conn:
+        row = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchone()
+        assert row is not None
+        cost = float(row["QUERY PLAN"][0]["Plan"]["Total Cost"])
+        jit = conn.execute("SHOW jit").fetchone()
+    assert cost < 1_000, cost
+    # And Sluice's connections never JIT-compile whatever the planner estimates.
+    assert jit is not None
+    assert jit["jit"] == "off"

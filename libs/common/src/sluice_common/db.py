@@ -29,6 +29,14 @@ Pool = ConnectionPool[DictConnection]
 _MIGRATION_LOCK_ID = 0x51_1C_E0_00_00_00_01
 
 
+def _configure(conn: DictConnection) -> None:
+    # Every Sluice query is a short one: JIT compilation (PostgreSQL's default above a plan cost
+    # of 100,000) would only add its compile time, tens of milliseconds, to each execution of a
+    # statement the planner happened to overestimate. A SET rather than a startup option, which
+    # connection poolers such as PgBouncer refuse.
+    conn.execute("SET jit = off")
+
+
 def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", max_size: int | None = None) -> Pool:
     """Open a connection pool and wait until it holds its minimum of connections."""
     pool: Pool = ConnectionPool(
@@ -39,6 +47,7 @@ def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", ma
         # Autocommit: a single statement costs one round trip; multi-statement work opens
         # an explicit ``conn.transaction()``.
         kwargs={"row_factory": dict_row, "autocommit": True},
+        configure=_configure,
         name=name,
         open=False,
     )

@@ -9,8 +9,8 @@ never claimed again, so redelivered messages are harmless.
 Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, workflow and
 checkpoints, committed without waiting for the WAL flush) and one finishing statement (which
 also writes the last step's checkpoint); one more per earlier step. The claim is the
-``sluice_claim_run`` function (migrations 0003 and 0008): it serialises claims per user, not globally, so
-the per-user cap is exact while different users' runs are claimed in parallel.
+``sluice_claim_run`` function (migrations 0003, 0008 and 0009): it serialises claims per user only
+when the user is near the cap, so the per-user cap is exact while claims run in parallel.
 
 Parking (a ``delay`` step, a ``workflow`` step waiting for its child) ends the attempt as
 ``parked`` and gives the attempt number back: the run goes to ``delayed`` (with its resume time
@@ -23,6 +23,7 @@ cancelled or recovered outside a worker's finish.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import random
 import threading
@@ -383,8 +384,16 @@ class RunExecutor:
             "worker": self.worker_id,
             "lease": self.settings.lease_seconds,
         }
-        with self.pool.connection() as conn:
-            row = conn.execute(CLAIM_SQL, params).fetchone()
+        for tries in itertools.count(1):
+            try:
+                with self.pool.connection() as conn:
+                    row = conn.execute(CLAIM_SQL, params).fetchone()
+                break
+            except psycopg.errors.SerializationFailure:
+                # The owner came close to the cap while the claim held its lock in shared mode
+                # (migration 0009); claimed again, it takes the lock exclusively.
+                if tries == 3:
+                    raise
         if row is None:
             return None
         return Claimed(

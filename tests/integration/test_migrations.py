@@ -159,7 +159,7 @@ def test_the_claim_reads_the_dispatch_index_in_order_however_stale_the_statistic
         "SELECT workflow_id, owner_id, 1, 'manual', 'queued', 3, now() + g * interval '1 ms' "
         "FROM runs, generate_series(1, 2000) g"
     )
-    row = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'sluice_claim_run'").fetchone()
+    row = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'sluice_claim_run' AND pronargs = 4").fetchone()
     assert row is not None
     config = list(row[0])  # type: ignore[call-overload]
     assert config == ["enable_sort=off"]
@@ -173,3 +173,18 @@ def test_the_claim_reads_the_dispatch_index_in_order_however_stale_the_statistic
     db.rollback()
     assert "Index Scan using runs_dispatch_idx" in plan, plan
     assert "Sort" not in plan, plan
+
+
+def test_workers_of_the_previous_release_still_claim(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    # During a rolling upgrade, older workers call the three-argument claim of migration 0003.
+    make_run(db)
+    make_run(db)
+    first = db.execute("SELECT id, status, attempt FROM sluice_claim_run('old', 30, 1)").fetchall()
+    assert [(r[1], r[2]) for r in first] == [("running", 1)]
+    owner = db.execute("SELECT owner_id FROM runs WHERE id = %s", (first[0][0],)).fetchone()
+    # The other run belongs to another user: one claim each, none past a cap of one.
+    second = db.execute("SELECT owner_id FROM sluice_claim_run('old', 30, 1)").fetchall()
+    assert len(second) == 1
+    assert second[0] != owner
+    assert db.execute("SELECT * FROM sluice_claim_run('old', 30, 1)").fetchall() == []
+    db.rollback()

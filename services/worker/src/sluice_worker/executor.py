@@ -23,7 +23,6 @@ cancelled or recovered outside a worker's finish.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import random
 import threading
@@ -56,7 +55,7 @@ CHAIN_SECONDS = 30.0
 
 CLAIM_SQL = """
 WITH claimed AS (
-    SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s)
+    SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s)
 ), attempt AS (
     INSERT INTO run_attempts (run_id, attempt, status, worker_id)
     SELECT id, attempt, 'running', %(worker)s FROM claimed
@@ -384,16 +383,14 @@ class RunExecutor:
             "worker": self.worker_id,
             "lease": self.settings.lease_seconds,
         }
-        for tries in itertools.count(1):
-            try:
-                with self.pool.connection() as conn:
-                    row = conn.execute(CLAIM_SQL, params).fetchone()
-                break
-            except psycopg.errors.SerializationFailure:
-                # The owner came close to the cap while the claim held its lock in shared mode
-                # (migration 0009); claimed again, it takes the lock exclusively.
-                if tries == 3:
-                    raise
+        try:
+            with self.pool.connection() as conn:
+                row = conn.execute(CLAIM_SQL, {**params, "exclusive": False}).fetchone()
+        except psycopg.errors.SerializationFailure:
+            # The owner is close to the cap, where a claim counts under the owner's exclusive lock
+            # (migration 0009).
+            with self.pool.connection() as conn:
+                row = conn.execute(CLAIM_SQL, {**params, "exclusive": True}).fetchone()
         if row is None:
             return None
         return Claimed(

@@ -1,23 +1,21 @@
--- The claim (as in 0008) without a convoy on one busy user. 0008 took the owner's advisory lock
--- exclusively for every claim, so all claims of one user ran one at a time, each holding the lock
--- to its commit: on a loaded machine a holder descheduled mid-claim made every other claimer of
--- that user wait, and a single user's backlog dropped from hundreds of starts a second to tens.
+-- The claim (as in 0008) without a convoy on one busy user, and with plans it cannot lose.
 --
--- Now a claim for an owner far below the cap takes the owner's lock in shared mode (claims do
--- not wait for each other) and one near the cap takes it exclusively and counts exactly, as
--- before. "Far" means further than max_connections, the most transactions that can be open at
--- once: a shared claim admitted with running + max_connections < cap leaves room for every claim
--- that can be in flight beside it, so together they cannot pass the cap; an exclusive claim waits
--- until no shared one is in flight, then counts what they committed. When a shared claim finds
--- the owner closer to the cap than its lock-free first count said, it raises serialization_failure
--- and the worker claims again (its new first count chooses the exclusive lock).
+-- 0008 took the owner's advisory lock exclusively for every claim, so all claims of one user ran
+-- one at a time, each holding the lock to its commit: on a loaded machine a holder descheduled
+-- mid-claim made every other claimer of that user wait. Now, where the cap is larger than
+-- max_connections (the most transactions that can be open at once), a claim takes the owner's
+-- lock in shared mode (claims do not wait for each other) and goes ahead while running +
+-- max_connections < cap: that leaves room for every claim that can be in flight beside it, so
+-- together they cannot pass the cap. An exclusive claim waits until no shared one is in flight,
+-- then counts what they committed. A shared claim that finds the owner closer to the cap raises
+-- serialization_failure, and the worker claims again with p_exclusive, which counts exactly under
+-- the exclusive lock, as every claim does where the cap is small.
 --
--- The function also plans with sorting disabled. PL/pgSQL plans its queries once per session,
--- with the statistics of that moment: planned while the statistics said few runs were waiting
--- (a fresh table, or a quiet spell before a burst), the claim read every waiting run through
--- runs_owner_pending_idx and sorted them, for every claim (a single-user backlog of 2,000 runs fell
--- to about a hundred starts a second). Without a sort the only plan left is the one the claim is
--- built for: runs_dispatch_idx read in order, one row at a time.
+-- The function plans with sorting disabled. PL/pgSQL plans its queries once per session, with
+-- the statistics of that moment: planned while the statistics said few runs were waiting (a
+-- fresh table, or a quiet spell before a burst), the claim read every waiting run through
+-- runs_owner_pending_idx and sorted them, for every claim. Without a sort the only plan left is
+-- the one the claim is built for: runs_dispatch_idx read in order, one row at a time.
 --
 -- And it is declared to return one row (PostgreSQL assumes 1,000 for a set-returning function):
 -- costed for 1,000 claimed runs, the worker's claim statement came out above jit_above_cost
@@ -25,7 +23,9 @@
 -- (120 ms of CPU per claim, a backlog falling to about a hundred starts a second).
 -- depends: 0008_state_enums
 
-CREATE OR REPLACE FUNCTION sluice_claim_run(p_worker text, p_lease_seconds double precision, p_user_cap integer)
+CREATE FUNCTION sluice_claim_run(
+    p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean
+)
 RETURNS SETOF runs
 LANGUAGE plpgsql
 ROWS 1
@@ -64,13 +64,11 @@ BEGIN
             RETURN;
         END IF;
         lock_key := hashtextextended(cand.owner_id::text, 5);
-        SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
-        IF running + slack < p_user_cap THEN
+        IF p_user_cap > slack AND NOT p_exclusive THEN
             PERFORM pg_advisory_xact_lock_shared(lock_key);
-            -- Counted again under the lock: it now includes every exclusive claim's run.
             SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
             IF running + slack >= p_user_cap THEN
-                RAISE EXCEPTION 'user % came close to the cap during a claim; claim again', cand.owner_id
+                RAISE EXCEPTION 'user % is close to the cap: claim with the exclusive lock', cand.owner_id
                     USING ERRCODE = 'serialization_failure';
             END IF;
         ELSE
@@ -91,3 +89,11 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- Workers of the previous release, still running during a rolling upgrade, call the claim
+-- without p_exclusive: they get the exact, exclusive one.
+CREATE OR REPLACE FUNCTION sluice_claim_run(p_worker text, p_lease_seconds double precision, p_user_cap integer)
+RETURNS SETOF runs
+LANGUAGE sql
+ROWS 1
+AS $$ SELECT * FROM sluice_claim_run(p_worker, p_lease_seconds, p_user_cap, true) $$;

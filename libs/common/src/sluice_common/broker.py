@@ -49,6 +49,8 @@ HEARTBEAT_TIMEOUT_MS = 15_000
 # waits, so it waits only briefly: that bounds how late a delayed run or a retry can start.
 DOORBELL_WAIT_S = 0.5
 DELAYED_DOORBELL_WAIT_S = 0.05
+# How long a consumer whose process holds all the messages it may prefetch waits before it looks again.
+FULL_WAIT_S = 0.05
 # Rings kept per doorbell: enough to wake every idle consumer of a large fleet (one per worker
 # process and queue) at once. A burst rings once per message, and after it the queue is drained
 # by fetching, not by the bell: every ring beyond this cap would be a stale one that idle consumers
@@ -99,13 +101,17 @@ class _DoorbellConsumer(Consumer):
 
     def __next__(self) -> MessageProxy | None:
         message = next(self._inner)
-        if message is None and not self._full() and self._client.llen(self._queue_key) == 0:
-            self._client.blpop([self._bell], timeout=self._wait)
+        if message is None:
+            if self._full():
+                # Every thread is busy and as many messages wait in the process as it may hold:
+                # nothing to fetch until one is done, so the loop (which also sends the
+                # acknowledgements) need not spin at the 5 ms poll meanwhile.
+                time.sleep(FULL_WAIT_S)
+            elif self._client.llen(self._queue_key) == 0:
+                self._client.blpop([self._bell], timeout=self._wait)
         return message
 
     def _full(self) -> bool:
-        # With as many messages fetched as it may hold, the consumer has nothing to ask Redis:
-        # Dramatiq's own short back-off paces it until a message is acknowledged.
         inner: Any = self._inner
         return bool(inner.outstanding_message_count >= inner.prefetch)
 

@@ -1,6 +1,6 @@
 """Benchmark of the run pipeline against a bare Dramatiq baseline, measured in the same run.
 
-    uv run python bench/pipeline.py [--runs 2000] [--processes 2] [--rate 100] [--seconds 10] [--rounds 3]
+    uv run python bench/pipeline.py [--runs 4000] [--processes 2] [--rate 100] [--seconds 10] [--rounds 3]
 
 Uses SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else the embedded servers, in a
 database and Redis namespace of its own that are removed afterwards. Prints:
@@ -223,7 +223,7 @@ def sluice(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)

@@ -7,8 +7,10 @@ import threading
 import time
 
 import httpx
+import redis
 
 from sluice_common.broker import send_run_message
+from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runs import (
     cancel_run,
     change_rate_limit,
@@ -422,3 +424,20 @@ def test_the_claim_is_costed_as_one_run_and_never_compiled(pipeline: Pipeline) -
     # And Sluice's connections never JIT-compile whatever the planner estimates.
     assert jit is not None
     assert jit["jit"] == "off"
+
+
+def test_a_chain_ends_quietly_when_redis_cannot_be_asked_for_more(pipeline: Pipeline) -> None:
+    class Unreachable(RedisRateLimiter):
+        def acquire_waiting(self) -> bool:
+            raise redis.ConnectionError("Redis went away")
+
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    runs = [pipeline.enqueue(wf, owner).run_id for _ in range(2)]
+    limiter = Unreachable(pipeline.redis, pipeline.settings.redis_prefix, 100_000)
+    executor = RunExecutor(
+        pipeline.settings, pipeline.pool, pipeline.broker, limiter, httpx.Client(), "chain-test", threading.Event()
+    )
+    executor.handle(str(runs[0]))  # no exception: the message's own run is done
+    assert [pipeline.run(r)["status"] for r in runs] == ["succeeded", "queued"]
+    assert executor.chained == 0

@@ -329,7 +329,8 @@ class RunExecutor:
         taking one off the queue per run (see :meth:`RateLimiter.acquire_waiting`): under a
         backlog a run then costs no broker round trip of its own (fetch, hand-over between
         threads, middleware, acknowledgement). Each run is still claimed as the best runnable one
-        at that moment, so priority, delays and per-user caps hold as for any other wake-up.
+        at that moment, so priority, delays and per-user caps hold as for any other wake-up. (A
+        run's trace context is therefore its row's ``traceparent``, not the message's.)
         """
         self.wakeups += 1
         if self.stopping.is_set():
@@ -341,10 +342,14 @@ class RunExecutor:
             return
         # Bounded so that one message never holds its thread for long past a backlog's end.
         until = time.monotonic() + CHAIN_SECONDS
-        while True:
-            if not self._claim_and_run():
-                return
-            if self.stopping.is_set() or time.monotonic() > until or not self.limiter.acquire_waiting():
+        while self._claim_and_run() and not self.stopping.is_set() and time.monotonic() < until:
+            try:
+                if not self.limiter.acquire_waiting():
+                    return
+            except Exception:
+                # Redis is unreachable: this message's work is done, and the wake-ups still in
+                # the queue go through the broker once it is back.
+                log.warning("could not look for waiting wake-ups", exc_info=True)
                 return
             self.chained += 1
 

@@ -62,11 +62,15 @@ WITH claimed AS (
     ON CONFLICT (run_id, attempt) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
         started_at = now(), finished_at = NULL, error = NULL
 )
--- A run of a workflow deleted while its wake-up was on the way is cancelled, not run.
-SELECT c.*, CASE WHEN w.deleted_at IS NULL THEN w.steps END AS steps, w.settings,
-       (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
+-- A run of a workflow deleted while its wake-up was on the way is cancelled, not run. Only the
+-- columns the worker uses, and no checkpoints (NULL) for a run that has none: each column the
+-- worker reads back costs it a value to parse, for every run.
+SELECT c.id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
+       c.trigger_data, c.parent_run_id, CASE WHEN w.deleted_at IS NULL THEN w.steps END AS steps,
+       nullif(w.settings, '{}'::jsonb) AS settings,
+       (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
          WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps,
-       (SELECT coalesce(jsonb_object_agg(s.step_id, s.output), '{}'::jsonb) FROM run_steps s
+       (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
          WHERE s.run_id = c.id AND s.status = 'waiting') AS waiting_steps
 FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
 """

@@ -103,6 +103,13 @@ def test_a_start_slot_and_a_waiting_wake_up_are_taken_together(servers: Servers,
         # Giving back the last slot (nothing was claimable with it) frees it for the next start.
         limiter.release()
         assert limiter.used() == 2
+        # Redis forgot its scripts (as after a restart): the limiter loads its script again.
+        client.script_flush()
+        sender = WakeupSender(broker)
+        sender.send("run-4")
+        sender.close()
+        assert limiter.acquire_waiting() is True
+        assert limiter.used() == 3
         # A limiter without the queue's key never takes anything.
         assert RedisRateLimiter(client, prefix, 3).acquire_waiting() is False
     finally:

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Protocol
 
 import redis
+from redis.commands.core import Script
 
 WINDOW_MS = 60_000
 
@@ -128,10 +129,33 @@ class RedisRateLimiter:
         member = uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
         keys = [self._window_key, self._limit_key, *self._ready_keys]
-        taken = bool(self._waiting_script(keys=keys, args=[now_ms, self._default, WINDOW_MS, member]))
+        taken = bool(self._call_own(self._waiting_script, keys, [now_ms, self._default, WINDOW_MS, member]))
         if taken:
             self._local.member = member
         return taken
+
+    def _call_own(self, script: Script, keys: list[str], args: list[object]) -> object:
+        """Run ``script`` on this thread's own connection.
+
+        Called once per run under a backlog, by every worker thread: through the client, each call
+        also takes a connection from the shared pool (a lock, a readiness poll) and gives it back,
+        which cost as much CPU as the call itself. A connection per thread skips that; it is
+        re-opened after an error, and a script Redis has forgotten is loaded again.
+        """
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._client.connection_pool.make_connection()
+        try:
+            try:
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+            except redis.exceptions.NoScriptError:
+                self._client.script_load(script.script)
+                conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return conn.read_response()
+        except (redis.ConnectionError, redis.TimeoutError):
+            conn.disconnect()
+            raise
 
     def release(self) -> None:
         member = getattr(self._local, "member", None)

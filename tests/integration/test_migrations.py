@@ -178,13 +178,20 @@ def test_the_claim_reads_the_dispatch_index_in_order_however_stale_the_statistic
 def test_workers_of_the_previous_release_still_claim(db: psycopg.Connection[tuple[object, ...]]) -> None:
     # During a rolling upgrade, older workers call the three-argument claim of migration 0003.
     make_run(db)
+    first = db.execute(
+        "SELECT id, owner_id, workflow_id, status, attempt FROM sluice_claim_run('old', 30, 1)"
+    ).fetchall()
+    assert [(r[3], r[4]) for r in first] == [("running", 1)]
+    owner = first[0][1]
+    # A second run of the same user, and a run of another user.
+    make_run(db, owner_id=owner, workflow_id=first[0][2])
     make_run(db)
-    first = db.execute("SELECT id, status, attempt FROM sluice_claim_run('old', 30, 1)").fetchall()
-    assert [(r[1], r[2]) for r in first] == [("running", 1)]
-    owner = db.execute("SELECT owner_id FROM runs WHERE id = %s", (first[0][0],)).fetchone()
-    # The other run belongs to another user: one claim each, none past a cap of one.
+    # The same user is at a cap of one: the claim skips its run for the other user's...
     second = db.execute("SELECT owner_id FROM sluice_claim_run('old', 30, 1)").fetchall()
     assert len(second) == 1
-    assert second[0] != owner
+    assert second[0][0] != owner
+    # ...and then finds nothing it may start, though the first user's run still waits.
     assert db.execute("SELECT * FROM sluice_claim_run('old', 30, 1)").fetchall() == []
+    waiting = db.execute("SELECT count(*) FROM runs WHERE owner_id = %s AND status = 'queued'", (owner,)).fetchone()
+    assert waiting == (1,)
     db.rollback()

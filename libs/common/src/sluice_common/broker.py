@@ -112,6 +112,7 @@ class _DoorbellConsumer(Consumer):
         return message
 
     def _full(self) -> bool:
+        # Dramatiq's Redis consumer keeps these two as attributes; its base class has neither.
         inner: Any = self._inner
         return bool(inner.outstanding_message_count >= inner.prefetch)
 

@@ -9,8 +9,9 @@ never claimed again, so redelivered messages are harmless.
 Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, workflow and
 checkpoints, committed without waiting for the WAL flush) and one finishing statement (which
 also writes the last step's checkpoint); one more per earlier step. The claim is the
-``sluice_claim_run`` function (migrations 0003, 0008 and 0009): it serialises claims per user only
-when the user is near the cap, so the per-user cap is exact while claims run in parallel.
+``sluice_claim_run`` function (migrations 0003, 0008 and 0009): it serialises claims per user, not
+globally, and for a cap above max_connections only while the user is near it, so the per-user
+cap is exact while claims run in parallel.
 
 Parking (a ``delay`` step, a ``workflow`` step waiting for its child) ends the attempt as
 ``parked`` and gives the attempt number back: the run goes to ``delayed`` (with its resume time

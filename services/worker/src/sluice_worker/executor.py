@@ -479,6 +479,24 @@ class RunExecutor:
 
     def finish(self, claimed: Claimed, outcome: Outcome) -> None:
         """Record the attempt's end and move the run on: done, retried later, or handed back."""
+        params = self.finish_params(claimed, outcome)
+        updated = self._finish_with_retries(params)
+        if updated is None:
+            # Our lease expired and the run was recovered elsewhere: their result stands.
+            log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
+            return
+        if updated["status"] == "queued":
+            send_run_message(self.broker, claimed.run_id)
+        elif updated["status"] == "delayed":
+            # Past Dramatiq's delay limit, the reconciler wakes the run once it is due.
+            send_run_message(self.broker, claimed.run_id, delay_ms=min(params["wait"], MAX_DELAY_MS))
+        if updated["parent_woken"]:
+            send_run_message(self.broker, str(updated["parent_woken"]))
+        if updated["wake_next"]:
+            send_run_message(self.broker, claimed.run_id)
+
+    def finish_params(self, claimed: Claimed, outcome: Outcome) -> dict[str, Any]:
+        """The parameters of the finishing statement (``FINISH_SQL``) for this attempt's outcome."""
         retry = outcome.status == "failed" and not outcome.final and claimed.attempt < claimed.max_attempts
         params: dict[str, Any] = {
             "id": claimed.run_id,
@@ -519,20 +537,7 @@ class RunExecutor:
             )
         else:
             params.update(status=outcome.status, attempt_status=outcome.status)
-        updated = self._finish_with_retries(params)
-        if updated is None:
-            # Our lease expired and the run was recovered elsewhere: their result stands.
-            log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
-            return
-        if updated["status"] == "queued":
-            send_run_message(self.broker, claimed.run_id)
-        elif updated["status"] == "delayed":
-            # Past Dramatiq's delay limit, the reconciler wakes the run once it is due.
-            send_run_message(self.broker, claimed.run_id, delay_ms=min(params["wait"], MAX_DELAY_MS))
-        if updated["parent_woken"]:
-            send_run_message(self.broker, str(updated["parent_woken"]))
-        if updated["wake_next"]:
-            send_run_message(self.broker, claimed.run_id)
+        return params
 
     def _finish_with_retries(self, params: dict[str, Any]) -> dict[str, Any] | None:
         """Run FINISH_SQL, riding out a short database outage (the lease keeps the run ours)."""

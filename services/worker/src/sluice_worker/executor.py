@@ -156,7 +156,7 @@ _FINISH_RUN_ENDS = """WITH run AS (
 # The finishing statement, by (the run has ended, the run was started by a workflow step). Each
 # leaves out what cannot apply: a parent's UPDATE costs its executor set-up (opening every index of
 # runs) even when it touches no row, and most runs have no parent; most attempts end their run.
-# Together that is about a tenth of the database's instructions per run (callgrind).
+# Together that is 8% of the database's instructions per run (callgrind: 1,442 to 1,322 thousand).
 FINISH_SQL = {
     (ends, child): (_FINISH_RUN_ENDS if ends else _FINISH_RUN_MOVES)
     + (_FINISH_PARENT if child else "")

@@ -12,7 +12,7 @@ from psycopg.types.json import Jsonb
 import sluice_worker.executor as executor_module
 from sluice_common.runs import cancel_run, get_queue_stats, seeds_stats_body
 from sluice_common.secrets import generate_key, put_secret
-from sluice_worker.executor import PgStepStore
+from sluice_worker.checkpoints import PgStepStore
 from sluice_worker.service import create_worker
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
@@ -135,7 +135,7 @@ def test_a_durable_delay_does_not_hold_the_only_worker_thread(pipeline: Pipeline
 def self_referencing(pipeline: Pipeline, owner: str, steps: Callable[[str], list[dict[str, Any]]]) -> str:
     wf = pipeline.workflow(owner, [{"id": "x", "type": "transform", "config": {"value": 0}}])
     with pipeline.pool.connection() as conn:
-        conn.execute("UPDATE workflows SET steps = %s WHERE id = %s", (Jsonb(steps(wf)), wf))
+        conn.execute("UPDATE workflows SET steps = %s, version = version + 1 WHERE id = %s", (Jsonb(steps(wf)), wf))
     return wf
 
 

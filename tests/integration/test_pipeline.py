@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from datetime import UTC, datetime, timedelta
 
 import httpx
 import redis
@@ -20,8 +19,8 @@ from sluice_common.runs import (
     recover_expired,
     seeds_stats_body,
 )
-from sluice_worker.engine import Outcome
-from sluice_worker.executor import CLAIM_SQL, FINISH_SQL, RunExecutor
+from sluice_common.runstate import CLAIM
+from sluice_worker.executor import RunExecutor
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
 
@@ -418,7 +417,7 @@ def test_the_claim_is_costed_as_one_run_and_never_compiled(pipeline: Pipeline) -
     # 1,000, the claim statement crossed jit_above_cost and was JIT-compiled on every execution.
     params = {"worker": "w", "lease": 30.0, "user_cap": 5, "exclusive": False}
     with pipeline.pool.connection() as conn:
-        row = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM_SQL}", params).fetchone()
+        row = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM}", params).fetchone()
         assert row is not None
         cost = float(row["QUERY PLAN"][0]["Plan"]["Total Cost"])
         jit = conn.execute("SHOW jit").fetchone()
@@ -443,53 +442,3 @@ def test_a_chain_ends_quietly_when_redis_cannot_be_asked_for_more(pipeline: Pipe
     executor.handle(str(runs[0]))  # no exception: the message's own run is done
     assert [pipeline.run(r)["status"] for r in runs] == ["succeeded", "queued"]
     assert executor.chained == 0
-
-
-def test_the_statement_for_an_ended_run_writes_what_the_general_one_would(pipeline: Pipeline) -> None:
-    # A run that ends is finished by a leaner statement (FINISH_SQL[True, ...]) than one that is
-    # retried, parked or handed back. For every way of ending, cancel requested or not, both
-    # statements must leave the run, its attempt and its last step the same.
-    owner = pipeline.user()
-    wf = pipeline.workflow(owner, NOOP)
-    executor = RunExecutor(
-        pipeline.settings, pipeline.pool, pipeline.broker, pipeline.limiter, httpx.Client(), "ends", threading.Event()
-    )
-    run_cols = "status, attempt, error, not_before, dispatch_at, waiting_for, worker_id, lease_expires_at"
-    compared = 0
-    for status, cancel in itertools.product(("succeeded", "failed", "cancelled"), (False, True)):
-        for r in [pipeline.enqueue(wf, owner).run_id for _ in range(2)]:
-            with pipeline.pool.connection() as conn:
-                conn.execute("UPDATE runs SET dispatch_at = now() - interval '1 hour' WHERE id = %s", (str(r),))
-        pair = [executor.claim(), executor.claim()]
-        results = []
-        for claimed, ends in zip(pair, (False, True), strict=True):
-            assert claimed is not None
-            started = datetime.now(UTC)
-            error = None if status == "succeeded" else f"{status}!"
-            outcome = Outcome(status, error, final=True, final_step=("a", 0, {"n": 1}, started))
-            params = executor.finish_params(claimed, outcome)
-            assert params["status"] == status  # an ending: no retry
-            with pipeline.pool.connection() as conn:
-                if cancel:
-                    conn.execute("UPDATE runs SET cancel_requested = true WHERE id = %s", (claimed.run_id,))
-                returned = conn.execute(FINISH_SQL[ends, False], params).fetchone()
-                run = conn.execute(
-                    f"SELECT {run_cols}, finished_at IS NOT NULL AS finished FROM runs WHERE id = %s",
-                    (claimed.run_id,),
-                ).fetchone()
-            assert returned is not None
-            attempt = pipeline.attempts(claimed.run_id)[-1]
-            step = pipeline.steps(claimed.run_id)[-1]
-            results.append(
-                (
-                    {k: v for k, v in returned.items() if k != "id"},
-                    # dispatch_at differs per run; that each statement left it alone is what matters.
-                    {**run, "dispatch_at": run["dispatch_at"] < datetime.now(UTC) - timedelta(minutes=30)},
-                    (attempt["status"], attempt["error"], attempt["finished_at"] is not None),
-                    (step["step_id"], step["status"], step["output"], step["attempt"]),
-                )
-            )
-        assert results[0] == results[1], (status, cancel)
-        assert results[1][1]["status"] == status
-        compared += 1
-    assert compared == 6

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from tests.conftest import process_env
 from tests.httpserver import LocalServer
@@ -72,6 +73,34 @@ def test_a_sigkilled_workers_run_completes_elsewhere(
     assert attempts[0]["worker_id"] != attempts[1]["worker_id"]
     assert http_server.hits["k1"] == 1  # the checkpointed first step was not repeated
     assert http_server.hits["k2"] == 2
+
+
+def test_a_run_recovered_from_a_killed_worker_executes_the_version_it_started_with(
+    pipeline: Pipeline, http_server: LocalServer, spawn: object
+) -> None:
+    owner = pipeline.user()
+    steps = [
+        {"id": "first", "type": "http", "config": {"url": f"{http_server.base}/ok?key=v1-first"}},
+        {"id": "slow", "type": "http", "config": {"url": f"{http_server.base}/slow?s=3&key=v1-slow"}},
+    ]
+    wf = pipeline.workflow(owner, steps)
+    victim = spawn()  # type: ignore[operator]
+    run = pipeline.enqueue(wf, owner)
+    deadline = time.monotonic() + 20
+    while http_server.hits["v1-slow"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    edited = [{"id": "other", "type": "http", "config": {"url": f"{http_server.base}/ok?key=v2-other"}}]
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE workflows SET steps = %s, version = version + 1 WHERE id = %s", (Jsonb(edited), wf))
+    spawn()  # type: ignore[operator]
+    [done] = pipeline.wait_for([run.run_id], TERMINAL, timeout=60)
+    assert (done["status"], done["attempt"], done["workflow_version"]) == ("succeeded", 2, 1)
+    assert [s["step_id"] for s in pipeline.steps(run.run_id)] == ["first", "slow"]
+    assert http_server.hits["v1-first"] == 1
+    assert http_server.hits["v1-slow"] == 2
+    assert http_server.hits["v2-other"] == 0
 
 
 def test_sigterm_lets_the_worker_finish_and_exit(pipeline: Pipeline, http_server: LocalServer, spawn: object) -> None:

@@ -1,7 +1,7 @@
 import pytest
 
 from sluice_common.ratelimit import WINDOW_MS, LocalRateLimiter
-from sluice_worker.executor import backoff_ms
+from sluice_worker.outcomes import backoff_ms
 
 
 def test_local_window_admits_the_limit_then_says_how_long_to_wait() -> None:

@@ -3,7 +3,8 @@
 Pools are opened by a service after start-up (never at import). Migrations are SQL files in
 ``sluice_common/migrations`` applied by yoyo; :func:`migrate` serialises concurrent callers with a
 PostgreSQL advisory lock, because yoyo's own lock table is created without one and two first
-runs at once can collide on it.
+runs at once can collide on it. After the migrations it installs the run state machine's SQL
+functions (the claim, the dispatch rule) from :mod:`sluice_common.runstate`, where they live.
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def migrate(database_url: str) -> list[str]:
                 applied = [m.id for m in pending]
             finally:
                 backend.connection.close()
+            # The run state machine's functions live with its statements, not in a migration.
+            from sluice_common.runstate import install_functions
+
+            install_functions(lock_conn)
         finally:
             lock_conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK_ID,))
     if applied:

@@ -2,17 +2,14 @@
 
 The run row is written (and committed) before its wake-up message is sent, so a crash between
 the two leaves a queued run in PostgreSQL that :func:`reconcile` wakes up later: nothing
-accepted is lost. Dispatch order is ``dispatch_at``: the time the run is ready plus
-``(priority - 1) * SLUICE_PRIORITY_AGING_SECONDS``. Priority 1 therefore always goes before
-priority 10 that became ready less than nine aging steps (9 minutes by default) earlier, and no
-run waits behind later, higher-priority work for longer than that: starvation is bounded.
+accepted is lost. The states, the dispatch order and the statements that move a run are in
+:mod:`sluice_common.runstate`; this module sends the wake-ups that go with them.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -20,6 +17,7 @@ import dramatiq
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
+from sluice_common import runstate
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message
 from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
@@ -32,35 +30,11 @@ TRIGGER_TYPES = ("manual", "cron", "webhook", "workflow", "retry")
 MAX_DELAY_MS = 7 * 86_400_000  # Dramatiq's limit for one delayed message
 
 
-ENQUEUE_SQL = """
-WITH wf AS (
-    SELECT id, version, status, settings FROM workflows
-    WHERE id = %(wf)s AND owner_id = %(owner)s AND deleted_at IS NULL
-), ins AS (
-    INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
-                      status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
-    SELECT wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s::run_trigger, %(data)s, %(priority)s,
-           (CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END)::run_status,
-           coalesce((wf.settings ->> 'maxAttempts')::int, %(max_attempts)s),
-           CASE WHEN %(delay)s > 0 THEN t.ready END, t.ready + %(aging)s, %(key)s, %(traceparent)s
-    FROM wf, (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
-    WHERE wf.status = 'active'
-    ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-    RETURNING id, status
-)
-SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELECT 1) AS one LEFT JOIN ins ON true
-"""
-
-
 @dataclass(frozen=True)
 class EnqueuedRun:
     run_id: UUID
     status: str
     created: bool  # False when an idempotency key matched an existing run
-
-
-def dispatch_delay(settings: Settings, priority: int) -> timedelta:
-    return timedelta(seconds=(priority - 1) * settings.priority_aging_seconds)
 
 
 def _check_options(priority: int, delay_ms: int, trigger_type: str) -> None:
@@ -106,7 +80,7 @@ def insert_run(
         "priority": priority,
         "delay": delay_ms,
         "max_attempts": settings.max_attempts,
-        "aging": dispatch_delay(settings, priority),
+        "aging_step": settings.priority_aging_seconds,
         # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first)
         # the key of the owner's manual runs, nor the other way round.
         "key": f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None,
@@ -114,7 +88,7 @@ def insert_run(
     }
     # Plain tuples: the hot path of every accepted run skips building a dict per row.
     with conn.cursor(row_factory=tuple_row) as cur:
-        found = cur.execute(ENQUEUE_SQL, params).fetchone()
+        found = cur.execute(runstate.INSERT_RUN, params).fetchone()
         assert found is not None
         workflow_status, run_id, status = found
         if workflow_status is None:
@@ -182,48 +156,7 @@ def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
     Returns the run's status after the call (``cancelled``, or ``running`` while it winds down).
     """
     with pool.connection() as conn, conn.transaction():
-        row = conn.execute(
-            "SELECT status, waiting_for FROM runs WHERE id = %s AND owner_id = %s FOR UPDATE",
-            (str(run_id), str(owner_id)),
-        ).fetchone()
-        if row is None:
-            raise NotFoundError("no such run")
-        status = str(row["status"])
-        if status in ("queued", "delayed", "waiting"):  # waiting: parked until a sub-workflow ends
-            conn.execute(
-                "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
-                "error = CASE WHEN status = 'waiting' THEN 'cancelled while waiting for a sub-workflow' "
-                "ELSE 'cancelled before it started' END WHERE id = %s",
-                (str(run_id),),
-            )
-            if row["waiting_for"] is not None:
-                _cancel_sub_runs(conn, row["waiting_for"])
-            return "cancelled"
-        if status == "running":
-            conn.execute("UPDATE runs SET cancel_requested = true, updated_at = now() WHERE id = %s", (str(run_id),))
-            return "running"
-        raise ConflictError(f"the run has already finished ({status})")
-
-
-def _cancel_sub_runs(conn: DictConnection, child_id: UUID) -> None:
-    """Cancel the sub-workflow run a cancelled parent waited for, and the runs it started in turn."""
-    conn.execute(
-        """
-        WITH RECURSIVE tree AS (
-            SELECT id FROM runs WHERE id = %(child)s
-            UNION
-            SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id
-        )
-        UPDATE runs SET
-            status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
-            cancel_requested = status = 'running',
-            finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
-            error = CASE WHEN status = 'running' THEN error ELSE 'its parent run was cancelled' END,
-            updated_at = now()
-        WHERE id IN (SELECT id FROM tree) AND status IN ('queued', 'delayed', 'waiting', 'running')
-        """,
-        {"child": child_id},
-    )
+        return runstate.cancel(conn, run_id, owner_id)
 
 
 def change_rate_limit(pool: Pool, broker: dramatiq.Broker, limiter: RateLimiter, per_minute: int) -> int:
@@ -318,27 +251,7 @@ def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
     left it is queued again at its old place in line, and completed steps are not repeated.
     """
     with pool.connection() as conn, conn.transaction():
-        rows = conn.execute(
-            """
-            WITH lost AS (
-                SELECT id, attempt, max_attempts, worker_id, cancel_requested FROM runs
-                WHERE status = 'running' AND lease_expires_at < now()
-                FOR UPDATE SKIP LOCKED
-            ), attempts AS (
-                UPDATE run_attempts a SET status = 'failed', finished_at = now(),
-                       error = 'worker lost (' || coalesce(lost.worker_id, '?') || ')'
-                FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND a.status = 'running'
-            )
-            UPDATE runs r SET
-                status = (CASE WHEN lost.cancel_requested THEN 'cancelled'
-                               WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END)::run_status,
-                finished_at = CASE WHEN lost.cancel_requested OR lost.attempt >= lost.max_attempts THEN now() END,
-                error = 'worker lost during attempt ' || lost.attempt,
-                worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-            FROM lost WHERE r.id = lost.id
-            RETURNING r.id, r.status
-            """
-        ).fetchall()
+        rows = conn.execute(runstate.RECOVER_EXPIRED).fetchall()
     requeued = [row["id"] for row in rows if row["status"] == "queued"]
     for run_id in requeued:
         send_run_message(broker, str(run_id))

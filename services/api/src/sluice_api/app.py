@@ -32,6 +32,8 @@ from sluice_api.resources import (
     WebhookRotateResource,
     WorkflowResource,
     WorkflowsResource,
+    WorkflowVersionResource,
+    WorkflowVersionsResource,
 )
 from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.cron import RedisSchedulerLink
@@ -103,6 +105,10 @@ def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response
     app.add_route("/api/workflows/{workflow_id:uuid}/runs", RunsResource(deps, of_workflow=True))
     app.add_route("/api/workflows/{workflow_id:uuid}/webhook/rotate", WebhookRotateResource(deps))
     app.add_route("/api/workflows/{workflow_id:uuid}/schedule", ScheduleResource(deps))
+    app.add_route("/api/workflows/{workflow_id:uuid}/versions", WorkflowVersionsResource(deps))
+    app.add_route(
+        "/api/workflows/{workflow_id:uuid}/versions/{version:int(min=1,max=2147483647)}", WorkflowVersionResource(deps)
+    )
     app.add_route("/api/runs", RunsResource(deps))
     app.add_route("/api/runs/{run_id:uuid}", RunResource(deps))
     app.add_route("/api/runs/{run_id:uuid}/cancel", CancelRunResource(deps))

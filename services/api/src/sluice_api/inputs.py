@@ -231,6 +231,27 @@ def encode_cursor(at: datetime, id_: UUID) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def encode_version_cursor(version: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps(["v", version]).encode()).decode().rstrip("=")
+
+
+def decode_version_cursor(params: dict[str, str]) -> int | None:
+    """The version a page of versions continues below (newest first)."""
+    raw = params.get("cursor")
+    if raw is None:
+        return None
+    try:
+        decoded = base64.urlsafe_b64decode((raw + "=" * (-len(raw) % 4)).encode("ascii"))
+        if len(decoded) > 50:
+            raise ValueError("too long")
+        kind, version = json.loads(decoded)
+    except (ValueError, TypeError, binascii.Error, UnicodeError, RecursionError):
+        raise bad_param("cursor", "is not a cursor this API returned") from None
+    if kind != "v" or type(version) is not int or not 1 <= version <= 2**31 - 1:
+        raise bad_param("cursor", "is not a cursor this API returned")
+    return version
+
+
 def decode_cursor(params: dict[str, str]) -> tuple[datetime, UUID] | None:
     """The position a page continues from (keyset pagination: newest first, then by id)."""
     raw = params.get("cursor")

@@ -28,6 +28,8 @@ _RESPONSE_MODELS: list[type[BaseModel]] = [
     schemas.Problem,
     schemas.Workflow,
     schemas.WorkflowPage,
+    schemas.WorkflowVersion,
+    schemas.WorkflowVersionPage,
     schemas.RunAccepted,
     schemas.Run,
     schemas.RunPage,
@@ -237,6 +239,34 @@ def _workflow_ops() -> dict[str, Any]:
                 },
             },
         },
+        "/api/workflows/{workflowId}/versions": {
+            **one,
+            "get": {
+                "operationId": "listWorkflowVersions",
+                "summary": "Every saved version of the workflow, newest first",
+                "parameters": _PAGE,
+                "responses": {
+                    "200": _json(_ref(schemas.WorkflowVersionPage), "A page"),
+                    **_errors(400, *AUTH, 404, 422),
+                },
+            },
+        },
+        "/api/workflows/{workflowId}/versions/{version}": {
+            "parameters": [
+                _path_id("workflowId"),
+                {
+                    "name": "version",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 2147483647},
+                },
+            ],
+            "get": {
+                "operationId": "getWorkflowVersion",
+                "summary": "One version; restore it by sending its body to PUT /api/workflows/{workflowId}",
+                "responses": {"200": _json(_ref(schemas.WorkflowVersion), "The version"), **_errors(*AUTH, 404)},
+            },
+        },
         "/api/workflows/{workflowId}/runs": {
             **one,
             "get": {
@@ -275,7 +305,13 @@ def _run_ops() -> dict[str, Any]:
             **one,
             "get": {
                 "operationId": "getRun",
-                "responses": {"200": _json(_ref(schemas.Run), "The run and its steps"), **_errors(*AUTH, 404)},
+                "parameters": [
+                    _q("include", {"enum": ["definition"]}, "`definition`: add the workflow version the run executes.")
+                ],
+                "responses": {
+                    "200": _json(_ref(schemas.Run), "The run and its steps"),
+                    **_errors(400, *AUTH, 404, 422),
+                },
             },
         },
         "/api/runs/{runId}/cancel": {

@@ -23,7 +23,9 @@ from sluice_api.inputs import (
     check_storable,
     choice_param,
     decode_cursor,
+    decode_version_cursor,
     encode_cursor,
+    encode_version_cursor,
     int_param,
     media_type,
     parse_json,
@@ -184,6 +186,37 @@ class WorkflowResource:
         resp.status = falcon.HTTP_204
 
 
+class WorkflowVersionsResource:
+    """``GET /api/workflows/{id}/versions``: every saved version, newest first."""
+
+    query_params = frozenset({"limit", "cursor"})
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
+        owner = caller_of(req).user_id
+        params = query(req)
+        limit = int_param(params, "limit", PAGE_DEFAULT, 1, store.PAGE_MAX)
+        before = decode_version_cursor(params)
+        store.get_workflow(self._deps.pool, owner, workflow_id)  # 404 for others' and deleted workflows
+        rows = store.list_versions(self._deps.pool, owner, workflow_id, limit=limit, before=before)
+        cursor = encode_version_cursor(rows[limit - 1]["version"]) if len(rows) > limit else None
+        resp.media = _dump(schemas.WorkflowVersionPage.model_validate({"items": rows[:limit], "next_cursor": cursor}))
+
+
+class WorkflowVersionResource:
+    """``GET /api/workflows/{id}/versions/{n}``; restoring it is a ``PUT`` of its body."""
+
+    def __init__(self, deps: Dependencies) -> None:
+        self._deps = deps
+
+    def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID, version: int) -> None:
+        row = store.get_version(self._deps.pool, caller_of(req).user_id, workflow_id, version)
+        resp.etag = f'"{row["version"]}"'
+        resp.media = _dump(schemas.WorkflowVersion.model_validate(row))
+
+
 class WebhookRotateResource:
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
@@ -311,11 +344,15 @@ def run_view(row: dict[str, Any]) -> Any:
 
 
 class RunResource:
+    query_params = frozenset({"include"})
+
     def __init__(self, deps: Dependencies) -> None:
         self._deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: UUID) -> None:
-        resp.media = run_view(store.get_run(self._deps.pool, caller_of(req).user_id, run_id))
+        include = choice_param(query(req), "include", ("definition",))
+        run = store.get_run(self._deps.pool, caller_of(req).user_id, run_id, with_definition=include == "definition")
+        resp.media = run_view(run)
 
 
 class RunsResource:

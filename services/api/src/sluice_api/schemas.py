@@ -92,6 +92,23 @@ class WorkflowPage(_Out):
     next_cursor: str | None
 
 
+class WorkflowVersion(_Out):
+    """An immutable version of a workflow: what a run queued at that version executes."""
+
+    version: int
+    name: str
+    description: str | None
+    trigger: dict[str, Any]
+    steps: list[dict[str, Any]]
+    settings: dict[str, Any]
+    created_at: datetime
+
+
+class WorkflowVersionPage(_Out):
+    items: list[WorkflowVersion]
+    next_cursor: str | None
+
+
 class RunAccepted(_Out):
     """The seeds' answer to a run request, plus the run's status."""
 
@@ -146,6 +163,9 @@ class Run(RunSummary):
     updated_at: datetime
     steps: list[RunStep]
     attempts: list[RunAttempt]
+    definition: WorkflowVersion | None = Field(
+        default=None, description="The workflow version the run executes; with `?include=definition` only."
+    )
 
 
 class RunPage(_Out):

@@ -1,6 +1,8 @@
 """The API's reads and writes of workflows and runs in PostgreSQL.
 
 Every query is scoped to the calling user: another user's workflow or run is simply not found.
+Each create or update of a workflow is stored as an immutable version as well (by a trigger of
+migration 0011, whoever writes), and a run executes the version it was queued with.
 Each write is one transaction, so a request that fails leaves nothing half-written.
 """
 
@@ -16,10 +18,10 @@ from uuid import UUID
 import dramatiq
 from psycopg.types.json import Jsonb
 
+from sluice_common import runstate
 from sluice_common.broker import send_run_message
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, NotFoundError
-from sluice_common.runs import dispatch_delay
 from sluice_common.settings import Settings
 from sluice_common.workflow import WorkflowDefinition
 
@@ -32,6 +34,7 @@ _WORKFLOW_COLUMNS = (
     "id, name, description, trigger, steps, settings, status, version, created_at, updated_at, "
     "trigger_type, webhook_secret_hash IS NOT NULL AS has_webhook"
 )
+_VERSION_COLUMNS = "version, name, description, trigger, steps, settings, created_at"
 _RUN_COLUMNS = (
     "id, workflow_id, workflow_version, parent_run_id, status, priority, attempt, max_attempts, trigger_type, "
     "queued_at, not_before, started_at, finished_at, error, cancel_requested"
@@ -180,6 +183,38 @@ def update_workflow(
     return old, row, secret
 
 
+def list_versions(
+    pool: Pool, owner: UUID, workflow_id: UUID, *, limit: int, before: int | None
+) -> list[dict[str, Any]]:
+    """Up to ``limit + 1`` versions of a workflow, newest first (the caller checks the workflow is there)."""
+    with pool.connection() as conn:
+        return conn.execute(
+            f"""
+            SELECT {_VERSION_COLUMNS} FROM workflow_versions
+            WHERE workflow_id = %(wf)s AND owner_id = %(owner)s
+              AND (%(before)s::int IS NULL OR version < %(before)s)
+            ORDER BY version DESC LIMIT %(limit)s
+            """,
+            {"wf": workflow_id, "owner": owner, "before": before, "limit": limit + 1},
+        ).fetchall()
+
+
+def get_version(pool: Pool, owner: UUID, workflow_id: UUID, version: int) -> dict[str, Any]:
+    """One version of a live workflow of the owner."""
+    with pool.connection() as conn:
+        row = conn.execute(
+            f"""
+            SELECT {_VERSION_COLUMNS} FROM workflow_versions
+            WHERE workflow_id = %(wf)s AND owner_id = %(owner)s AND version = %(version)s
+              AND EXISTS (SELECT 1 FROM workflows WHERE id = %(wf)s AND deleted_at IS NULL)
+            """,
+            {"wf": workflow_id, "owner": owner, "version": version},
+        ).fetchone()
+    if row is None:
+        raise NotFoundError("no such workflow version")
+    return row
+
+
 def delete_workflow(pool: Pool, owner: UUID, workflow_id: UUID) -> dict[str, Any]:
     """Soft-delete a workflow (its runs stay readable) and cancel its unfinished runs."""
     with pool.connection() as conn, conn.transaction():
@@ -190,15 +225,7 @@ def delete_workflow(pool: Pool, owner: UUID, workflow_id: UUID) -> dict[str, Any
         ).fetchone()
         if row is None:
             raise NotFoundError("no such workflow")
-        conn.execute(
-            "UPDATE runs SET status = 'cancelled', finished_at = now(), updated_at = now(), "
-            "error = 'the workflow was deleted' WHERE workflow_id = %s AND status IN ('queued', 'delayed', 'waiting')",
-            (workflow_id,),
-        )
-        conn.execute(
-            "UPDATE runs SET cancel_requested = true, updated_at = now() WHERE workflow_id = %s AND status = 'running'",
-            (workflow_id,),
-        )
+        conn.execute(runstate.CANCEL_WORKFLOW_RUNS, {"wf": workflow_id})
     return row
 
 
@@ -234,7 +261,7 @@ def webhook_target(pool: Pool, secret: str) -> tuple[UUID, UUID]:
 # Runs -------------------------------------------------------------------------------------------
 
 
-def get_run(pool: Pool, owner: UUID, run_id: UUID) -> dict[str, Any]:
+def get_run(pool: Pool, owner: UUID, run_id: UUID, *, with_definition: bool = False) -> dict[str, Any]:
     with pool.connection() as conn:
         run = conn.execute(
             f"SELECT {_RUN_COLUMNS}, trigger_data, updated_at FROM runs WHERE id = %s AND owner_id = %s",
@@ -242,6 +269,12 @@ def get_run(pool: Pool, owner: UUID, run_id: UUID) -> dict[str, Any]:
         ).fetchone()
         if run is None:
             raise NotFoundError("no such run")
+        if with_definition:
+            # The version the run executes: it outlives an edit and the workflow's deletion.
+            run["definition"] = conn.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM workflow_versions WHERE workflow_id = %s AND version = %s",
+                (run["workflow_id"], run["workflow_version"]),
+            ).fetchone()
         run["steps"] = conn.execute(
             "SELECT step_id, position, status, attempt, output, error, started_at, finished_at "
             "FROM run_steps WHERE run_id = %s ORDER BY position, started_at",
@@ -296,38 +329,12 @@ def retry_run(pool: Pool, broker: dramatiq.Broker, settings: Settings, owner: UU
     """Queue a failed run again for a new series of attempts; completed steps are not repeated.
 
     Attempt numbers keep counting (the earlier attempts stay on record); the run gets as many new
-    attempts as its workflow allows, and runs the workflow's current version.
+    attempts as its version of the workflow allows, and runs that same version again (its
+    checkpoints belong to it).
     """
     with pool.connection() as conn, conn.transaction():
-        run = conn.execute(
-            "SELECT r.status, r.attempt, r.priority, w.settings, w.deleted_at, w.status AS workflow_status, "
-            "w.version FROM runs r "
-            "JOIN workflows w ON w.id = r.workflow_id WHERE r.id = %s AND r.owner_id = %s FOR UPDATE OF r",
-            (run_id, owner),
-        ).fetchone()
-        if run is None:
-            raise NotFoundError("no such run")
-        if run["status"] != "failed":
-            raise ConflictError(f"only a failed run can be retried; this one is {run['status']}")
-        if run["deleted_at"] is not None:
-            raise ConflictError("the run's workflow was deleted")
-        if run["workflow_status"] != "active":
-            raise ConflictError("the workflow is paused; activate it to retry its runs")
-        series = (run["settings"] or {}).get("maxAttempts") or settings.max_attempts
-        conn.execute(
-            """
-            UPDATE runs SET status = 'queued', max_attempts = attempt + %(series)s, error = NULL,
-                   workflow_version = %(version)s,
-                   finished_at = NULL, not_before = NULL, cancel_requested = false,
-                   dispatch_at = now() + %(aging)s, updated_at = now()
-            WHERE id = %(id)s
-            """,
-            {
-                "series": series,
-                "aging": dispatch_delay(settings, run["priority"]),
-                "id": run_id,
-                "version": run["version"],
-            },
+        runstate.retry(
+            conn, run_id, owner, max_attempts=settings.max_attempts, aging_step=settings.priority_aging_seconds
         )
     try:
         send_run_message(broker, str(run_id))

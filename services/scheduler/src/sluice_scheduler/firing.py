@@ -18,6 +18,7 @@ from uuid import UUID
 
 import dramatiq
 
+from sluice_common import runstate
 from sluice_common.broker import send_run_message
 from sluice_common.cron import PlannedFire, iso
 from sluice_common.db import DictConnection, Pool
@@ -28,7 +29,7 @@ from sluice_common.workflow import CronConfig
 log = logging.getLogger(__name__)
 
 FireResult = Literal["fired", "catch_up", "missed", "skipped_overlap", "deferred", "duplicate", "stale"]
-_UNFINISHED = "('queued', 'delayed', 'running')"
+_UNFINISHED = runstate.sql_list(runstate.UNFINISHED)
 
 
 @dataclass(frozen=True)

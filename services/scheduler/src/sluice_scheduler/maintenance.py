@@ -3,7 +3,8 @@
 - ``recover`` and ``reconcile`` every ``SLUICE_RECONCILE_SECONDS``: runs whose worker died go back
   to the queue; runs PostgreSQL holds but Redis lost get their wake-up again.
 - ``prune`` every hour: finished runs older than ``SLUICE_RUN_RETENTION_DAYS`` (their attempts
-  and steps go with them) and old cron fires, in small batches so no long lock is held.
+  and steps go with them) and old cron fires, in small batches so no long lock is held; then the
+  versions of deleted workflows that no remaining run executed, and deleted workflows without runs.
 
 Each job slot is claimed (in Redis, next to the lease) before it runs, so a job runs once per
 slot even when leadership changes hands in the middle of an interval.
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import dramatiq
 
+from sluice_common import runstate
 from sluice_common.db import Pool
 from sluice_common.runs import reconcile, recover_expired
 from sluice_common.settings import Settings
@@ -28,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PRUNE_INTERVAL_SECONDS = 3600.0
 PRUNE_BATCH = 1000
+_TERMINAL = runstate.sql_list(runstate.TERMINAL)
 
 
 def prune_history(pool: Pool, retention_days: float, *, batch: int = PRUNE_BATCH) -> tuple[int, int]:
@@ -40,10 +43,10 @@ def prune_history(pool: Pool, retention_days: float, *, batch: int = PRUNE_BATCH
     while True:
         with pool.connection() as conn:
             cur = conn.execute(
-                """
+                f"""
                 DELETE FROM runs WHERE id IN (
                     SELECT id FROM runs
-                    WHERE status IN ('succeeded', 'failed', 'cancelled')
+                    WHERE status IN {_TERMINAL}
                       AND finished_at < now() - make_interval(secs => %(secs)s)
                     LIMIT %(batch)s)
                 """,
@@ -69,9 +72,40 @@ def prune_history(pool: Pool, retention_days: float, *, batch: int = PRUNE_BATCH
         fires += cur.rowcount
         if cur.rowcount < batch:
             break
-    if runs or fires:
-        log.info("pruned %d run(s) and %d cron fire(s) older than %g day(s)", runs, fires, retention_days)
+    versions = prune_deleted_workflows(pool)
+    if runs or fires or versions:
+        log.info(
+            "pruned %d run(s), %d cron fire(s) older than %g day(s) and %d version(s) of deleted workflows",
+            runs,
+            fires,
+            retention_days,
+            versions,
+        )
     return runs, fires
+
+
+def prune_deleted_workflows(pool: Pool) -> int:
+    """Drop what no run needs any more of deleted workflows; return how many versions went.
+
+    A deleted workflow keeps the versions its remaining runs executed (they stay readable with
+    the runs); once its last run is pruned, the workflow row goes, and its versions with it.
+    """
+    with pool.connection() as conn, conn.transaction():
+        versions = conn.execute(
+            """
+            DELETE FROM workflow_versions v USING workflows w
+            WHERE w.id = v.workflow_id AND w.deleted_at IS NOT NULL
+              AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.workflow_id = v.workflow_id
+                              AND r.workflow_version = v.version)
+            """
+        ).rowcount
+        conn.execute(
+            """
+            DELETE FROM workflows w
+            WHERE w.deleted_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.workflow_id = w.id)
+            """
+        )
+    return versions
 
 
 @dataclass

@@ -1,0 +1,484 @@
+"""The run state machine: states, transitions, the dispatch rule, and every statement that moves a run.
+
+Nothing outside this module writes ``runs.status`` (a test scans the sources for it). Callers
+orchestrate (the producer inserts, the worker claims, executes and finishes, the API cancels and
+retries, the scheduler recovers and wakes) through the statements and functions here.
+
+```
+            enqueue                 claim                    finish
+   (new) ──────────▶ queued ────────────────▶ running ──────────────────▶ succeeded | failed | cancelled
+            enqueue    ▲ │ ▲ ◀──────────────────┘ │ │ │   (retry, hand back, park: see TRANSITIONS)
+   (new) ─▶ delayed ───┘ │ └── wake / retry ──────┘ │ └──▶ waiting (parked on a sub-workflow run)
+                │        └──── cancel ─────────────▶ cancelled ◀── cancel ── delayed | waiting
+                └──── claim (once due) ──▶ running
+```
+
+- **Dispatch rule**: runs are claimed in ``dispatch_at`` order, and ``dispatch_at`` is the time a
+  run became (or becomes) ready plus ``(priority - 1) * SLUICE_PRIORITY_AGING_SECONDS``
+  (:data:`DISPATCH_AT_FUNCTION`, the SQL function ``sluice_dispatch_at`` every statement uses).
+  Priority 1 therefore goes before priority 10 that became ready less than nine aging steps
+  earlier, and no run waits behind later, more urgent work for longer than that.
+- **Claims** go through ``sluice_claim_run`` (:data:`CLAIM_FUNCTION`): the best runnable run in
+  dispatch order, skipping users at their concurrency cap, locking per user. The function and the
+  dispatch rule live here and are (re)installed by every ``sluice migrate``
+  (:func:`install_functions`), so the database always runs the code this module shows.
+- **Finishing** an attempt is one statement: :data:`FINISH_ENDED` when the run ends (most
+  attempts; it leaves out the cases below, which PostgreSQL would otherwise plan and check for
+  every run), :data:`FINISH_MOVED` when it is retried later, handed back or parked. A run started
+  by a ``workflow`` step then wakes its waiting parent (:data:`WAKE_PARENT`); the sweep
+  :data:`WAKE_WAITING` catches a wake-up lost in a crash or a race.
+- Only the attempt that holds the run (status ``running``, its worker id and attempt number) may
+  write its checkpoints and finish it; a stale holder's writes match no row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+import psycopg
+
+from sluice_common.db import DictConnection
+from sluice_common.errors import ConflictError, NotFoundError
+
+
+class RunStatus(StrEnum):
+    QUEUED = "queued"
+    DELAYED = "delayed"  # queued with a start time (a delay, a retry's backoff, a delay step)
+    RUNNING = "running"
+    WAITING = "waiting"  # parked until a sub-workflow run ends; holds no worker
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+def sql_list(states: frozenset[str]) -> str:
+    """A state set as an SQL list literal, for reads outside this module (partial indexes match
+    literal lists, not parameters)."""
+    return "(" + ", ".join(f"'{s}'" for s in sorted(states)) + ")"
+
+
+TERMINAL: frozenset[str] = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})
+"""A run in one of these states never runs again (unless a person retries a failed one)."""
+PENDING: frozenset[str] = frozenset({RunStatus.QUEUED, RunStatus.DELAYED})
+"""Waiting for a worker: what a claim may take once it is due."""
+UNFINISHED: frozenset[str] = PENDING | {RunStatus.RUNNING}
+
+
+@dataclass(frozen=True)
+class Transition:
+    source: RunStatus | None  # None: the run is created
+    target: RunStatus
+    by: str  # the statement (or function) of this module that makes it
+
+
+_S = RunStatus
+TRANSITIONS: tuple[Transition, ...] = (
+    Transition(None, _S.QUEUED, "INSERT_RUN"),
+    Transition(None, _S.DELAYED, "INSERT_RUN"),
+    Transition(_S.QUEUED, _S.RUNNING, "CLAIM"),
+    Transition(_S.DELAYED, _S.RUNNING, "CLAIM"),
+    Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_ENDED"),
+    Transition(_S.RUNNING, _S.FAILED, "FINISH_ENDED"),
+    Transition(_S.RUNNING, _S.CANCELLED, "FINISH_ENDED"),
+    Transition(_S.RUNNING, _S.DELAYED, "FINISH_MOVED"),  # retry after backoff, or a delay step
+    Transition(_S.RUNNING, _S.QUEUED, "FINISH_MOVED"),  # handed back at shutdown; child already ended
+    Transition(_S.RUNNING, _S.WAITING, "FINISH_MOVED"),  # parked on a sub-workflow run
+    Transition(_S.RUNNING, _S.CANCELLED, "FINISH_MOVED"),  # cancel requested while it ran
+    Transition(_S.RUNNING, _S.QUEUED, "RECOVER_EXPIRED"),  # its worker was lost, attempts left
+    Transition(_S.RUNNING, _S.FAILED, "RECOVER_EXPIRED"),
+    Transition(_S.RUNNING, _S.CANCELLED, "RECOVER_EXPIRED"),
+    Transition(_S.WAITING, _S.QUEUED, "WAKE_PARENT"),
+    Transition(_S.WAITING, _S.QUEUED, "WAKE_WAITING"),
+    Transition(_S.QUEUED, _S.CANCELLED, "CANCEL"),
+    Transition(_S.DELAYED, _S.CANCELLED, "CANCEL"),
+    Transition(_S.WAITING, _S.CANCELLED, "CANCEL"),
+    Transition(_S.QUEUED, _S.CANCELLED, "CANCEL_TREE"),
+    Transition(_S.DELAYED, _S.CANCELLED, "CANCEL_TREE"),
+    Transition(_S.WAITING, _S.CANCELLED, "CANCEL_TREE"),
+    Transition(_S.QUEUED, _S.CANCELLED, "CANCEL_WORKFLOW_RUNS"),
+    Transition(_S.DELAYED, _S.CANCELLED, "CANCEL_WORKFLOW_RUNS"),
+    Transition(_S.WAITING, _S.CANCELLED, "CANCEL_WORKFLOW_RUNS"),
+    Transition(_S.FAILED, _S.QUEUED, "RETRY"),
+)
+
+
+# Functions installed in the database ------------------------------------------------------------
+
+DISPATCH_AT_FUNCTION = """
+CREATE OR REPLACE FUNCTION sluice_dispatch_at(
+    p_ready timestamptz, p_priority integer, p_aging_seconds double precision
+) RETURNS timestamptz
+LANGUAGE sql STABLE PARALLEL SAFE
+AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds) $$
+"""
+
+# Where the per-user cap is larger than max_connections (the most transactions that can be open at
+# once), a claim takes the owner's advisory lock in shared mode (claims do not wait for each other)
+# and goes ahead while running + max_connections < cap: that leaves room for every claim that can
+# be in flight beside it. A shared claim that finds the owner closer to the cap raises
+# serialization_failure, and the worker claims again with p_exclusive, which counts exactly under
+# the exclusive lock, as every claim does where the cap is small.
+#
+# It plans with sorting disabled (PL/pgSQL plans once per session: planned while statistics said
+# few runs were waiting, the claim read every waiting run and sorted them; without a sort the only
+# plan left is runs_dispatch_idx read in order), and is declared to return one row (costed for
+# the default 1,000 the claim was JIT-compiled, 120 ms a claim). A claim lost in a database crash
+# only puts the run back in the queue, so its commit does not wait for the WAL flush.
+CLAIM_FUNCTION = """
+CREATE OR REPLACE FUNCTION sluice_claim_run(
+    p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean
+)
+RETURNS SETOF runs
+LANGUAGE plpgsql
+ROWS 1
+SET enable_sort = off
+AS $$
+DECLARE
+    cand record;
+    skipped uuid[] := '{}';
+    running integer;
+    lock_key bigint;
+    slack integer := current_setting('max_connections')::integer;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    LOOP
+        IF cardinality(skipped) = 0 THEN
+            SELECT r.id, r.owner_id INTO cand FROM runs r
+            WHERE r.status IN ('queued', 'delayed')
+              AND coalesce(r.not_before, '-infinity') <= now()
+              AND NOT r.cancel_requested
+            ORDER BY r.dispatch_at, r.id
+            LIMIT 1
+            FOR UPDATE SKIP LOCKED;
+        ELSE
+            EXECUTE 'SELECT r.id, r.owner_id FROM runs r
+                     WHERE r.status IN (''queued'', ''delayed'')
+                       AND coalesce(r.not_before, ''-infinity'') <= now()
+                       AND NOT r.cancel_requested
+                       AND r.owner_id <> ALL ($1)
+                     ORDER BY r.dispatch_at, r.id
+                     LIMIT 1
+                     FOR UPDATE SKIP LOCKED' INTO cand USING skipped;
+        END IF;
+        IF cand.id IS NULL THEN
+            RETURN;
+        END IF;
+        lock_key := hashtextextended(cand.owner_id::text, 5);
+        IF p_user_cap > slack AND NOT p_exclusive THEN
+            PERFORM pg_advisory_xact_lock_shared(lock_key);
+            SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
+            IF running + slack >= p_user_cap THEN
+                RAISE EXCEPTION 'user % is close to the cap: claim with the exclusive lock', cand.owner_id
+                    USING ERRCODE = 'serialization_failure';
+            END IF;
+        ELSE
+            PERFORM pg_advisory_xact_lock(lock_key);
+            SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
+        END IF;
+        IF running < p_user_cap THEN
+            RETURN QUERY
+            UPDATE runs SET status = 'running', attempt = attempt + 1,
+                   started_at = coalesce(started_at, now()), worker_id = p_worker,
+                   lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+                   updated_at = now(), error = NULL
+            WHERE id = cand.id
+            RETURNING *;
+            RETURN;
+        END IF;
+        skipped := skipped || cand.owner_id;
+    END LOOP;
+END
+$$
+"""
+
+
+def install_functions(conn: psycopg.Connection[Any]) -> None:
+    """Create or replace the functions above (called by every migrate, under its lock)."""
+    with conn.transaction():
+        conn.execute(DISPATCH_AT_FUNCTION)
+        conn.execute(CLAIM_FUNCTION)
+
+
+# Creating ---------------------------------------------------------------------------------------
+
+# The workflow check and the insert in one statement. The run is pinned to the workflow's current
+# version (what it executes on every attempt); an idempotency hit inserts nothing.
+INSERT_RUN = """
+WITH wf AS (
+    SELECT id, version, status, settings FROM workflows
+    WHERE id = %(wf)s AND owner_id = %(owner)s AND deleted_at IS NULL
+), ins AS (
+    INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
+                      status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
+    SELECT wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s::run_trigger, %(data)s, %(priority)s,
+           (CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END)::run_status,
+           coalesce((wf.settings ->> 'maxAttempts')::int, %(max_attempts)s),
+           CASE WHEN %(delay)s > 0 THEN t.ready END, sluice_dispatch_at(t.ready, %(priority)s, %(aging_step)s),
+           %(key)s, %(traceparent)s
+    FROM wf, (SELECT now() + make_interval(secs => %(delay)s / 1000.0) AS ready) AS t
+    WHERE wf.status = 'active'
+    ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, status
+)
+SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELECT 1) AS one LEFT JOIN ins ON true
+"""
+
+# Claiming and executing --------------------------------------------------------------------------
+
+# Claims the best runnable run and opens its attempt, and reads what the worker needs: the steps
+# and settings of the version the run was queued with (a primary-key read of workflow_versions),
+# whatever the workflow has become since, and the checkpoints of earlier attempts (NULL, not an
+# empty object, when there are none: each value read back costs the worker a parse). A run of a
+# workflow deleted while its wake-up was on the way has no steps: the worker cancels it.
+CLAIM = """
+WITH claimed AS (
+    SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s)
+), attempt AS (
+    INSERT INTO run_attempts (run_id, attempt, status, worker_id)
+    SELECT id, attempt, 'running', %(worker)s FROM claimed
+    ON CONFLICT (run_id, attempt) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
+        started_at = now(), finished_at = NULL, error = NULL
+)
+SELECT c.id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
+       c.trigger_data, c.parent_run_id, CASE WHEN w.deleted_at IS NULL THEN v.steps END AS steps,
+       nullif(v.settings, '{}'::jsonb) AS settings,
+       (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
+         WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps,
+       (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
+         WHERE s.run_id = c.id AND s.status = 'waiting') AS waiting_steps
+FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
+LEFT JOIN workflow_versions v ON v.workflow_id = c.workflow_id AND v.version = c.workflow_version
+"""
+
+# A step's checkpoint, written only by the attempt that holds the run; reads the cancel flag back.
+CHECKPOINT = """
+WITH step AS (
+    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, error, started_at, finished_at)
+    SELECT id, %(step)s, %(pos)s, %(status)s, %(attempt)s, %(output)s, %(error)s, %(started)s, now()
+    FROM runs WHERE id = %(run)s AND status = 'running' AND attempt = %(attempt)s
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+        output = excluded.output, error = excluded.error, started_at = excluded.started_at,
+        finished_at = excluded.finished_at
+)
+SELECT cancel_requested FROM runs WHERE id = %(run)s
+"""
+
+RENEW_LEASES = """
+UPDATE runs SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+WHERE id = ANY(%(ids)s::uuid[]) AND status = 'running' AND worker_id = %(worker)s
+"""
+
+# Finishing ---------------------------------------------------------------------------------------
+
+# The attempt ended its run: succeeded, failed for good, or cancelled. Writes the last step's
+# checkpoint (one round trip less per run) and closes the attempt. The statement's snapshot still
+# counts this run as running: if its owner was at the cap with runs due, wake-ups may have skipped
+# them, so ``wake_next`` tells the caller to send one.
+FINISH_ENDED = """
+WITH run AS (
+    UPDATE runs SET status = %(status)s::run_status, waiting_for = NULL, not_before = NULL, finished_at = now(),
+        error = %(error)s, worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s AND attempt = %(attempt)s
+    RETURNING id, status
+), last_step AS (
+    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
+    SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
+           now()
+    FROM run WHERE %(step)s::text IS NOT NULL
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+        output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
+), attempt AS (
+    UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
+    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
+)
+SELECT id, status,
+       (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
+       AND EXISTS (SELECT 1 FROM runs WHERE owner_id = %(owner)s AND status IN ('queued', 'delayed')
+                   AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
+FROM run
+"""
+
+# The attempt ended without ending its run: ``status`` is ``delayed`` (a retry after its backoff,
+# or a delay step: ``wait`` ms), ``queued`` (handed back at shutdown) or ``waiting`` (parked on the
+# sub-workflow run ``child``). A parked or handed-back attempt gives its number back
+# (``give_back``). A cancel requested while the attempt ran wins over all of these, and a child
+# that ended before its parent parked does not keep the parent waiting. Otherwise as FINISH_ENDED.
+FINISH_MOVED = """
+WITH run AS (
+    UPDATE runs SET
+        status = (CASE WHEN cancel_requested THEN 'cancelled'
+                      WHEN %(status)s = 'waiting' AND EXISTS (
+                          SELECT 1 FROM runs c WHERE c.id = %(child)s::uuid
+                          AND c.status IN ('succeeded', 'failed', 'cancelled')) THEN 'queued'
+                      ELSE %(status)s END)::run_status,
+        waiting_for = CASE WHEN %(status)s = 'waiting' THEN %(child)s::uuid END,
+        attempt = attempt - %(give_back)s,
+        not_before = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested
+                          THEN now() + make_interval(secs => %(wait)s / 1000.0) END,
+        dispatch_at = CASE WHEN %(status)s = 'delayed' AND NOT cancel_requested
+                           THEN sluice_dispatch_at(now() + make_interval(secs => %(wait)s / 1000.0), priority,
+                                                   %(aging_step)s)
+                           ELSE dispatch_at END,
+        finished_at = CASE WHEN cancel_requested THEN now() END,
+        error = CASE WHEN cancel_requested THEN 'cancelled while running' ELSE %(error)s END,
+        worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s AND attempt = %(attempt)s
+    RETURNING id, status
+), last_step AS (
+    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
+    SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
+           now()
+    FROM run WHERE %(step)s::text IS NOT NULL
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+        output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
+), attempt AS (
+    UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
+    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
+)
+SELECT id, status,
+       (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
+       AND EXISTS (SELECT 1 FROM runs WHERE owner_id = %(owner)s AND status IN ('queued', 'delayed')
+                   AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
+FROM run
+"""
+
+# A sub-workflow run has ended: its parent, parked waiting for it, goes back to the queue.
+WAKE_PARENT = """
+UPDATE runs p SET status = 'queued', waiting_for = NULL, updated_at = now(),
+       dispatch_at = sluice_dispatch_at(now(), p.priority, %(aging_step)s)
+WHERE p.id = %(parent)s AND p.status = 'waiting' AND p.waiting_for = %(child)s
+RETURNING p.id
+"""
+
+# The sweep behind WAKE_PARENT: parents whose child ended (or vanished) without waking them (a
+# child cancelled before it started, recovered after its worker died, or ending while the parent
+# was parking).
+WAKE_WAITING = """
+UPDATE runs p SET status = 'queued', waiting_for = NULL, updated_at = now(),
+       dispatch_at = sluice_dispatch_at(now(), p.priority, %(aging_step)s)
+WHERE p.status = 'waiting'
+  AND NOT EXISTS (SELECT 1 FROM runs c WHERE c.id = p.waiting_for
+                  AND c.status NOT IN ('succeeded', 'failed', 'cancelled'))
+RETURNING p.id
+"""
+
+# Runs whose worker stopped renewing its lease (killed, frozen, cut off). The lost attempt counts,
+# so a run that kills its workers cannot loop forever; with attempts left the run is queued again
+# at its old place in line.
+RECOVER_EXPIRED = """
+WITH lost AS (
+    SELECT id, attempt, max_attempts, worker_id, cancel_requested FROM runs
+    WHERE status = 'running' AND lease_expires_at < now()
+    FOR UPDATE SKIP LOCKED
+), attempts AS (
+    UPDATE run_attempts a SET status = 'failed', finished_at = now(),
+           error = 'worker lost (' || coalesce(lost.worker_id, '?') || ')'
+    FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND a.status = 'running'
+)
+UPDATE runs r SET
+    status = (CASE WHEN lost.cancel_requested THEN 'cancelled'
+                   WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END)::run_status,
+    finished_at = CASE WHEN lost.cancel_requested OR lost.attempt >= lost.max_attempts THEN now() END,
+    error = 'worker lost during attempt ' || lost.attempt,
+    worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+FROM lost WHERE r.id = lost.id
+RETURNING r.id, r.status
+"""
+
+# Cancelling and retrying ----------------------------------------------------------------------
+
+# One run the owner cancels, locked first by :func:`cancel`: a queued, delayed or waiting run
+# never runs; a running one is asked to stop at its next step.
+CANCEL = """
+UPDATE runs SET
+    status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+    cancel_requested = status = 'running',
+    finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+    error = CASE status WHEN 'running' THEN error
+                        WHEN 'waiting' THEN 'cancelled while waiting for a sub-workflow'
+                        ELSE 'cancelled before it started' END,
+    updated_at = now()
+WHERE id = %(id)s AND status IN ('queued', 'delayed', 'waiting', 'running')
+"""
+
+# A cancelled parent's sub-workflow run, and the runs that one started in turn.
+CANCEL_TREE = """
+WITH RECURSIVE tree AS (
+    SELECT id FROM runs WHERE id = %(child)s
+    UNION
+    SELECT r.id FROM runs r JOIN tree t ON r.parent_run_id = t.id
+)
+UPDATE runs SET
+    status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+    cancel_requested = status = 'running',
+    finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+    error = CASE WHEN status = 'running' THEN error ELSE 'its parent run was cancelled' END,
+    updated_at = now()
+WHERE id IN (SELECT id FROM tree) AND status IN ('queued', 'delayed', 'waiting', 'running')
+"""
+
+# The workflow was deleted: its unfinished runs are cancelled (running ones at their next step).
+CANCEL_WORKFLOW_RUNS = """
+UPDATE runs SET
+    status = CASE WHEN status = 'running' THEN status ELSE 'cancelled' END,
+    cancel_requested = status = 'running',
+    finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() END,
+    error = CASE WHEN status = 'running' THEN error ELSE 'the workflow was deleted' END,
+    updated_at = now()
+WHERE workflow_id = %(wf)s AND status IN ('queued', 'delayed', 'waiting', 'running')
+"""
+
+# A failed run gets a new series of attempts (attempt numbers keep counting) on the same version:
+# its checkpoints belong to that version, and completed steps are not repeated.
+RETRY = """
+UPDATE runs r SET status = 'queued', max_attempts = r.attempt + coalesce((v.settings ->> 'maxAttempts')::int,
+                                                                       %(max_attempts)s),
+       error = NULL, finished_at = NULL, not_before = NULL, cancel_requested = false,
+       dispatch_at = sluice_dispatch_at(now(), r.priority, %(aging_step)s), updated_at = now()
+FROM workflow_versions v
+WHERE r.id = %(id)s AND r.status = 'failed' AND v.workflow_id = r.workflow_id AND v.version = r.workflow_version
+"""
+
+
+def cancel(conn: DictConnection, run_id: UUID | str, owner_id: UUID | str) -> str:
+    """Cancel one of the owner's runs; return its status after the call (``cancelled``, or
+    ``running`` while it winds down). Runs in the caller's transaction."""
+    row = conn.execute(
+        "SELECT status, waiting_for FROM runs WHERE id = %s AND owner_id = %s FOR UPDATE",
+        (str(run_id), str(owner_id)),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError("no such run")
+    status = str(row["status"])
+    if status in TERMINAL:
+        raise ConflictError(f"the run has already finished ({status})")
+    conn.execute(CANCEL, {"id": str(run_id)})
+    if row["waiting_for"] is not None:
+        conn.execute(CANCEL_TREE, {"child": row["waiting_for"]})
+    return status if status == RunStatus.RUNNING else RunStatus.CANCELLED
+
+
+def retry(
+    conn: DictConnection, run_id: UUID | str, owner_id: UUID | str, *, max_attempts: int, aging_step: float
+) -> None:
+    """Queue a failed run of the owner again (caller's transaction; the caller sends the wake-up)."""
+    row = conn.execute(
+        "SELECT r.status, w.deleted_at, w.status AS workflow_status FROM runs r "
+        "JOIN workflows w ON w.id = r.workflow_id WHERE r.id = %s AND r.owner_id = %s FOR UPDATE OF r",
+        (str(run_id), str(owner_id)),
+    ).fetchone()
+    if row is None:
+        raise NotFoundError("no such run")
+    if row["status"] != RunStatus.FAILED:
+        raise ConflictError(f"only a failed run can be retried; this one is {row['status']}")
+    if row["deleted_at"] is not None:
+        raise ConflictError("the run's workflow was deleted")
+    if row["workflow_status"] != "active":
+        raise ConflictError("the workflow is paused; activate it to retry its runs")
+    conn.execute(RETRY, {"id": str(run_id), "max_attempts": max_attempts, "aging_step": aging_step})

@@ -44,7 +44,7 @@ test-e2e: sync ## Run the end-to-end tests (services as processes)
 lint: sync ## ruff, mypy --strict on src, import contracts, hadolint
 	$(UV) run --no-sync ruff check .
 	$(UV) run --no-sync ruff format --check .
-	$(UV) run --no-sync mypy libs/common/src services/api/src services/worker/src services/scheduler/src services/standalone/src
+	$(UV) run --no-sync mypy libs/common/src services/api/src services/worker/src services/scheduler/src services/standalone/src services/cli/src
 	$(UV) run --no-sync lint-imports
 	$(UV) run --no-sync hadolint deploy/Dockerfile
 

@@ -18,7 +18,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from sluice_common.embedded import EmbeddedServers
+from sluice_cli.embedded import EmbeddedServers
 
 
 def with_db(url: str, name: str) -> str:

@@ -24,12 +24,12 @@ import pytest
 import redis
 from psycopg import sql
 
+from sluice_cli.embedded import EmbeddedServers
 from sluice_common.db import migrate
-from sluice_common.embedded import EmbeddedServers
 from sluice_common.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-SLUICE = [sys.executable, "-m", "sluice_common.cli"]
+SLUICE = [sys.executable, "-m", "sluice_cli"]
 
 
 def sluice(

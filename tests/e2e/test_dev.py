@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import psycopg
 
+from sluice_cli.embedded import EmbeddedServers
 from sluice_common import users
-from sluice_common.embedded import EmbeddedServers
 from tests.e2e.helpers import free_port, http, wait_for
 
 
@@ -25,9 +25,7 @@ def test_sluice_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
     }
     env.update(SLUICE_DATA_DIR=str(data), SLUICE_API_BIND=f"127.0.0.1:{port}")
     log = (tmp_path / "dev.log").open("w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sluice_common.cli", "dev"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "sluice_cli", "dev"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_for(f"{base}/api/ready", proc=proc)

@@ -6,7 +6,7 @@ import psutil
 import psycopg
 import redis
 
-from sluice_common.embedded import EmbeddedServers
+from sluice_cli.embedded import EmbeddedServers
 
 
 def test_start_reuse_and_stop(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_parallel_migrate_processes_on_an_empty_database(empty_database: str, se
     env = {**service_env, "DATABASE_URL": empty_database}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "sluice_common.cli", "migrate"],
+            [sys.executable, "-m", "sluice_cli", "migrate"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

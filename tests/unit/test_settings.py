@@ -4,7 +4,7 @@ import pydantic
 import pytest
 
 from sluice_common.errors import ConfigError
-from sluice_common.settings import load_settings
+from sluice_common.settings import ServerUrls, load_settings, server_urls
 
 
 def test_defaults_match_the_documented_values() -> None:
@@ -41,6 +41,22 @@ def test_empty_urls_mean_embedded() -> None:
     s = load_settings({"DATABASE_URL": "", "REDIS_URL": ""})
     assert s.database_url is None
     assert s.redis_url is None
+
+
+def test_services_take_the_urls_as_set() -> None:
+    s = load_settings({"DATABASE_URL": "postgresql://u@db/x", "REDIS_URL": "redis://cache/1"})
+    assert server_urls(s) == ServerUrls("postgresql://u@db/x", "redis://cache/1")
+    without_redis = load_settings({"DATABASE_URL": "postgresql://u@db/x"})
+    assert server_urls(without_redis, need_redis=False) == ServerUrls("postgresql://u@db/x", "")
+
+
+def test_a_service_without_its_urls_names_them() -> None:
+    with pytest.raises(ConfigError, match=r"^DATABASE_URL and REDIS_URL are not set"):
+        server_urls(load_settings({}))
+    with pytest.raises(ConfigError, match=r"^REDIS_URL is not set"):
+        server_urls(load_settings({"DATABASE_URL": "postgresql://u@db/x"}))
+    with pytest.raises(ConfigError, match=r"^DATABASE_URL is not set"):
+        server_urls(load_settings({"REDIS_URL": "redis://cache/1"}), need_redis=False)
 
 
 @pytest.mark.parametrize(

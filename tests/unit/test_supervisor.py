@@ -6,7 +6,7 @@ import time
 
 import psutil
 
-from sluice_common.supervisor import Child, Supervisor
+from sluice_cli.supervisor import Child, Supervisor
 
 STUBBORN = (
     "import signal, sys, time\n"

@@ -10,6 +10,7 @@ import base64
 import binascii
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -158,6 +159,33 @@ class Settings(BaseSettings):
     def data_path(self) -> Path:
         """The data folder as an absolute path (embedded servers, dev token)."""
         return self.data_dir.expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class ServerUrls:
+    """Where a service finds PostgreSQL and Redis (``redis_url`` is empty when it needs none)."""
+
+    database_url: str
+    redis_url: str
+
+
+def server_urls(settings: Settings, *, need_redis: bool = True) -> ServerUrls:
+    """The configured server URLs; a missing one is a :class:`ConfigError`.
+
+    Services take their servers as given. The ``sluice`` command is what starts the embedded
+    servers when ``DATABASE_URL`` / ``REDIS_URL`` are unset, and hands their URLs to the service.
+    """
+    missing = [
+        name
+        for name, value in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url))
+        if not value and (need_redis or name == "DATABASE_URL")
+    ]
+    if missing:
+        raise ConfigError(
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: point the service at its "
+            "servers, or start it with the sluice command, which starts the embedded servers for a missing URL"
+        )
+    return ServerUrls(settings.database_url or "", settings.redis_url or "")
 
 
 def _variable_name(loc: tuple[int | str, ...]) -> str:

@@ -1,16 +1,18 @@
-"""``python -m sluice_api``: serve the API with gunicorn (bind and worker count from settings)."""
+"""``python -m sluice_api``: serve the API with gunicorn (bind and worker count from settings).
+
+The API takes DATABASE_URL and REDIS_URL as set; ``sluice api`` starts the embedded servers and sets
+them when they are unset, before this process (and so before gunicorn forks its workers) starts.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
-from sluice_common.runtime import resolve_endpoints
-from sluice_common.settings import Settings, load_settings
+from sluice_common.settings import Settings, load_settings, server_urls
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -33,16 +35,14 @@ def main() -> None:
         settings = load_settings()
     except SluiceError as exc:
         raise SystemExit(str(exc)) from None
-    configure_logging(settings.log_level, "api")
-    # Resolved once, here: gunicorn workers come and go, and the embedded servers (when no URL is
-    # set) must outlive every one of them.
-    endpoints = resolve_endpoints(settings)
-    os.environ["DATABASE_URL"] = endpoints.database_url
-    os.environ["REDIS_URL"] = endpoints.redis_url
     try:
-        _serve(settings)
-    finally:
-        endpoints.close()
+        # Checked before gunicorn forks: every worker reads the same URLs from the environment
+        # (``sluice api`` sets them to the embedded servers', which outlive every worker, when unset).
+        server_urls(settings)
+    except SluiceError as exc:
+        raise SystemExit(f"api: {exc}") from None
+    configure_logging(settings.log_level, "api")
+    _serve(settings)
 
 
 def _serve(settings: Settings) -> None:

@@ -39,8 +39,7 @@ from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.cron import RedisSchedulerLink
 from sluice_common.db import open_pool
 from sluice_common.ratelimit import RedisRateLimiter
-from sluice_common.runtime import resolve_endpoints
-from sluice_common.settings import load_settings
+from sluice_common.settings import load_settings, server_urls
 
 __all__ = ["Dependencies", "create_app", "get_app"]
 
@@ -123,14 +122,13 @@ def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response
 def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     """Build the app and its dependencies from the environment (one call per gunicorn worker)."""
     settings = load_settings()
-    endpoints = resolve_endpoints(settings)
-    pool = open_pool(settings, endpoints.database_url, name="api")
-    client = redis.Redis.from_url(endpoints.redis_url, socket_timeout=5, socket_connect_timeout=5)
-    broker = make_broker(settings, endpoints.redis_url)
+    urls = server_urls(settings)
+    pool = open_pool(settings, urls.database_url, name="api")
+    client = redis.Redis.from_url(urls.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    broker = make_broker(settings, urls.redis_url)
     limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)
     sender = WakeupSender(broker)
     # atexit runs last-registered first: wake-ups still waiting are sent before anything closes.
-    atexit.register(endpoints.close)
     atexit.register(pool.close)
     atexit.register(client.close)
     atexit.register(broker.close)

@@ -16,9 +16,8 @@ import redis
 
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool, open_pool
-from sluice_common.lifecycle import service_main
-from sluice_common.runtime import Endpoints
-from sluice_common.settings import Settings
+from sluice_common.process import service_main
+from sluice_common.settings import ServerUrls, Settings
 from sluice_scheduler.leadership import LocalLease, RedisLease
 from sluice_scheduler.scheduler import CronScheduler, LocalSchedulerLink
 from sluice_scheduler.signals import LocalSignals, RedisSignals
@@ -41,10 +40,10 @@ def create_local_scheduler(
     return scheduler, LocalSchedulerLink(scheduler, signals)
 
 
-def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:
-    pool = open_pool(settings, endpoints.database_url, name="scheduler")
-    broker = make_broker(settings, endpoints.redis_url)
-    client = redis.Redis.from_url(endpoints.redis_url)
+def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None:
+    pool = open_pool(settings, urls.database_url, name="scheduler")
+    broker = make_broker(settings, urls.redis_url)
+    client = redis.Redis.from_url(urls.redis_url)
     try:
         scheduler = create_scheduler(settings, pool, broker, client)
         log.info(

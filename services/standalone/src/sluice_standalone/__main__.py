@@ -5,15 +5,14 @@ from __future__ import annotations
 import threading
 
 from sluice_common.db import migrate, open_pool
-from sluice_common.lifecycle import service_main
-from sluice_common.runtime import Endpoints
-from sluice_common.settings import Settings
+from sluice_common.process import service_main
+from sluice_common.settings import ServerUrls, Settings
 from sluice_standalone.app import create_standalone, serve
 
 
-def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:
-    migrate(endpoints.database_url)
-    pool = open_pool(settings, endpoints.database_url, name="standalone", max_size=settings.concurrency + 8)
+def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None:
+    migrate(urls.database_url)
+    pool = open_pool(settings, urls.database_url, name="standalone", max_size=settings.concurrency + 8)
     try:
         app = create_standalone(settings, pool)
         app.start()

@@ -22,11 +22,10 @@ from dramatiq import Worker
 
 from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
-from sluice_common.lifecycle import service_main
+from sluice_common.process import service_main
 from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
 from sluice_common.runs import recover_expired
-from sluice_common.runtime import Endpoints
-from sluice_common.settings import Settings
+from sluice_common.settings import ServerUrls, Settings
 from sluice_worker.executor import RunExecutor
 from sluice_worker.safehttp import make_client
 
@@ -108,11 +107,11 @@ def create_worker(
     return WorkerApp(executor, worker, thread, stopping, housekeeping_stop)
 
 
-def run(settings: Settings, endpoints: Endpoints, stopping: threading.Event) -> None:
+def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None:
     # One connection per run thread, plus housekeeping and spare.
-    pool = open_pool(settings, endpoints.database_url, name="worker", max_size=settings.concurrency + 4)
-    broker = make_broker(settings, endpoints.redis_url)
-    client = redis.Redis.from_url(endpoints.redis_url)
+    pool = open_pool(settings, urls.database_url, name="worker", max_size=settings.concurrency + 4)
+    broker = make_broker(settings, urls.redis_url)
+    client = redis.Redis.from_url(urls.redis_url)
     try:
         limiter = RedisRateLimiter(
             client, settings.redis_prefix, settings.rate_limit_per_minute, ready_queue=ready_queue_key(broker)

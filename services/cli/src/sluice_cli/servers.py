@@ -1,10 +1,13 @@
-"""Where a process finds PostgreSQL and Redis: the configured URLs, or the embedded servers."""
+"""Where the services find PostgreSQL and Redis: the configured URLs, or the embedded servers.
+
+Only the ``sluice`` command resolves servers; it hands the URLs to the services it starts.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sluice_common.embedded import EmbeddedServers
+from sluice_cli.embedded import EmbeddedServers
 from sluice_common.settings import Settings
 
 

@@ -42,7 +42,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from sluice_common.errors import FieldProblem, ValidationFailed
+from sluice_common.errors import FieldProblem, StepFailure, ValidationFailed, field_problems, json_path
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class StepCall:
     context: Mapping[str, Any] = field(default_factory=dict)  # trigger, steps, run, vars (read-only)
 
 
-class StepError(Exception):
+class StepError(StepFailure):
     """Raised by a custom step to fail with a message (``final``: retrying cannot help)."""
 
     def __init__(self, message: str, *, final: bool = False) -> None:
@@ -425,31 +425,8 @@ class WorkflowDefinition(_Model):
 # Validation -----------------------------------------------------------------------------------
 
 
-def json_path(loc: tuple[int | str, ...], base: str = "$") -> str:
-    """Render a pydantic error location as a JSON path: ``("steps", 0, "id")`` -> ``$.steps[0].id``."""
-    out = base
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
-            out += f".{part}"
-        else:
-            out += f"[{part!r}]"
-    return out
-
-
-def _problems(exc: ValidationError, base: str = "$", *, skip_tags: bool = True) -> list[FieldProblem]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = err["loc"]
-        if skip_tags:
-            # Discriminated unions add the tag ("cron") to the location; users never wrote it.
-            loc = tuple(p for p in loc if p not in {"manual", "cron", "webhook"})
-        message = err["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        problems.append(FieldProblem(json_path(loc, base), message))
-    return problems
+# Discriminated unions add the tag ("cron") to an error's location; users never wrote it.
+_TRIGGER_TAGS = ("manual", "cron", "webhook")
 
 
 def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> list[FieldProblem]:
@@ -495,7 +472,7 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
         try:
             config = model.model_validate(raw_config)
         except ValidationError as exc:
-            problems.extend(_problems(exc, f"{base}.config", skip_tags=False))
+            problems.extend(field_problems(exc, f"{base}.config"))
             continue
         if isinstance(config, ConditionConfig):
             problem = expression_problem(config.expression)
@@ -528,7 +505,7 @@ def validate_workflow(data: Any, *, step_types: dict[str, type[BaseModel]] | Non
     try:
         definition = WorkflowDefinition.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problems(exc))
+        problems.extend(field_problems(exc, tags=_TRIGGER_TAGS))
     if isinstance(data, dict):
         problems.extend(_check_steps(data.get("steps"), known))
     if problems:

@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import httpx
 from pydantic import BaseModel, ValidationError
 
+from sluice_common.errors import StepFailure, field_problems
 from sluice_common.workflow import (
     STEP_CONFIGS,
     STOP,
@@ -57,7 +58,7 @@ DEFAULT_OUTPUT_MAX_BYTES = 256 * 1024
 MASK = "***"
 
 
-class StepFailed(Exception):
+class StepFailed(StepFailure):
     """A step failed; the attempt fails and may be retried (``final``: it may not)."""
 
     def __init__(self, step_id: str, message: str, *, final: bool = False) -> None:
@@ -341,10 +342,8 @@ def _validate(step_id: str, model: type[BaseModel], config: dict[str, Any]) -> B
         # whose values may fairly be coerced (a number rendered where a header string goes).
         return model.model_validate(config, strict=False)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise StepFailed(step_id, f"config{'.' + where if where else ''}: {msg}", final=True) from None
+        first = field_problems(exc, "config")[0]
+        raise StepFailed(step_id, f"{first.path}: {first.message}", final=True) from None
 
 
 def run_step(

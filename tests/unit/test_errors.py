@@ -6,10 +6,10 @@ import pytest
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from sluice_common.errors import FieldProblem, SluiceError, StepFailure, field_problems, json_path
-from sluice_common.workflow import StepError
-from sluice_worker.engine import StepFailed
+from sluice_common.steps import StepError
 from sluice_worker.expressions import ExpressionError
 from sluice_worker.safehttp import HttpRefused
+from sluice_worker.steps.base import StepFailed
 
 
 class Cron(BaseModel):

@@ -20,10 +20,10 @@ from sluice_common.errors import (
     StepFailure,
     ValidationFailed,
 )
-from sluice_common.workflow import StepError
-from sluice_worker.engine import StepFailed
+from sluice_common.steps import StepError
 from sluice_worker.expressions import ExpressionError
 from sluice_worker.safehttp import HttpRefused
+from sluice_worker.steps.base import StepFailed
 
 
 class Raiser:

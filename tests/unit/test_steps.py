@@ -136,3 +136,13 @@ def test_a_branching_type_gets_jump_checks_and_decides_the_walk() -> None:
         outcome, store = run_steps(steps, runtime=Runtime(client, steps=runners))
     assert outcome.status == "succeeded", outcome.error
     assert store.done == {"a": 1, "jump": {"next": "c"}, "c": 3}
+
+
+def test_a_plugin_reusing_a_built_in_name_is_ignored_not_fatal() -> None:
+    plugins = {"http": StepPlugin(ShoutConfig, plugin_run), "plugged": StepPlugin(ShoutConfig, plugin_run)}
+    runners = step_runners(step_registry(plugins), plugins)
+    http = runners.get("http")
+    assert http is not None
+    assert http.type.config_model is not ShoutConfig
+    assert http.run is BUILTIN_RUNS["http"]
+    assert runners.get("plugged") is not None

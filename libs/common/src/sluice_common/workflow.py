@@ -295,7 +295,10 @@ def step_registry(plugins: Mapping[str, StepPlugin] | None = None) -> StepRegist
         return last[1]
     registry = StepRegistry(BUILTIN_STEP_TYPES)
     for name, plugin in plugins.items():
-        registry.register(plugin.step_type(name))
+        try:
+            registry.register(plugin.step_type(name))
+        except ValueError as exc:  # step_plugins() skips these; plugins given directly may not
+            log.warning("step type %r ignored: %s", name, exc)
     _last_registry = (plugins, registry)
     return registry
 

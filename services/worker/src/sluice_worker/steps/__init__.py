@@ -79,7 +79,8 @@ def step_runners(registry: StepRegistry, plugins: Mapping[str, StepPlugin]) -> S
     for name, run in BUILTIN_RUNS.items():
         runners.attach(name, run)
     for name, plugin in plugins.items():
-        runners.attach(name, plugin_run(plugin))
+        if name in registry and runners.get(name) is None:  # not refused by the registry
+            runners.attach(name, plugin_run(plugin))
     return runners
 
 

@@ -16,7 +16,8 @@ import pytest
 from pydantic import BaseModel
 
 from sluice_common.errors import ValidationFailed
-from sluice_common.workflow import StepCall, StepPlugin, step_plugins, step_types, validate_workflow
+from sluice_common.steps import StepCall, StepPlugin
+from sluice_common.workflow import step_plugins, step_types, validate_workflow
 from sluice_worker.engine import ChildState, Outcome, RunContext, Runtime, execute
 
 

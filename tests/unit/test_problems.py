@@ -16,8 +16,14 @@ from sluice_common.errors import (
     FieldProblem,
     InfrastructureError,
     NotFoundError,
+    SluiceError,
+    StepFailure,
     ValidationFailed,
 )
+from sluice_common.steps import StepError
+from sluice_worker.expressions import ExpressionError
+from sluice_worker.safehttp import HttpRefused
+from sluice_worker.steps.base import StepFailed
 
 
 class Raiser:
@@ -107,3 +113,22 @@ def test_backing_services_down_is_a_503_not_a_500(exc: Exception) -> None:
     assert result.status_code == 503
     assert result.headers["retry-after"] == "5"
     assert problem(result)["detail"] == "a backing service is unavailable"
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        StepFailed("fetch", "GET https://example.com answered 500"),
+        StepError("key is empty", final=True),
+        ExpressionError("no secret named 'KEY'"),
+        HttpRefused("refused to connect to 127.0.0.1"),
+        StepFailure("a step failed"),
+    ],
+)
+def test_step_failures_are_never_answered_as_client_errors(exc: StepFailure) -> None:
+    # Steps run in the worker; a step failure reaching the API is a bug, answered as one.
+    assert isinstance(exc, SluiceError)
+    result = client_raising(exc).simulate_get("/boom")
+    assert result.status_code == 500
+    assert problem(result)["title"] == "Internal Server Error"
+    assert str(exc) not in result.text

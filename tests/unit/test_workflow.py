@@ -3,8 +3,8 @@ from typing import Any
 
 import pytest
 
-from sluice_common.errors import ValidationFailed
-from sluice_common.workflow import ConditionConfig, CronTrigger, cron_iter, json_path, validate_workflow
+from sluice_common.errors import ValidationFailed, json_path
+from sluice_common.workflow import ConditionConfig, CronTrigger, cron_iter, validate_workflow
 
 
 def workflow(**overrides: Any) -> dict[str, Any]:

@@ -5,9 +5,10 @@ settings?}`` in camelCase JSON. :func:`validate_workflow` checks a whole definit
 every problem with its JSON path (``$.steps[1].config.url``), not only the first one.
 
 Step configs are validated here, not in the worker, because the API must reject a bad
-definition at creation time without importing worker code. Built-in step types register their
-config models in :data:`STEP_CONFIGS`; packages add more through the ``sluice.steps`` entry points
-(a :class:`StepPlugin` each: a config model checked here, a run function the worker calls).
+definition at creation time without importing worker code. Each step's type is looked up in the
+step registry (:mod:`sluice_common.steps`) that :func:`step_registry` builds: the built-in types
+of :data:`BUILTIN_STEP_TYPES` (their config models are below), then the plugins of the
+``sluice.steps`` entry points, both through the same ``StepRegistry.register``.
 
 Strings in step configs may be templates over the run context (``{{ steps.fetch.body.id }}``).
 Their syntax is checked here with Jinja2's parser (parsing runs nothing); they are evaluated only
@@ -20,10 +21,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import re
 import zoneinfo
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal
@@ -42,7 +41,21 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from sluice_common.errors import FieldProblem, ValidationFailed
+from sluice_common.errors import FieldProblem, ValidationFailed, field_problems, json_path
+from sluice_common.steps import (
+    BRANCH_IF,
+    BRANCH_TARGETS,
+    PLUGIN_GROUP,
+    STOP,
+    TYPE_NAME,
+    StepRegistry,
+    StepType,
+)
+
+# Plugins written before the registry import these from here.
+from sluice_common.steps import StepCall as StepCall
+from sluice_common.steps import StepError as StepError
+from sluice_common.steps import StepPlugin as StepPlugin
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +63,6 @@ STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$"
 MAX_STEPS = 200
 MAX_TEMPLATE_CHARS = 16_384
 MAX_STEP_TIMEOUT_SECONDS = 7 * 86400
-PLUGIN_GROUP = "sluice.steps"
 
 
 class _Model(BaseModel):
@@ -226,56 +238,20 @@ class FailConfig(_Model):
     message: Annotated[str, Field(min_length=1, max_length=2000)]
 
 
-STEP_CONFIGS: dict[str, type[BaseModel]] = {
-    "http": HttpConfig,
-    "transform": TransformConfig,
-    "condition": ConditionConfig,
-    "delay": DelayConfig,
-    "workflow": WorkflowStepConfig,
-    "fail": FailConfig,
-}
-"""Config model of every known step type; the key is the step's ``type``."""
+BUILTIN_STEP_TYPES: tuple[StepType, ...] = (
+    StepType("http", HttpConfig, description="an HTTP request; its output is the response"),
+    StepType("transform", TransformConfig, description="a value built from templates"),
+    StepType("condition", ConditionConfig, branches=True, description="go on at then/else, or stop the run"),
+    StepType("delay", DelayConfig, description="wait for some time, or until a time"),
+    StepType("workflow", WorkflowStepConfig, description="run another workflow, waiting for it or not"),
+    StepType("fail", FailConfig, description="fail the run with a message"),
+)
+"""The built-in step types; their run functions are attached in the worker (``sluice_worker.steps``)."""
 
-# ``condition`` steps may continue at another step or end the run.
-STOP = "stop"
-
-
-# Custom step types ----------------------------------------------------------------------------
+_BUILTIN_NAMES = frozenset(t.name for t in BUILTIN_STEP_TYPES)
 
 
-@dataclass(frozen=True)
-class StepCall:
-    """What a custom step's run function gets besides its (validated, rendered) config."""
-
-    run_id: str
-    workflow_id: str
-    owner_id: str
-    attempt: int
-    step_id: str
-    timeout: float  # seconds this step may take; the function must return (or raise) within it
-    context: Mapping[str, Any] = field(default_factory=dict)  # trigger, steps, run, vars (read-only)
-
-
-class StepError(Exception):
-    """Raised by a custom step to fail with a message (``final``: retrying cannot help)."""
-
-    def __init__(self, message: str, *, final: bool = False) -> None:
-        self.final = final
-        super().__init__(message)
-
-
-@dataclass(frozen=True)
-class StepPlugin:
-    """A step type added by a package: ``[project.entry-points."sluice.steps"] name = "module:PLUGIN"``.
-
-    ``config_model`` is a pydantic model (validated when a workflow is created, so it must not
-    need the worker); ``run(config, call)`` executes the step in the worker and returns a
-    JSON-serialisable output, or raises :class:`StepError`.
-    """
-
-    config_model: type[BaseModel]
-    run: Callable[[Any, StepCall], Any]
-    description: str = ""
+# Plugins and the registry ---------------------------------------------------------------------
 
 
 @functools.cache
@@ -287,7 +263,7 @@ def step_plugins() -> dict[str, StepPlugin]:
     """
     found: dict[str, StepPlugin] = {}
     for ep in entry_points(group=PLUGIN_GROUP):
-        if ep.name in STEP_CONFIGS or not re.fullmatch(r"[a-z][a-z0-9_.-]{0,63}", ep.name):
+        if ep.name in _BUILTIN_NAMES or not TYPE_NAME.fullmatch(ep.name):
             log.warning("step type %r from %s ignored: the name is built in or invalid", ep.name, ep.value)
             continue
         try:
@@ -296,18 +272,40 @@ def step_plugins() -> dict[str, StepPlugin]:
             log.warning("step type %r could not be loaded from %s", ep.name, ep.value, exc_info=True)
             continue
         if not isinstance(plugin, StepPlugin):
-            log.warning("step type %r: %s is not a sluice_common.workflow.StepPlugin", ep.name, ep.value)
+            log.warning("step type %r: %s is not a sluice_common.steps.StepPlugin", ep.name, ep.value)
             continue
         found[ep.name] = plugin
     return found
 
 
+_last_registry: tuple[Mapping[str, StepPlugin], StepRegistry] | None = None
+
+
+def step_registry(plugins: Mapping[str, StepPlugin] | None = None) -> StepRegistry:
+    """The registry of the built-in step types, then ``plugins`` (default: :func:`step_plugins`).
+
+    Built once for each set of plugins (once per process, outside tests) and reused: the worker
+    looks every step's type up in it.
+    """
+    global _last_registry
+    if plugins is None:
+        plugins = step_plugins()
+    last = _last_registry
+    if last is not None and last[0] is plugins:
+        return last[1]
+    registry = StepRegistry(BUILTIN_STEP_TYPES)
+    for name, plugin in plugins.items():
+        try:
+            registry.register(plugin.step_type(name))
+        except ValueError as exc:  # step_plugins() skips these; plugins given directly may not
+            log.warning("step type %r ignored: %s", name, exc)
+    _last_registry = (plugins, registry)
+    return registry
+
+
 def step_types() -> dict[str, type[BaseModel]]:
     """Config model of every step type this process knows: built-in ones and plugins."""
-    return {**STEP_CONFIGS, **{name: p.config_model for name, p in step_plugins().items()}}
-
-
-_all_step_types = step_types  # validate_workflow's parameter has the same name
+    return step_registry().models()
 
 
 # Templates ------------------------------------------------------------------------------------
@@ -425,34 +423,11 @@ class WorkflowDefinition(_Model):
 # Validation -----------------------------------------------------------------------------------
 
 
-def json_path(loc: tuple[int | str, ...], base: str = "$") -> str:
-    """Render a pydantic error location as a JSON path: ``("steps", 0, "id")`` -> ``$.steps[0].id``."""
-    out = base
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
-            out += f".{part}"
-        else:
-            out += f"[{part!r}]"
-    return out
+# Discriminated unions add the tag ("cron") to an error's location; users never wrote it.
+_TRIGGER_TAGS = ("manual", "cron", "webhook")
 
 
-def _problems(exc: ValidationError, base: str = "$", *, skip_tags: bool = True) -> list[FieldProblem]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        loc = err["loc"]
-        if skip_tags:
-            # Discriminated unions add the tag ("cron") to the location; users never wrote it.
-            loc = tuple(p for p in loc if p not in {"manual", "cron", "webhook"})
-        message = err["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        problems.append(FieldProblem(json_path(loc, base), message))
-    return problems
-
-
-def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> list[FieldProblem]:
+def _check_steps(raw_steps: Any, registry: StepRegistry) -> list[FieldProblem]:
     """Checks pydantic cannot express: each config against its type, unique ids, jump targets."""
     if not isinstance(raw_steps, list):
         return []
@@ -475,18 +450,19 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
                 )
             else:
                 seen[step_id] = index
-        step_type = step.get("type")
-        if not isinstance(step_type, str):
+        type_name = step.get("type")
+        if not isinstance(type_name, str):
             continue
-        model = known_types.get(step_type)
-        if model is None:
-            names = ", ".join(sorted(known_types))
-            problems.append(FieldProblem(f"{base}.type", f"unknown step type {step_type!r}; known: {names}"))
+        step_type = registry.get(type_name)
+        if step_type is None:
+            names = ", ".join(registry.names())
+            problems.append(FieldProblem(f"{base}.type", f"unknown step type {type_name!r}; known: {names}"))
             continue
         raw_config = step.get("config", {})
         if not isinstance(raw_config, dict):
             problems.append(FieldProblem(f"{base}.config", "must be an object"))
             continue
+        model = step_type.config_model
         raw_config, timeout = split_step_timeout(model, raw_config)
         if timeout is not None:
             problem = step_timeout_problem(timeout)
@@ -495,40 +471,44 @@ def _check_steps(raw_steps: Any, known_types: dict[str, type[BaseModel]]) -> lis
         try:
             config = model.model_validate(raw_config)
         except ValidationError as exc:
-            problems.extend(_problems(exc, f"{base}.config", skip_tags=False))
+            problems.extend(field_problems(exc, f"{base}.config"))
             continue
-        if isinstance(config, ConditionConfig):
-            problem = expression_problem(config.expression)
-            if problem:
-                problems.append(FieldProblem(f"{base}.config.if", problem))
-            rest = {k: v for k, v in raw_config.items() if k != "if"}
-            _template_problems(rest, f"{base}.config", problems)
-            for name, target in (("then", config.then), ("else", config.else_)):
-                if target is None or target == STOP:
-                    continue
-                if target not in ids:
-                    problems.append(
-                        FieldProblem(f"{base}.config.{name}", f"no step with id {target!r} (use a step id or {STOP!r})")
-                    )
-                elif positions.get(target, -1) <= index:
-                    # Forward jumps only: a run cannot loop, and resuming replays one path.
-                    problems.append(
-                        FieldProblem(f"{base}.config.{name}", f"step {target!r} does not come after this step")
-                    )
-        else:
+        if not step_type.branches:
             _template_problems(raw_config, f"{base}.config", problems)
+            continue
+        # The validated values, by their JSON names: `if`, `then`, `else`.
+        branch = config.model_dump(by_alias=True)
+        problem = expression_problem(str(branch[BRANCH_IF]))
+        if problem:
+            problems.append(FieldProblem(f"{base}.config.{BRANCH_IF}", problem))
+        rest = {k: v for k, v in raw_config.items() if k != BRANCH_IF}
+        _template_problems(rest, f"{base}.config", problems)
+        for name in BRANCH_TARGETS:
+            target = branch.get(name)
+            if target is None or target == STOP:
+                continue
+            if target not in ids:
+                problems.append(
+                    FieldProblem(f"{base}.config.{name}", f"no step with id {target!r} (use a step id or {STOP!r})")
+                )
+            elif positions.get(target, -1) <= index:
+                # Forward jumps only: a run cannot loop, and resuming replays one path.
+                problems.append(FieldProblem(f"{base}.config.{name}", f"step {target!r} does not come after this step"))
     return problems
 
 
-def validate_workflow(data: Any, *, step_types: dict[str, type[BaseModel]] | None = None) -> WorkflowDefinition:
-    """Validate a workflow definition; raise :class:`ValidationFailed` with every problem."""
-    known = _all_step_types() if step_types is None else step_types
+def validate_workflow(data: Any, *, registry: StepRegistry | None = None) -> WorkflowDefinition:
+    """Validate a workflow definition; raise :class:`ValidationFailed` with every problem.
+
+    Step types are those of ``registry`` (default: :func:`step_registry`, built-in types and plugins).
+    """
+    known = step_registry() if registry is None else registry
     problems: list[FieldProblem] = []
     definition: WorkflowDefinition | None = None
     try:
         definition = WorkflowDefinition.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_problems(exc))
+        problems.extend(field_problems(exc, tags=_TRIGGER_TAGS))
     if isinstance(data, dict):
         problems.extend(_check_steps(data.get("steps"), known))
     if problems:

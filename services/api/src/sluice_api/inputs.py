@@ -19,8 +19,7 @@ from uuid import UUID
 import falcon
 from pydantic import BaseModel, ValidationError
 
-from sluice_common.errors import FieldProblem, ValidationFailed
-from sluice_common.workflow import json_path
+from sluice_common.errors import FieldProblem, ValidationFailed, field_problems
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -124,16 +123,6 @@ def read_json(req: falcon.Request, limit: int, *, required: bool = True) -> Any:
     return parse_json(data)
 
 
-def problems_of(exc: ValidationError, base: str = "$") -> list[FieldProblem]:
-    out = []
-    for err in exc.errors(include_url=False):
-        message = err["msg"]
-        if message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        out.append(FieldProblem(json_path(tuple(err["loc"]), base), message))
-    return out
-
-
 def validate(model: type[M], data: Any) -> M:
     """``model`` from ``data``; every problem reported at once with its JSON path."""
     if data is None:
@@ -143,7 +132,7 @@ def validate(model: type[M], data: Any) -> M:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ValidationFailed(problems_of(exc)) from None
+        raise ValidationFailed(field_problems(exc)) from None
 
 
 # Query parameters -------------------------------------------------------------------------------

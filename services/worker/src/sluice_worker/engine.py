@@ -4,10 +4,12 @@ Each finished step is checkpointed through the :class:`StepStore` before the nex
 a retried or recovered run resumes at its first unfinished step with the recorded outputs.
 Between steps the engine checks for cancellation, shutdown and the run's deadline.
 
-Step types: ``http``, ``transform``, ``condition`` (continue at ``then``/``else`` or ``stop``),
-``delay``, ``workflow`` (a sub-workflow, waited for or not), ``fail``, and plugins from the
-``sluice.steps`` entry points. Strings in configs are templates over the run context (see
-:mod:`sluice_worker.expressions`), rendered just before the step runs.
+Each step's type is decided once, in the step registry with the worker's run functions attached
+(:mod:`sluice_worker.steps`, over :mod:`sluice_common.steps`): built-in types and plugins alike.
+The engine knows no type by name: for any type it renders the config's templates (over the run
+context, see :mod:`sluice_worker.expressions`), validates it with the type's config model and
+calls the type's run function; a type that branches (``condition``) keeps ``if``/``then``/``else``
+unrendered, and its output's ``next`` decides where the walk goes.
 
 A ``delay`` step and a waiting ``workflow`` step do not hold the thread: the step is recorded
 as ``waiting`` and the attempt ends as ``parked`` (the executor gives the attempt back and
@@ -25,45 +27,27 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from sluice_common.workflow import (
-    STEP_CONFIGS,
-    STOP,
-    ConditionConfig,
-    DelayConfig,
-    FailConfig,
-    HttpConfig,
-    StepCall,
-    StepError,
-    StepPlugin,
-    TransformConfig,
-    WorkflowStepConfig,
-    parse_time,
-    split_step_timeout,
-    step_plugins,
-)
+from sluice_common.errors import field_problems
+from sluice_common.steps import BRANCH_IF, BRANCH_TARGETS, STOP, StepPlugin
+from sluice_common.workflow import split_step_timeout, step_plugins
 from sluice_worker import expressions
 from sluice_worker.expressions import ExpressionError, SecretBag
-from sluice_worker.safehttp import HttpPolicy, HttpRefused
-from sluice_worker.safehttp import request as http_request
+from sluice_worker.safehttp import HttpPolicy
+from sluice_worker.steps import RunnableStep, StepRunners, default_runners
+from sluice_worker.steps.base import Park, StepInput
+
+# Raised by steps and by the executor's sub-run starter; its home is with the step types.
+from sluice_worker.steps.base import StepFailed as StepFailed
 
 DEFAULT_STEP_TIMEOUT = 300.0
 DEFAULT_OUTPUT_MAX_BYTES = 256 * 1024
 MASK = "***"
-
-
-class StepFailed(Exception):
-    """A step failed; the attempt fails and may be retried (``final``: it may not)."""
-
-    def __init__(self, step_id: str, message: str, *, final: bool = False) -> None:
-        self.step_id = step_id
-        self.final = final
-        super().__init__(f"step {step_id!r}: {message}")
 
 
 class StepStore(Protocol):
@@ -108,6 +92,10 @@ class Runtime:
     output_max_bytes: int = DEFAULT_OUTPUT_MAX_BYTES
     subruns: SubRuns | None = None
     plugins: Callable[[], dict[str, StepPlugin]] = step_plugins
+    steps: StepRunners | None = None  # the step types and run functions; default: built-ins and plugins
+
+    def runners(self) -> StepRunners:
+        return self.steps if self.steps is not None else default_runners(self.plugins())
 
 
 @dataclass
@@ -132,15 +120,6 @@ class Outcome:
     final_step: tuple[str, int, Any, datetime] | None = None  # a checkpoint left for the finish
     resume_at: datetime | None = None  # parked until this time (a delay step)
     waiting_for: str | None = None  # parked until this child run ends (a workflow step)
-
-
-@dataclass(frozen=True)
-class Park:
-    """A step's answer meaning: record me as waiting and end the attempt without using it."""
-
-    output: Any
-    resume_at: datetime | None = None
-    waiting_for: str | None = None
 
 
 class Scope:
@@ -193,146 +172,7 @@ def _remaining(ctx: RunContext) -> float:
     return ctx.deadline - time.monotonic()
 
 
-# Step types ---------------------------------------------------------------------------------
-
-
-@dataclass
-class StepInput:
-    """One step about to run: its rendered config and what it may use."""
-
-    step_id: str
-    position: int
-    config: Any  # the validated config model
-    scope: Scope
-    ctx: RunContext
-    runtime: Runtime
-    timeout: float  # seconds, already bounded by the run deadline
-    waiting: Any  # the step's recorded waiting output, when it parked before
-
-
-def _http(step: StepInput) -> Any:
-    config: HttpConfig = step.config
-    timeout = min(config.timeout_seconds, step.timeout)
-    try:
-        result = http_request(
-            step.runtime.http,
-            step.runtime.http_policy,
-            config.method,
-            config.url,
-            headers=config.headers,
-            params=config.query or None,
-            content=config.body,
-            json_body=config.json_body,
-            form=config.form,
-            timeout=timeout,
-            max_redirects=config.max_redirects,
-            max_bytes=step.runtime.output_max_bytes * 4,
-            secret_values=step.scope.bag.used,
-        )
-    except HttpRefused as exc:
-        raise StepFailed(step.step_id, str(exc), final=True) from None
-    except (httpx.TimeoutException, TimeoutError):
-        raise StepFailed(step.step_id, f"timed out after {timeout:.1f}s") from None
-    except httpx.HTTPError as exc:
-        raise StepFailed(step.step_id, f"request failed: {type(exc).__name__}: {exc}") from None
-    accepted = config.accept_status
-    ok = result.status in accepted if accepted else 200 <= result.status < 300
-    if not ok:
-        raise StepFailed(step.step_id, f"{config.method} {result.url} answered {result.status}")
-    text = result.content.decode("utf-8", errors="replace")
-    body: Any = text
-    content_type = result.headers.get("content-type", "").split(";")[0].strip()
-    if content_type.endswith("json") and not result.truncated:
-        try:
-            body = json.loads(text)
-        except ValueError:
-            body = text
-    output: dict[str, Any] = {"status": result.status, "headers": result.headers, "body": body}
-    if result.redirects:
-        output["url"] = result.url
-    if result.truncated:
-        output["bodyTruncated"] = True
-    return output
-
-
-def _condition(step: StepInput, expression: str) -> Any:
-    config: ConditionConfig = step.config
-    try:
-        value = expressions.evaluate(expression, step.scope.values, min(step.timeout, expressions.EVAL_SECONDS))
-    except ExpressionError as exc:
-        raise StepFailed(step.step_id, f"config.if: {exc}", final=True) from None
-    result = bool(value)
-    target = config.then if result else config.else_
-    if target not in (None, STOP):
-        # Validation allows forward jumps only; a definition stored without it must not loop.
-        later = [s["id"] for s in step.ctx.steps[step.position + 1 :]]
-        if target not in later:
-            raise StepFailed(
-                step.step_id, f"config.{'then' if result else 'else'}: no later step {target!r}", final=True
-            )
-    output: dict[str, Any] = {"result": result, "next": target}
-    if target == STOP:
-        output["reason"] = config.reason or f"condition {expression!r} was {str(result).lower()}"
-    return output
-
-
-def _delay(step: StepInput) -> Any:
-    config: DelayConfig = step.config
-    now = datetime.now(UTC)
-    if step.waiting is not None:
-        until = parse_time(step.waiting["until"])
-    elif config.seconds is not None:
-        until = now + timedelta(seconds=config.seconds)
-    else:
-        assert config.until is not None
-        try:
-            until = parse_time(config.until)
-        except ValueError as exc:
-            raise StepFailed(step.step_id, f"config.until: {exc}", final=True) from None
-    if until <= now:
-        return {"waitedUntil": until.isoformat()}
-    return Park({"until": until.isoformat()}, resume_at=until)
-
-
-def _child_output(step_id: str, child: ChildState) -> Any:
-    if child.status == "succeeded":
-        return {"runId": child.run_id, "status": child.status, "output": child.output}
-    # Final: the child has used its own retries; retrying the parent would multiply them.
-    raise StepFailed(
-        step_id, f"sub-workflow run {child.run_id} {child.status}: {child.error or 'no error recorded'}", final=True
-    )
-
-
-def _workflow(step: StepInput) -> Any:
-    config: WorkflowStepConfig = step.config
-    subruns = step.runtime.subruns
-    if subruns is None:
-        raise StepFailed(step.step_id, "this worker cannot start sub-workflows", final=True)
-    if step.waiting is not None:
-        child = subruns.state(step.waiting["childRunId"])
-        if child.status in ("succeeded", "failed", "cancelled"):
-            return _child_output(step.step_id, child)
-        return Park(step.waiting, waiting_for=child.run_id)
-    child_id = subruns.start(step.ctx, step.step_id, config.workflow_id, config.trigger_data)
-    if not config.wait:
-        return {"runId": child_id, "status": "started"}
-    return Park({"childRunId": child_id}, waiting_for=child_id)
-
-
-def _plugin(step: StepInput, plugin: StepPlugin) -> Any:
-    call = StepCall(
-        run_id=step.ctx.run_id,
-        workflow_id=step.ctx.workflow_id,
-        owner_id=step.ctx.owner_id,
-        attempt=step.ctx.attempt,
-        step_id=step.step_id,
-        timeout=step.timeout,
-        context={k: v for k, v in step.scope.values.items() if k != "secrets"},
-    )
-    try:
-        return plugin.run(step.config, call)
-    except StepError as exc:
-        raise StepFailed(step.step_id, str(exc), final=exc.final) from None
+# Steps --------------------------------------------------------------------------------------
 
 
 def _validate(step_id: str, model: type[BaseModel], config: dict[str, Any]) -> BaseModel:
@@ -341,64 +181,43 @@ def _validate(step_id: str, model: type[BaseModel], config: dict[str, Any]) -> B
         # whose values may fairly be coerced (a number rendered where a header string goes).
         return model.model_validate(config, strict=False)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise StepFailed(step_id, f"config{'.' + where if where else ''}: {msg}", final=True) from None
+        first = field_problems(exc, "config")[0]
+        raise StepFailed(step_id, f"{first.path}: {first.message}", final=True) from None
 
 
 def run_step(
-    step: dict[str, Any], position: int, scope: Scope, ctx: RunContext, runtime: Runtime, waiting: Any, budget: float
+    step: dict[str, Any],
+    kind: RunnableStep | None,
+    position: int,
+    scope: Scope,
+    ctx: RunContext,
+    runtime: Runtime,
+    waiting: Any,
+    budget: float,
 ) -> Any:
-    """Render, validate and run one step; returns its output or a :class:`Park`."""
-    step_id, step_type = step["id"], step["type"]
-    plugin: StepPlugin | None = None
-    model = STEP_CONFIGS.get(step_type)
-    if model is None:
-        plugin = runtime.plugins().get(step_type)
-        if plugin is None:
-            raise StepFailed(step_id, f"unknown step type {step_type!r} (is its package installed?)", final=True)
-        model = plugin.config_model
+    """Render, validate and run one step of type ``kind``; returns its output or a :class:`Park`."""
+    step_id = step["id"]
+    if kind is None:
+        raise StepFailed(step_id, f"unknown step type {step['type']!r} (is its package installed?)", final=True)
+    model = kind.type.config_model
     raw, timeout_setting = split_step_timeout(model, step.get("config") or {})
     timeout = min(float(timeout_setting or runtime.step_timeout), budget)
-    expression = None
     literal: dict[str, Any] = {}
-    if model is ConditionConfig:
+    if kind.type.branches:
         # `if` is an expression, not a template; `then`/`else` are step ids.
-        expression = str(raw.get("if", ""))
-        literal = {k: raw[k] for k in ("if", "then", "else") if k in raw}
+        literal = {k: raw[k] for k in (BRANCH_IF, *BRANCH_TARGETS) if k in raw}
         raw = {k: v for k, v in raw.items() if k not in literal}
     try:
         rendered = expressions.render_value(raw, scope.values, "config", min(timeout, expressions.EVAL_SECONDS))
     except ExpressionError as exc:
         raise StepFailed(step_id, str(exc), final=True) from None
-    rendered = {**rendered, **literal}
-    config = _validate(step_id, model, rendered)
-    item = StepInput(step_id, position, config, scope, ctx, runtime, timeout, waiting)
-    started = time.monotonic()
-    if isinstance(config, TransformConfig):
-        return config.value
-    if isinstance(config, HttpConfig):
-        return _http(item)
-    if isinstance(config, ConditionConfig):
-        assert expression is not None
-        return _condition(item, expression)
-    if isinstance(config, DelayConfig):
-        return _delay(item)
-    if isinstance(config, WorkflowStepConfig):
-        return _workflow(item)
-    if isinstance(config, FailConfig):
-        raise StepFailed(step_id, config.message, final=True)
-    assert plugin is not None
-    output = _plugin(item, plugin)
-    if time.monotonic() - started > timeout:
-        raise StepFailed(step_id, f"took longer than its {timeout:g}s time limit")
-    return output
+    config = _validate(step_id, model, {**rendered, **literal})
+    return kind.run(StepInput(step_id, position, config, scope, ctx, runtime, timeout, waiting))
 
 
-def _next_position(step: dict[str, Any], output: Any, position: int, index: Mapping[str, int]) -> int | None:
-    """Where the walk goes after a finished step; None when a condition stopped the run."""
-    if step["type"] == "condition" and isinstance(output, dict):
+def _next_position(kind: RunnableStep | None, output: Any, position: int, index: Mapping[str, int]) -> int | None:
+    """Where the walk goes after a finished step; None when a branching step stopped the run."""
+    if kind is not None and kind.type.branches and isinstance(output, dict):
         target = output.get("next")
         if target == STOP:
             return None
@@ -415,12 +234,14 @@ def execute(ctx: RunContext, store: StepStore, runtime: Runtime | httpx.Client) 
     waiting = store.waiting()
     scope = Scope(ctx, outputs)
     index = {s["id"]: i for i, s in enumerate(ctx.steps)}
+    runners = runtime.runners()
     position = 0
     while position < len(ctx.steps):
         step = ctx.steps[position]
         step_id = step["id"]
+        kind = runners.get(step["type"])
         if step_id in outputs:
-            nxt = _next_position(step, outputs[step_id], position, index)
+            nxt = _next_position(kind, outputs[step_id], position, index)
             if nxt is None:
                 return Outcome("succeeded")
             position = nxt
@@ -435,7 +256,7 @@ def execute(ctx: RunContext, store: StepStore, runtime: Runtime | httpx.Client) 
             return Outcome("failed", "run time limit reached before step " + repr(step_id))
         started_at = datetime.now(UTC)
         try:
-            result = run_step(step, position, scope, ctx, runtime, waiting.get(step_id), remaining)
+            result = run_step(step, kind, position, scope, ctx, runtime, waiting.get(step_id), remaining)
         except StepFailed as exc:
             message = scope.mask(str(exc))
             store.failed(step_id, position, message, started_at)
@@ -452,7 +273,7 @@ def execute(ctx: RunContext, store: StepStore, runtime: Runtime | httpx.Client) 
         outputs[step_id] = output
         if _remaining(ctx) <= 0:
             return Outcome("failed", f"run time limit reached during step {step_id!r}")
-        nxt = _next_position(step, output, position, index)
+        nxt = _next_position(kind, output, position, index)
         if nxt is None:
             return Outcome("succeeded")
         position = nxt

@@ -43,6 +43,7 @@ from jinja2.exceptions import SecurityError
 from jinja2.filters import FILTERS
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from sluice_common.errors import StepFailure
 from sluice_common.workflow import is_template, template_problem, unwrap_expression
 
 MAX_RANGE = 10_000
@@ -64,7 +65,7 @@ _WIDE_PERCENT = re.compile(r"%[-#0 +]*(?:\*|\d{4,})|%[-#0 +]*\d*\.(?:\*|\d{4,})"
 _WIDE_FORMAT = re.compile(r"\{[^{}]*:[^{}]*(?:\d{4,}|\{)")
 
 
-class ExpressionError(Exception):
+class ExpressionError(StepFailure):
     """An expression or template could not be evaluated; the message says why."""
 
 

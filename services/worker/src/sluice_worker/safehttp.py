@@ -30,13 +30,15 @@ from urllib.parse import urljoin
 
 import httpx
 
+from sluice_common.errors import StepFailure
+
 REDIRECTS = {301, 302, 303, 307, 308}
 SENSITIVE_HEADERS = {"authorization", "proxy-authorization", "cookie"}
 METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
 CGNAT = ipaddress.ip_network("100.64.0.0/10")
 
 
-class HttpRefused(Exception):
+class HttpRefused(StepFailure):
     """The request was refused before anything was sent (SSRF guard, bad scheme)."""
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from sluice_common.workflow import StepCall, StepError, StepPlugin
+from sluice_common.steps import StepCall, StepError, StepPlugin
 
 
 class HashConfig(BaseModel):

@@ -216,6 +216,7 @@ def test_a_waiting_parent_can_be_cancelled(pipeline: Pipeline) -> None:
     [row] = pipeline.wait_for([run.run_id], {"waiting"}, timeout=10)
     assert row["attempt"] == 0
     child_id = row["waiting_for"]
+    pipeline.wait_for([child_id], {"delayed"}, timeout=10)  # parked on its delay step, not mid-step
     stats = get_queue_stats(pipeline.pool, pipeline.settings, pipeline.limiter, redis=True)
     assert stats.extra["waitingOnSubWorkflows"] == 1
     assert seeds_stats_body(stats, {})["queue"]["waitingOnSubWorkflows"] == 1
@@ -232,9 +233,11 @@ def test_the_sweep_wakes_a_parent_whose_child_ended_outside_a_worker(pipeline: P
     parent_wf = pipeline.workflow(
         owner, [{"id": "sub", "type": "workflow", "config": {"workflowId": child_wf}}], maxAttempts=1
     )
-    app = pipeline.start_worker(threads=1)
+    # A long lease spaces the worker's own sweeps (a third of it) well beyond this test.
+    app = pipeline.start_worker(threads=1, lease_seconds=90)
     run = pipeline.enqueue(parent_wf, owner)
     [row] = pipeline.wait_for([run.run_id], {"waiting"}, timeout=10)
+    pipeline.wait_for([row["waiting_for"]], {"delayed"}, timeout=10)
     cancel_run(pipeline.pool, row["waiting_for"], owner)  # no worker finishes the child
     assert app.executor.wake_waiting() == 1
     [row] = pipeline.wait_for([run.run_id], TERMINAL, timeout=10)

@@ -197,10 +197,11 @@ def test_redelivered_messages_never_run_a_finished_run_again(pipeline: Pipeline,
     pipeline.wait_for([run.run_id], TERMINAL)
     for _ in range(5):
         send_run_message(pipeline.broker, str(run.run_id))
+    # A thread that has just finished the run may take one of them straight off the queue (chained).
     deadline = time.monotonic() + 10
-    while app.executor.wakeups < 6 and time.monotonic() < deadline:
+    while app.executor.wakeups + app.executor.chained < 6 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert app.executor.wakeups >= 6
+    assert app.executor.wakeups + app.executor.chained >= 6
     row = pipeline.run(run.run_id)
     assert (row["status"], row["attempt"]) == ("succeeded", 1)
     assert http_server.hits["once"] == 1

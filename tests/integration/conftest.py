@@ -95,7 +95,7 @@ class Pipeline:
     def attempts(self, run_id: object) -> list[dict[str, Any]]:
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT * FROM run_attempts WHERE run_id = %s ORDER BY attempt", (str(run_id),)
+                "SELECT * FROM run_attempts WHERE run_id = %s ORDER BY attempt, lost", (str(run_id),)
             ).fetchall()
         return [dict(r) for r in rows]
 

@@ -27,8 +27,11 @@ retries, the scheduler recovers and wakes) through the statements and functions 
   every run), :data:`FINISH_MOVED` when it is retried later, handed back or parked. A run started
   by a ``workflow`` step then wakes its waiting parent (:data:`WAKE_PARENT`); the sweep
   :data:`WAKE_WAITING` catches a wake-up lost in a crash or a race.
-- Only the attempt that holds the run (status ``running``, its worker id and attempt number) may
-  write its checkpoints and finish it; a stale holder's writes match no row.
+- **Fencing**: every claim draws a token nothing can repeat (``runs.claim_id``, a random UUID), and
+  only the execution holding the current one may write checkpoints, renew its lease or finish the
+  run. An execution whose claim was lost (a claim lost in a database crash, a lease that lapsed)
+  finds its writes refused, stops at its next step, and is recorded as a ``lost`` attempt
+  (:data:`RECORD_LOST`) unless recovery already closed its attempt.
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ BEGIN
         END IF;
         IF running < p_user_cap THEN
             RETURN QUERY
-            UPDATE runs SET status = 'running', attempt = attempt + 1,
+            UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
                    started_at = coalesce(started_at, now()), worker_id = p_worker,
                    lease_expires_at = now() + make_interval(secs => p_lease_seconds),
                    updated_at = now(), error = NULL
@@ -237,12 +240,12 @@ CLAIM = """
 WITH claimed AS (
     SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s)
 ), attempt AS (
-    INSERT INTO run_attempts (run_id, attempt, status, worker_id)
-    SELECT id, attempt, 'running', %(worker)s FROM claimed
-    ON CONFLICT (run_id, attempt) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
-        started_at = now(), finished_at = NULL, error = NULL
+    INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id)
+    SELECT id, attempt, 'running', %(worker)s, claim_id FROM claimed
+    ON CONFLICT (run_id, attempt, lost) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
+        claim_id = excluded.claim_id, started_at = now(), finished_at = NULL, error = NULL
 )
-SELECT c.id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
+SELECT c.id, c.claim_id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
        c.trigger_data, c.parent_run_id, CASE WHEN w.deleted_at IS NULL THEN v.steps END AS steps,
        nullif(v.settings, '{}'::jsonb) AS settings,
        (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
@@ -253,23 +256,35 @@ FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
 LEFT JOIN workflow_versions v ON v.workflow_id = c.workflow_id AND v.version = c.workflow_version
 """
 
-# A step's checkpoint, written only by the attempt that holds the run; reads the cancel flag back.
+# A step's checkpoint, written only by the claim that holds the run; reads back the cancel flag and
+# whether the claim still holds it (``held`` false: stop, another execution has the run).
 CHECKPOINT = """
 WITH step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, error, started_at, finished_at)
     SELECT id, %(step)s, %(pos)s, %(status)s, %(attempt)s, %(output)s, %(error)s, %(started)s, now()
-    FROM runs WHERE id = %(run)s AND status = 'running' AND attempt = %(attempt)s
+    FROM runs WHERE id = %(run)s AND claim_id = %(claim)s
     ON CONFLICT (run_id, step_id) DO UPDATE SET
         position = excluded.position, status = excluded.status, attempt = excluded.attempt,
         output = excluded.output, error = excluded.error, started_at = excluded.started_at,
         finished_at = excluded.finished_at
 )
-SELECT cancel_requested FROM runs WHERE id = %(run)s
+SELECT cancel_requested, claim_id IS NOT DISTINCT FROM %(claim)s::uuid AS held FROM runs WHERE id = %(run)s
 """
 
 RENEW_LEASES = """
 UPDATE runs SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE id = ANY(%(ids)s::uuid[]) AND status = 'running' AND worker_id = %(worker)s
+WHERE id = ANY(%(ids)s::uuid[]) AND claim_id = ANY(%(claims)s::uuid[])
+"""
+
+# An execution that found its claim gone (its finish or a checkpoint matched no row) is recorded as
+# a lost attempt, unless recovery already closed the attempt of its claim.
+RECORD_LOST = """
+INSERT INTO run_attempts (run_id, attempt, lost, status, worker_id, claim_id, started_at, finished_at, error)
+SELECT r.id, %(attempt)s, true, 'failed', %(worker)s, %(claim)s, %(started)s, now(),
+       'this execution lost its claim on the run (another execution took it over)'
+FROM runs r WHERE r.id = %(id)s
+  AND NOT EXISTS (SELECT 1 FROM run_attempts a WHERE a.run_id = %(id)s AND a.claim_id = %(claim)s)
+ON CONFLICT (run_id, attempt, lost) DO NOTHING
 """
 
 # Finishing ---------------------------------------------------------------------------------------
@@ -281,8 +296,8 @@ WHERE id = ANY(%(ids)s::uuid[]) AND status = 'running' AND worker_id = %(worker)
 FINISH_ENDED = """
 WITH run AS (
     UPDATE runs SET status = %(status)s::run_status, waiting_for = NULL, not_before = NULL, finished_at = now(),
-        error = %(error)s, worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s AND attempt = %(attempt)s
+        error = %(error)s, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND claim_id = %(claim)s
     RETURNING id, status
 ), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
@@ -294,7 +309,7 @@ WITH run AS (
         output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
 ), attempt AS (
     UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
-    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
+    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s AND NOT lost
 )
 SELECT id, status,
        (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
@@ -326,8 +341,8 @@ WITH run AS (
                            ELSE dispatch_at END,
         finished_at = CASE WHEN cancel_requested THEN now() END,
         error = CASE WHEN cancel_requested THEN 'cancelled while running' ELSE %(error)s END,
-        worker_id = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE id = %(id)s AND status = 'running' AND worker_id = %(worker)s AND attempt = %(attempt)s
+        worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND claim_id = %(claim)s
     RETURNING id, status
 ), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
@@ -339,7 +354,7 @@ WITH run AS (
         output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
 ), attempt AS (
     UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
-    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s
+    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s AND NOT lost
 )
 SELECT id, status,
        (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
@@ -373,20 +388,20 @@ RETURNING p.id
 # at its old place in line.
 RECOVER_EXPIRED = """
 WITH lost AS (
-    SELECT id, attempt, max_attempts, worker_id, cancel_requested FROM runs
+    SELECT id, attempt, max_attempts, worker_id, claim_id, cancel_requested FROM runs
     WHERE status = 'running' AND lease_expires_at < now()
     FOR UPDATE SKIP LOCKED
 ), attempts AS (
     UPDATE run_attempts a SET status = 'failed', finished_at = now(),
            error = 'worker lost (' || coalesce(lost.worker_id, '?') || ')'
-    FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND a.status = 'running'
+    FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND NOT a.lost AND a.status = 'running'
 )
 UPDATE runs r SET
     status = (CASE WHEN lost.cancel_requested THEN 'cancelled'
                    WHEN lost.attempt >= lost.max_attempts THEN 'failed' ELSE 'queued' END)::run_status,
     finished_at = CASE WHEN lost.cancel_requested OR lost.attempt >= lost.max_attempts THEN now() END,
     error = 'worker lost during attempt ' || lost.attempt,
-    worker_id = NULL, lease_expires_at = NULL, updated_at = now()
+    worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
 FROM lost WHERE r.id = lost.id
 RETURNING r.id, r.status
 """

@@ -134,6 +134,11 @@ class RunStep(_Out):
 class RunAttempt(_Out):
     attempt: int
     status: Literal["running", "parked", "succeeded", "failed", "cancelled"]
+    lost: bool = Field(
+        default=False,
+        description="An execution that lost its claim on the run (another execution took it over and "
+        "reused its attempt number); its result was not recorded.",
+    )
     worker_id: str | None
     started_at: datetime
     finished_at: datetime | None

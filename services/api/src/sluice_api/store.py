@@ -281,8 +281,8 @@ def get_run(pool: Pool, owner: UUID, run_id: UUID, *, with_definition: bool = Fa
             (run_id,),
         ).fetchall()
         run["attempts"] = conn.execute(
-            "SELECT attempt, status, worker_id, started_at, finished_at, error "
-            "FROM run_attempts WHERE run_id = %s ORDER BY attempt",
+            "SELECT attempt, status, lost, worker_id, started_at, finished_at, error "
+            "FROM run_attempts WHERE run_id = %s ORDER BY attempt, lost DESC",
             (run_id,),
         ).fetchall()
     return run

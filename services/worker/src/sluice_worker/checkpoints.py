@@ -41,6 +41,7 @@ class PgStepStore:
                 runstate.CHECKPOINT,
                 {
                     "run": self._claimed.run_id,
+                    "claim": self._claimed.claim_id,
                     "step": step_id,
                     "pos": position,
                     "status": status,
@@ -50,7 +51,9 @@ class PgStepStore:
                     "started": started,
                 },
             ).fetchone()
-        self._cancel = bool(row and row["cancel_requested"])
+        # A refused checkpoint (the claim was lost: another execution holds the run) stops this
+        # execution like a cancel; its finish is refused too, and it is recorded as lost.
+        self._cancel = bool(row is None or row["cancel_requested"] or not row["held"])
 
     def succeeded(self, step_id: str, position: int, output: Any, started_at: datetime) -> None:
         # The engine has already capped the output (SLUICE_STEP_OUTPUT_MAX_BYTES) and made it JSON.

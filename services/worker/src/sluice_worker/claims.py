@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 
 @dataclass(frozen=True)
 class Claimed:
     run_id: str
+    claim_id: str  # the fencing token of this claim: every write of the execution carries it
     workflow_id: str
     owner_id: str
     attempt: int
@@ -22,11 +24,13 @@ class Claimed:
     done_steps: dict[str, Any]
     waiting_steps: dict[str, Any] = dataclasses.field(default_factory=dict)
     parent_run_id: str | None = None
+    claimed_at: datetime = dataclasses.field(default_factory=lambda: datetime.now(UTC))
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claimed:
         return cls(
             run_id=str(row["id"]),
+            claim_id=str(row["claim_id"]),
             workflow_id=str(row["workflow_id"]),
             owner_id=str(row["owner_id"]),
             attempt=row["attempt"],

@@ -76,7 +76,7 @@ class RunExecutor:
         self.wakeups = 0  # messages handled, for metrics and to prove waits do not spin
         self.chained = 0  # runs started with a wake-up taken straight off the queue
         self.policy = HttpPolicy(settings.http_allow_private, settings.http_allowed_hosts)
-        self._in_flight: set[str] = set()
+        self._in_flight: dict[str, str] = {}  # run id -> claim id
         self._in_flight_lock = threading.Lock()
 
     # The actor body --------------------------------------------------------------------------
@@ -124,21 +124,21 @@ class RunExecutor:
             # Nothing runnable, or only runs of users at their cap: the end of one of their runs
             # sends the next wake-up (see FINISH_SQL), so this one can go.
             return False
-        self._track(claimed.run_id, add=True)
+        self._track(claimed, add=True)
         try:
             outcome = self.run(claimed)
             self.finish(claimed, outcome)
         finally:
             # Untracked, its lease lapses if finish() could not record the end: recovery takes over.
-            self._track(claimed.run_id, add=False)
+            self._track(claimed, add=False)
         return True
 
-    def _track(self, run_id: str, *, add: bool) -> None:
+    def _track(self, claimed: Claimed, *, add: bool) -> None:
         with self._in_flight_lock:
             if add:
-                self._in_flight.add(run_id)
+                self._in_flight[claimed.run_id] = claimed.claim_id
             else:
-                self._in_flight.discard(run_id)
+                self._in_flight.pop(claimed.run_id, None)
 
     def claim(self) -> Claimed | None:
         """Claim the best runnable run: one statement, one round trip (``runstate.CLAIM``)."""
@@ -194,8 +194,10 @@ class RunExecutor:
         finish = self.finish_for(claimed, outcome)
         updated = self._finish_with_retries(finish)
         if updated is None:
-            # Our lease expired and the run was recovered elsewhere: their result stands.
+            # The claim was lost (a lapsed lease, a claim lost in a database crash) and another
+            # execution holds the run or has finished it: its result stands, this one is recorded.
             log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
+            self._record_lost(claimed)
             return
         if updated["status"] == runstate.RunStatus.QUEUED:
             send_run_message(self.broker, claimed.run_id)
@@ -206,6 +208,20 @@ class RunExecutor:
             self._wake_parent(claimed)
         if updated["wake_next"]:
             send_run_message(self.broker, claimed.run_id)
+
+    def _record_lost(self, claimed: Claimed) -> None:
+        params = {
+            "id": claimed.run_id,
+            "attempt": claimed.attempt,
+            "worker": self.worker_id,
+            "claim": claimed.claim_id,
+            "started": claimed.claimed_at,
+        }
+        try:
+            with self.pool.connection() as conn:
+                conn.execute(runstate.RECORD_LOST, params)
+        except psycopg.OperationalError:
+            log.warning("could not record the lost execution of run %s", claimed.run_id, exc_info=True)
 
     def finish_for(self, claimed: Claimed, outcome: Outcome) -> Finish:
         """The finishing statement and its parameters for this attempt's outcome."""
@@ -263,10 +279,11 @@ class RunExecutor:
     def renew_leases(self) -> int:
         """Extend the leases of the runs this process is executing right now (and only those)."""
         with self._in_flight_lock:
-            ids = list(self._in_flight)
-        if not ids:
+            held = dict(self._in_flight)
+        if not held:
             return 0
         with self.pool.connection() as conn:
             return conn.execute(
-                runstate.RENEW_LEASES, {"lease": self.settings.lease_seconds, "ids": ids, "worker": self.worker_id}
+                runstate.RENEW_LEASES,
+                {"lease": self.settings.lease_seconds, "ids": list(held), "claims": list(held.values())},
             ).rowcount

@@ -38,6 +38,7 @@ def finish_for(settings: Settings, worker_id: str, claimed: Claimed, outcome: Ou
     """How the attempt's outcome moves the run: done, retried later, parked or handed back."""
     params: dict[str, Any] = {
         "id": claimed.run_id,
+        "claim": claimed.claim_id,
         "attempt": claimed.attempt,
         "worker": worker_id,
         "error": outcome.error,

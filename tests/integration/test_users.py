@@ -77,3 +77,41 @@ def test_cli_config_rate_limit_is_shared_through_redis(service_env: dict[str, st
     bad = sluice(service_env, "config", "rate-limit", "0", check=False)
     assert bad.returncode == 2
     assert "0 is not in the range x>=1" in bad.stderr
+
+
+def test_revoking_by_the_whole_token_or_any_prefix_of_it(db: psycopg.Connection[tuple[object, ...]]) -> None:
+    n = name()
+    leaked = users.create_user(db, n)
+    kept = users.create_token(db, n, "kept")
+    # The whole leaked token revokes exactly that token.
+    assert users.revoke_tokens(db, n, prefix=leaked.token) == 1
+    with pytest.raises(AuthError):
+        users.authenticate(db, leaked.token)
+    assert users.authenticate(db, kept.token).name == n
+    # A prefix longer than the stored ten characters still finds its token.
+    third = users.create_token(db, n, "third")
+    assert users.revoke_tokens(db, n, prefix=third.token[:25]) == 1
+    with pytest.raises(AuthError):
+        users.authenticate(db, third.token)
+    # '_' and '%' are characters, not wildcards; asking for what matches nothing is an error.
+    for pattern in ("slc_%", "slc__", "%", "_"):
+        with pytest.raises(NotFoundError):
+            users.revoke_tokens(db, n, prefix=pattern)
+    with pytest.raises(NotFoundError):
+        users.revoke_tokens(db, n, prefix=leaked.token)  # already revoked
+    assert users.authenticate(db, kept.token).name == n
+
+
+def test_cli_revoke_by_the_leaked_token_and_refuse_a_miss(
+    db: psycopg.Connection[tuple[object, ...]], service_env: dict[str, str]
+) -> None:
+    n = name()
+    issued = users.create_user(db, n)
+    done = sluice(service_env, "users", "revoke", n, "--prefix", issued.token, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "revoked 1 token(s)" in done.stdout
+    with pytest.raises(AuthError):
+        users.authenticate(db, issued.token)
+    missed = sluice(service_env, "users", "revoke", n, "--prefix", issued.token, check=False)
+    assert missed.returncode == 1
+    assert "nothing was revoked" in missed.stderr

@@ -26,6 +26,8 @@ from sluice_common.errors import (
 )
 
 TOKEN_PREFIX = "slc_"  # noqa: S105 - a marker, not a secret
+TOKEN_CHARS = len(TOKEN_PREFIX) + 43  # secrets.token_urlsafe(32)
+PREFIX_CHARS = len(TOKEN_PREFIX) + 6  # stored in clear, to tell tokens apart
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -66,7 +68,7 @@ def issue_token(conn: psycopg.Connection[Any], user: User, label: str | None = N
     token = new_token()
     row = conn.execute(
         "INSERT INTO api_tokens (user_id, token_hash, prefix, label) VALUES (%s, %s, %s, %s) RETURNING id",
-        (user.id, hash_token(token), token[: len(TOKEN_PREFIX) + 6], label),
+        (user.id, hash_token(token), token[:PREFIX_CHARS], label),
     ).fetchone()
     assert row is not None
     return IssuedToken(user=user, token_id=_first(row), token=token)
@@ -97,14 +99,35 @@ def create_token(conn: psycopg.Connection[Any], name: str, label: str | None = N
 
 
 def revoke_tokens(conn: psycopg.Connection[Any], name: str, prefix: str | None = None) -> int:
-    """Revoke a user's tokens (all, or those starting with ``prefix``); return how many."""
+    """Revoke a user's live tokens: all, or those that start with ``prefix``; return how many.
+
+    ``prefix`` may be anything from a few characters to the whole token (a leaked one, say). Only
+    the first :data:`PREFIX_CHARS` characters of a token are stored: a longer prefix is compared
+    on those (and a whole token by its hash, exactly). Characters are compared as they are (``_``
+    and ``%`` are no wildcards). Revoking nothing is an error (:class:`NotFoundError`).
+    """
     with conn.transaction():
         user = get_user(conn, name)
-        cur = conn.execute(
-            "UPDATE api_tokens SET revoked_at = now() "
-            "WHERE user_id = %s AND revoked_at IS NULL AND (%s::text IS NULL OR prefix LIKE %s || '%%')",
-            (user.id, prefix, prefix),
-        )
+        if prefix is None:
+            cur = conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE user_id = %s AND revoked_at IS NULL", (user.id,)
+            )
+        elif len(prefix) == TOKEN_CHARS and prefix.startswith(TOKEN_PREFIX):
+            cur = conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() "
+                "WHERE user_id = %s AND revoked_at IS NULL AND token_hash = %s",
+                (user.id, hash_token(prefix)),
+            )
+        else:
+            stored = prefix[:PREFIX_CHARS]
+            cur = conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() "
+                "WHERE user_id = %s AND revoked_at IS NULL AND left(prefix, %s) = %s",
+                (user.id, len(stored), stored),
+            )
+        if cur.rowcount == 0:
+            asked = "live token" if prefix is None else f"live token starting with {prefix[:PREFIX_CHARS]!r}"
+            raise NotFoundError(f"{name!r} has no {asked}; nothing was revoked")
         return cur.rowcount
 
 

@@ -34,6 +34,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from sluice_common.logs import Outage
 from sluice_common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -254,6 +255,21 @@ def run_message(
     return message, delay_ms if delay_ms and delay_ms > 0 else None
 
 
+# Wake-ups of stored runs that could not be sent: logged once per outage, for the whole process.
+WAKEUP_OUTAGE = Outage(log, "sending run wake-ups to Redis", "the runs are stored and the reconciler wakes them")
+
+
+def wake(broker: dramatiq.Broker, run_id: str, *, delay_ms: int | None = None, traceparent: str | None = None) -> None:
+    """Send the wake-up of a run already stored in PostgreSQL. A failure is not raised (the
+    reconciler sends it once Redis is back) and is logged once per outage (:data:`WAKEUP_OUTAGE`)."""
+    try:
+        send_run_message(broker, run_id, delay_ms=delay_ms, traceparent=traceparent)
+    except Exception as exc:
+        WAKEUP_OUTAGE.failed(exc)
+    else:
+        WAKEUP_OUTAGE.recovered()
+
+
 class WakeupSender:
     """Sends run wake-ups from a background thread, as many per Redis round trip as are waiting.
 
@@ -303,8 +319,10 @@ class WakeupSender:
             busy = len(batch) >= self.BUSY_BATCH
             try:
                 self._send(batch)
-            except Exception:
-                log.warning("%d wake-up(s) not sent; the reconciler will send them", len(batch), exc_info=True)
+            except Exception as exc:
+                WAKEUP_OUTAGE.failed(exc, len(batch))
+            else:
+                WAKEUP_OUTAGE.recovered()
             if stop:
                 return
 

@@ -18,7 +18,7 @@ from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
 from sluice_common import runstate
-from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message
+from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message, wake
 from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
 from sluice_common.ratelimit import RateLimiter
@@ -139,14 +139,10 @@ def enqueue_run(
         )
     if not run.created:
         return run
-    try:
-        if sender is not None:
-            sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
-        else:
-            send_run_message(broker, str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
-    except Exception:
-        # The run is safe in PostgreSQL; the reconciler sends its wake-up once Redis is back.
-        log.warning("run %s stored but its message could not be sent yet", run.run_id, exc_info=True)
+    if sender is not None:
+        sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
+    else:
+        wake(broker, str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
     return run
 
 

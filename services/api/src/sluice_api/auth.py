@@ -22,9 +22,11 @@ import redis
 
 from sluice_common.db import Pool
 from sluice_common.errors import AuthError
+from sluice_common.logs import Outage
 from sluice_common.users import TOKEN_PREFIX, authenticate, hash_token
 
 log = logging.getLogger(__name__)
+_LIMIT_OUTAGE = Outage(log, "checking request limits in Redis", "requests pass unchecked until it answers")
 
 TOKEN_CACHE_SECONDS = 2.0
 _CACHE_SIZE = 10_000
@@ -79,10 +81,11 @@ class RedisRequestLimiter:
         pipe.expire(name, 61)
         try:
             total = int(pipe.execute()[0])
-        except redis.RedisError:
+        except redis.RedisError as exc:
             # The limit protects the service; it must not take it down with Redis: let it pass.
-            log.warning("request limit not checked: Redis unavailable")
+            _LIMIT_OUTAGE.failed(exc)
             return None
+        _LIMIT_OUTAGE.recovered()
         granted = min(self._slice, self._slice - (total - self._limit))
         with self._lock:
             if len(self._left) > _CACHE_SIZE:

@@ -19,7 +19,7 @@ import dramatiq
 from psycopg.types.json import Jsonb
 
 from sluice_common import runstate
-from sluice_common.broker import send_run_message
+from sluice_common.broker import wake
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_common.settings import Settings
@@ -336,9 +336,5 @@ def retry_run(pool: Pool, broker: dramatiq.Broker, settings: Settings, owner: UU
         runstate.retry(
             conn, run_id, owner, max_attempts=settings.max_attempts, aging_step=settings.priority_aging_seconds
         )
-    try:
-        send_run_message(broker, str(run_id))
-    except Exception:
-        # Queued in PostgreSQL already: the reconciler sends the wake-up once Redis answers again.
-        log.warning("run %s queued again but its message could not be sent yet", run_id, exc_info=True)
+    wake(broker, str(run_id))
     return "queued"

@@ -19,7 +19,7 @@ from uuid import UUID
 import dramatiq
 
 from sluice_common import runstate
-from sluice_common.broker import send_run_message
+from sluice_common.broker import wake
 from sluice_common.cron import PlannedFire, iso
 from sluice_common.db import DictConnection, Pool
 from sluice_common.runs import insert_run
@@ -128,16 +128,8 @@ def fire(
     except _Duplicate:
         return "duplicate", None
     if run_id is not None:
-        _wake(broker, run_id)
+        wake(broker, str(run_id))
     return outcome, run_id
-
-
-def _wake(broker: dramatiq.Broker, run_id: UUID) -> None:
-    try:
-        send_run_message(broker, str(run_id))
-    except Exception:
-        # The run is committed; the reconciler sends its wake-up once the broker answers.
-        log.warning("cron run %s stored but its wake-up could not be sent yet", run_id, exc_info=True)
 
 
 def release_deferred(
@@ -181,5 +173,5 @@ def release_deferred(
             )
             started.append(run_id)
     for run_id in started:
-        _wake(broker, run_id)
+        wake(broker, str(run_id))
     return len(started), waiting

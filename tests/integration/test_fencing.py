@@ -90,7 +90,7 @@ def test_a_late_finish_after_recovery_is_refused_and_not_recorded_twice(pipeline
     outcome = frozen.run(claimed)  # done, but the worker stalls before it records the end
     with pipeline.pool.connection() as conn:
         conn.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (run.run_id,))
-    assert recover_expired(pipeline.pool, pipeline.broker) == [run.run_id]
+    assert recover_expired(pipeline.pool, pipeline.broker, pipeline.settings.lease_seconds) == [run.run_id]
     again = executor(pipeline, "frozen").claim()  # another claim takes the run: attempt 2
     assert again is not None
     assert again.attempt == 2

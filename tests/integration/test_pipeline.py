@@ -368,13 +368,13 @@ def test_recovery_counts_the_lost_attempt_and_honours_cancel(pipeline: Pipeline)
         )
         conn.execute("UPDATE runs SET attempt = max_attempts WHERE id = %s", (exhausted,))
         conn.execute("UPDATE runs SET cancel_requested = true WHERE id = %s", (cancelled,))
-    recovered = recover_expired(pipeline.pool, pipeline.broker)
+    recovered = recover_expired(pipeline.pool, pipeline.broker, pipeline.settings.lease_seconds)
     assert sorted(map(str, recovered)) == sorted(map(str, (again, exhausted, cancelled)))
     assert pipeline.run(again)["status"] == "queued"
     assert pipeline.run(exhausted)["status"] == "failed"
     assert "worker lost during attempt 3" in pipeline.run(exhausted)["error"]
     assert pipeline.run(cancelled)["status"] == "cancelled"
-    assert recover_expired(pipeline.pool, pipeline.broker) == []
+    assert recover_expired(pipeline.pool, pipeline.broker, pipeline.settings.lease_seconds) == []
     pipeline.start_worker()
     [row] = pipeline.wait_for([again], TERMINAL)
     assert (row["status"], row["attempt"]) == ("succeeded", 2)

@@ -142,7 +142,7 @@ def test_runs_only_take_listed_transitions(
     assert claimed.run_id == str(lost)
     with pipeline.pool.connection() as conn:
         conn.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (lost,))
-    assert recover_expired(pipeline.pool, pipeline.broker) == [lost]
+    assert recover_expired(pipeline.pool, pipeline.broker, pipeline.settings.lease_seconds) == [lost]
     pipeline.wait_for([lost], {"succeeded"})
     # Deleting the workflow cancels what it still has queued.
     waiting = pipeline.enqueue(ok, owner, delay_ms=60_000).run_id

@@ -9,11 +9,14 @@ accepted is lost. The states, the dispatch order and the statements that move a 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
 import dramatiq
+import psycopg
+import psycopg_pool
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
@@ -240,20 +243,50 @@ def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
     return len(rows)
 
 
-def recover_expired(pool: Pool, broker: dramatiq.Broker) -> list[UUID]:
+def recover_expired(pool: Pool, broker: dramatiq.Broker, lease_seconds: float) -> list[UUID]:
     """Hand back runs whose worker stopped renewing its lease (killed, frozen, cut off).
 
     The lost attempt counts, so a run that kills its workers cannot loop forever; with attempts
     left it is queued again at its old place in line, and completed steps are not repeated.
     """
     with pool.connection() as conn, conn.transaction():
-        rows = conn.execute(runstate.RECOVER_EXPIRED).fetchall()
+        rows = conn.execute(runstate.RECOVER_EXPIRED, {"lease": lease_seconds}).fetchall()
     requeued = [row["id"] for row in rows if row["status"] == "queued"]
     for run_id in requeued:
         send_run_message(broker, str(run_id))
     if rows:
         log.warning("recovered %d run(s) from lost workers", len(rows))
     return [row["id"] for row in rows]
+
+
+class Recovery:
+    """:func:`recover_expired` that does not count the time its own process could not reach
+    PostgreSQL: after a failed attempt it recovers nothing until a whole lease has passed.
+
+    A database outage cuts every worker off as long as it cuts off the recoverer; their leases
+    lapse meanwhile although they are alive and still running their runs. Once the database is
+    back they renew within a few seconds, so waiting one lease after the outage (as seen from
+    here) lets them, instead of executing their runs a second time elsewhere.
+    """
+
+    def __init__(self, pool: Pool, broker: dramatiq.Broker, lease_seconds: float) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._lease = lease_seconds
+        self._hold_until = 0.0
+
+    def hold(self) -> None:
+        """This process could not reach PostgreSQL just now: recover nothing for a lease from now."""
+        self._hold_until = time.monotonic() + self._lease
+
+    def __call__(self) -> list[UUID]:
+        if time.monotonic() < self._hold_until:
+            return []
+        try:
+            return recover_expired(self._pool, self._broker, self._lease)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout):
+            self.hold()
+            raise
 
 
 # Queue stats -----------------------------------------------------------------------------------

@@ -385,11 +385,14 @@ RETURNING p.id
 
 # Runs whose worker stopped renewing its lease (killed, frozen, cut off). The lost attempt counts,
 # so a run that kills its workers cannot loop forever; with attempts left the run is queued again
-# at its old place in line.
+# at its old place in line. Within one lease of the database's own start nothing is recovered:
+# after a restart, live workers need that long to reconnect and renew the leases that lapsed
+# while it was down (see also :class:`sluice_common.runs.Recovery`).
 RECOVER_EXPIRED = """
 WITH lost AS (
     SELECT id, attempt, max_attempts, worker_id, claim_id, cancel_requested FROM runs
     WHERE status = 'running' AND lease_expires_at < now()
+      AND pg_postmaster_start_time() < now() - make_interval(secs => %(lease)s)
     FOR UPDATE SKIP LOCKED
 ), attempts AS (
     UPDATE run_attempts a SET status = 'failed', finished_at = now(),

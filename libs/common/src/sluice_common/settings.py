@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     redis_prefix: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_REDIS_PREFIX"))] = "sluice"
     db_pool_min: Annotated[int, Field(ge=0, le=100, validation_alias=_env("SLUICE_DB_POOL_MIN"))] = 1
     db_pool_max: Annotated[int, Field(ge=1, le=200, validation_alias=_env("SLUICE_DB_POOL_MAX"))] = 10
+    # How long a request (or any caller) waits for a PostgreSQL connection before giving up: an API
+    # request then answers 503 at once instead of committing long after its client has left.
+    db_pool_timeout_seconds: Annotated[
+        float, Field(gt=0, le=300, validation_alias=_env("SLUICE_DB_POOL_TIMEOUT_SECONDS"))
+    ] = 5.0
     log_level: Annotated[str, Field(validation_alias=_env("SLUICE_LOG_LEVEL"))] = "INFO"
     # Engine
     step_timeout_seconds: Annotated[

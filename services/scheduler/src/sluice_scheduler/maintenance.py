@@ -22,7 +22,7 @@ import dramatiq
 
 from sluice_common import runstate
 from sluice_common.db import Pool
-from sluice_common.runs import reconcile, recover_expired
+from sluice_common.runs import Recovery, reconcile
 from sluice_common.settings import Settings
 from sluice_scheduler.leadership import Lease
 
@@ -118,7 +118,7 @@ class Job:
 
 def maintenance_jobs(settings: Settings, pool: Pool, broker: dramatiq.Broker) -> list[Job]:
     return [
-        Job("recover", settings.reconcile_seconds, lambda: recover_expired(pool, broker)),
+        Job("recover", settings.reconcile_seconds, Recovery(pool, broker, settings.lease_seconds)),
         Job("reconcile", settings.reconcile_seconds, lambda: reconcile(pool, broker, settings)),
         Job("prune", PRUNE_INTERVAL_SECONDS, lambda: prune_history(pool, settings.run_retention_days)),
     ]

@@ -22,9 +22,10 @@ from dramatiq import Worker
 
 from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
+from sluice_common.logs import Outage
 from sluice_common.process import service_main
 from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
-from sluice_common.runs import recover_expired
+from sluice_common.runs import Recovery
 from sluice_common.settings import ServerUrls, Settings
 from sluice_worker.executor import RunExecutor
 from sluice_worker.safehttp import make_client
@@ -93,15 +94,21 @@ def create_worker(
 
     housekeeping_stop = threading.Event()
 
+    recovery = Recovery(pool, broker, settings.lease_seconds)
+    outage = Outage(log, "lease housekeeping", "retrying until PostgreSQL answers")
+
     def housekeeping() -> None:
         interval = max(0.5, settings.lease_seconds / 3)
         while not housekeeping_stop.wait(interval):
             try:
                 executor.renew_leases()
-                recover_expired(pool, broker)
+                recovery()
                 executor.wake_waiting()
-            except Exception:
-                log.warning("lease housekeeping failed; retrying", exc_info=True)
+            except Exception as exc:
+                recovery.hold()
+                outage.failed(exc)
+            else:
+                outage.recovered()
 
     thread = threading.Thread(target=housekeeping, name="sluice-leases", daemon=True)
     return WorkerApp(executor, worker, thread, stopping, housekeeping_stop)

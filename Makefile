@@ -7,7 +7,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 SYNC := $(UV) sync --all-packages --locked
 PYTEST_ARGS ?=
 
-.PHONY: help uv sync run test test-unit test-integration test-e2e lint fmt bench clean
+.PHONY: help uv sync run test test-chaos test-unit test-integration test-e2e lint fmt bench clean
 
 help: ## List the tasks
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -29,8 +29,11 @@ define run_pytest
 	@$(UV) run --no-sync pytest $(1) $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then rc=0; fi; exit $$rc
 endef
 
-test: sync ## Run every test (unit, integration, end-to-end)
-	$(call run_pytest,tests)
+test: sync ## Run every test (unit, integration, end-to-end); the fault-injection tests are test-chaos
+	$(call run_pytest,tests --ignore=tests/chaos)
+
+test-chaos: sync ## Crash PostgreSQL under the running services (a server of the tests' own)
+	$(call run_pytest,tests/chaos -s)
 
 test-unit: sync ## Run the unit tests only (no network)
 	$(call run_pytest,tests/unit)

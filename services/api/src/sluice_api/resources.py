@@ -16,7 +16,7 @@ from uuid import UUID
 import falcon
 import redis
 
-from sluice_api import schemas, store
+from sluice_api import queries, schemas
 from sluice_api.auth import RequestLimiter, caller_of, too_many
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import (
@@ -69,7 +69,7 @@ def _notify(deps: Dependencies, *rows: dict[str, Any]) -> None:
 
 
 def _page_params(params: dict[str, str]) -> tuple[int, Any]:
-    return int_param(params, "limit", PAGE_DEFAULT, 1, store.PAGE_MAX), decode_cursor(params)
+    return int_param(params, "limit", PAGE_DEFAULT, 1, queries.PAGE_MAX), decode_cursor(params)
 
 
 def _page(rows: list[dict[str, Any]], limit: int, at: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -88,7 +88,7 @@ class WorkflowsResource:
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
         definition = validate_workflow(read_json(req, self._deps.settings.api_max_body_bytes))
-        row, secret = store.create_workflow(self._deps.pool, caller.user_id, definition)
+        row, secret = queries.create_workflow(self._deps.pool, caller.user_id, definition)
         _notify(self._deps, row)
         resp.status = falcon.HTTP_201
         resp.location = f"/api/workflows/{row['id']}"
@@ -98,7 +98,7 @@ class WorkflowsResource:
         caller = caller_of(req)
         params = query(req)
         limit, after = _page_params(params)
-        rows = store.list_workflows(
+        rows = queries.list_workflows(
             self._deps.pool,
             caller.user_id,
             limit=limit,
@@ -139,7 +139,7 @@ class WorkflowResource:
         self._deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        row = store.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
+        row = queries.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
         resp.etag = f'"{row["version"]}"'
         resp.media = workflow_view(req, self._deps, row)
 
@@ -147,7 +147,7 @@ class WorkflowResource:
         self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID, data: Any, version: int | None
     ) -> None:
         definition = validate_workflow(data)
-        old, row, secret = store.update_workflow(
+        old, row, secret = queries.update_workflow(
             self._deps.pool, caller_of(req).user_id, workflow_id, definition, expected_version=version
         )
         _notify(self._deps, row, old)
@@ -164,7 +164,7 @@ class WorkflowResource:
             raise ValidationFailed([FieldProblem("$", "a merge patch must be a JSON object")])
         expected = _expected_version(req)
         for tries_left in range(4, -1, -1):
-            current = store.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
+            current = queries.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
             if expected is not None and current["version"] != expected:
                 raise ConflictError(
                     f"the workflow is at version {current['version']}, not {expected}; fetch it and try again"
@@ -173,7 +173,7 @@ class WorkflowResource:
                 # Applied to the version read just now: a concurrent update in between is not
                 # overwritten but makes this patch apply again to the newer version.
                 self._replace(
-                    req, resp, workflow_id, _merge_patch(store.definition_of(current), patch), current["version"]
+                    req, resp, workflow_id, _merge_patch(queries.definition_of(current), patch), current["version"]
                 )
                 return
             except ConflictError:
@@ -181,7 +181,7 @@ class WorkflowResource:
                     raise
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        row = store.delete_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
+        row = queries.delete_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
         _notify(self._deps, row)
         resp.status = falcon.HTTP_204
 
@@ -197,10 +197,10 @@ class WorkflowVersionsResource:
     def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         owner = caller_of(req).user_id
         params = query(req)
-        limit = int_param(params, "limit", PAGE_DEFAULT, 1, store.PAGE_MAX)
+        limit = int_param(params, "limit", PAGE_DEFAULT, 1, queries.PAGE_MAX)
         before = decode_version_cursor(params)
-        store.get_workflow(self._deps.pool, owner, workflow_id)  # 404 for others' and deleted workflows
-        rows = store.list_versions(self._deps.pool, owner, workflow_id, limit=limit, before=before)
+        queries.get_workflow(self._deps.pool, owner, workflow_id)  # 404 for others' and deleted workflows
+        rows = queries.list_versions(self._deps.pool, owner, workflow_id, limit=limit, before=before)
         cursor = encode_version_cursor(rows[limit - 1]["version"]) if len(rows) > limit else None
         resp.media = _dump(schemas.WorkflowVersionPage.model_validate({"items": rows[:limit], "next_cursor": cursor}))
 
@@ -212,7 +212,7 @@ class WorkflowVersionResource:
         self._deps = deps
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID, version: int) -> None:
-        row = store.get_version(self._deps.pool, caller_of(req).user_id, workflow_id, version)
+        row = queries.get_version(self._deps.pool, caller_of(req).user_id, workflow_id, version)
         resp.etag = f'"{row["version"]}"'
         resp.media = _dump(schemas.WorkflowVersion.model_validate(row))
 
@@ -222,7 +222,7 @@ class WebhookRotateResource:
         self._deps = deps
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        row, secret = store.rotate_webhook(self._deps.pool, caller_of(req).user_id, workflow_id)
+        row, secret = queries.rotate_webhook(self._deps.pool, caller_of(req).user_id, workflow_id)
         resp.media = workflow_view(req, self._deps, row, secret)
 
 
@@ -319,7 +319,7 @@ class HookResource:
         self._limiter = limiter
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, secret: str) -> None:
-        workflow_id, owner = store.webhook_target(self._deps.pool, secret)
+        workflow_id, owner = queries.webhook_target(self._deps.pool, secret)
         wait = self._limiter.hit(f"hook:{workflow_id}")
         if wait is not None:
             raise too_many(wait)
@@ -351,7 +351,7 @@ class RunResource:
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, run_id: UUID) -> None:
         include = choice_param(query(req), "include", ("definition",))
-        run = store.get_run(self._deps.pool, caller_of(req).user_id, run_id, with_definition=include == "definition")
+        run = queries.get_run(self._deps.pool, caller_of(req).user_id, run_id, with_definition=include == "definition")
         resp.media = run_view(run)
 
 
@@ -368,11 +368,11 @@ class RunsResource:
         caller = caller_of(req)
         params = query(req)
         if workflow_id is not None:
-            store.get_workflow(self._deps.pool, caller.user_id, workflow_id)  # 404 for others' workflows
+            queries.get_workflow(self._deps.pool, caller.user_id, workflow_id)  # 404 for others' workflows
         else:
             workflow_id = uuid_param(params, "workflowId")
         limit, after = _page_params(params)
-        rows = store.list_runs(
+        rows = queries.list_runs(
             self._deps.pool,
             caller.user_id,
             limit=limit,
@@ -403,7 +403,7 @@ class RetryRunResource:
         self._deps = deps
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, run_id: UUID) -> None:
-        status = store.retry_run(
+        status = queries.retry_run(
             self._deps.pool, self._deps.broker, self._deps.settings, caller_of(req).user_id, run_id
         )
         _accepted(resp, run_id, status)

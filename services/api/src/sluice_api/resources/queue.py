@@ -13,7 +13,44 @@ from sluice_api.deps import Dependencies
 from sluice_api.openapi import AUTH, Operations, errors, ref, response
 from sluice_api.resources.base import Context, Resource
 from sluice_common.errors import InfrastructureError
-from sluice_common.runs import get_queue_stats, seeds_stats_body
+from sluice_common.runs import QueueStats, get_queue_stats
+
+
+def queue_stats_body(stats: QueueStats, scheduler: dict[str, Any]) -> dict[str, Any]:
+    """The ``/api/workflows/queue/stats`` body: the seeds' shape, plus Sluice's extra fields."""
+    queue: dict[str, Any] = {
+        "available": True,
+        "redis": stats.redis,
+        "stats": {
+            "waiting": stats.waiting,
+            "active": stats.active,
+            "completed": stats.completed,
+            "failed": stats.failed,
+            "delayed": stats.delayed,
+            "total": stats.total,
+        },
+        "waitingByPriority": {str(k): v for k, v in sorted(stats.waiting_by_priority.items())},
+        "rateLimit": {"perMinute": stats.rate_limit_per_minute, "usedLastMinute": stats.rate_used},
+        "concurrency": stats.concurrency,
+        # Runs parked until a sub-workflow ends: they hold no worker and are not waiting for one.
+        "waitingOnSubWorkflows": int(stats.extra.get("waitingOnSubWorkflows", 0)),
+    }
+    capacity: dict[str, Any]
+    if stats.redis:
+        capacity = {
+            "message": f"Running up to {stats.concurrency} workflows concurrently. "
+            f"{stats.active} active, {stats.waiting} queued."
+        }
+    else:
+        # The seeds' wording; Sluice still queues, retries and limits without Redis.
+        capacity = {"recommendation": "Set REDIS_URL to enable queued execution"}
+    alerts = []
+    if stats.waiting > 50:
+        alerts.append("Queue backlog growing - consider scaling")
+    finished = stats.completed + stats.failed
+    if finished and stats.failed / finished > 0.1:
+        alerts.append("High failure rate detected")
+    return {"queue": queue, "scheduler": scheduler, "capacity": capacity, "alerts": alerts}
 
 
 def scheduler_status(deps: Dependencies) -> dict[str, Any]:
@@ -50,7 +87,7 @@ class QueueStatsResource(Resource):
         stats = get_queue_stats(
             self._deps.pool, self._deps.settings, self._deps.limiter, redis=self._deps.redis is not None
         )
-        body = seeds_stats_body(stats, scheduler_status(self._deps))
+        body = queue_stats_body(stats, scheduler_status(self._deps))
         self._cached = (time.monotonic() + self.CACHE_SECONDS, body)
         resp.media = body
 

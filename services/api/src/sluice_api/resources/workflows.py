@@ -30,7 +30,7 @@ from sluice_api.openapi import (
     response,
 )
 from sluice_api.resources.base import PAGE_DEFAULT, Resource, dump, page, page_params
-from sluice_common.cron import PREVIEW_MAX, schedule_preview
+from sluice_common.cron import PREVIEW_MAX, ScheduleSummary, schedule_preview
 from sluice_common.errors import ConflictError, FieldProblem, ValidationFailed
 from sluice_common.workflow import WorkflowDefinition, validate_workflow
 
@@ -278,6 +278,11 @@ class WebhookRotateResource(Resource):
         resp.media = workflow_view(req, self._deps, row, secret)
 
 
+def schedule_body(summary: ScheduleSummary) -> dict[str, Any]:
+    """The ``GET /api/workflows/{id}/schedule`` body (times in UTC with a ``Z``)."""
+    return dump(schemas.SchedulePreview.model_validate(summary, from_attributes=True))
+
+
 class ScheduleResource(Resource):
     """``GET /api/workflows/{id}/schedule``: the next fire times, the last fire and missed fires."""
 
@@ -298,5 +303,5 @@ class ScheduleResource(Resource):
 
     def on_get(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         count = int_param(query(req), "count", 5, 1, PREVIEW_MAX)
-        preview = schedule_preview(self._deps.pool, str(workflow_id), str(caller_of(req).user_id), count)
-        resp.media = dump(schemas.SchedulePreview.model_validate(preview))
+        summary = schedule_preview(self._deps.pool, str(workflow_id), str(caller_of(req).user_id), count)
+        resp.media = schedule_body(summary)

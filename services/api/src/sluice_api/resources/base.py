@@ -36,6 +36,7 @@ class Context:
     deps: Dependencies
     # The per-token (and per-webhook) request limit; the auth middleware counts in the same one.
     limiter: RequestLimiter
+    # Every route of the app: the OpenAPI resource documents them.
     routes: tuple[Route, ...]
 
 

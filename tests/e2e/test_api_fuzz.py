@@ -23,9 +23,10 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from sluice_api.openapi import document
+from sluice_api.routes import ROUTES
 from tests.e2e.conftest import Api
 
-schema = schemathesis.openapi.from_dict(document())
+schema = schemathesis.openapi.from_dict(document(ROUTES))
 schema.config.generation.update(
     modes=[GenerationMode.POSITIVE, GenerationMode.NEGATIVE], max_examples=30, database="none"
 )

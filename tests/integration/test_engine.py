@@ -10,7 +10,8 @@ import pytest
 from psycopg.types.json import Jsonb
 
 import sluice_worker.executor as executor_module
-from sluice_common.runs import cancel_run, get_queue_stats, seeds_stats_body
+from sluice_api.resources.queue import queue_stats_body
+from sluice_common.runs import cancel_run, get_queue_stats
 from sluice_common.secrets import generate_key, put_secret
 from sluice_worker.checkpoints import PgStepStore
 from sluice_worker.service import create_worker
@@ -219,7 +220,7 @@ def test_a_waiting_parent_can_be_cancelled(pipeline: Pipeline) -> None:
     pipeline.wait_for([child_id], {"delayed"}, timeout=10)  # parked on its delay step, not mid-step
     stats = get_queue_stats(pipeline.pool, pipeline.settings, pipeline.limiter, redis=True)
     assert stats.extra["waitingOnSubWorkflows"] == 1
-    assert seeds_stats_body(stats, {})["queue"]["waitingOnSubWorkflows"] == 1
+    assert queue_stats_body(stats, {})["queue"]["waitingOnSubWorkflows"] == 1
     assert cancel_run(pipeline.pool, run.run_id, owner) == "cancelled"
     assert pipeline.run(run.run_id)["status"] == "cancelled"
     # The sub-workflow run it waited for goes with it.

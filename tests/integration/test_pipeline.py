@@ -9,6 +9,7 @@ import time
 import httpx
 import redis
 
+from sluice_api.resources.queue import queue_stats_body
 from sluice_common.broker import send_run_message
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runs import (
@@ -17,7 +18,6 @@ from sluice_common.runs import (
     get_queue_stats,
     reconcile,
     recover_expired,
-    seeds_stats_body,
 )
 from sluice_common.runstate import CLAIM
 from sluice_worker.executor import RunExecutor
@@ -336,7 +336,7 @@ def test_queue_stats_are_exact_and_fit_the_seeds_shape(pipeline: Pipeline) -> No
     assert (stats.waiting, stats.active, stats.completed, stats.failed, stats.delayed) == (3, 0, 2, 1, 1)
     assert stats.total == 3
     assert stats.waiting_by_priority == {1: 2, 5: 1}
-    body = seeds_stats_body(stats, {"initialized": False, "scheduledWorkflows": 0})
+    body = queue_stats_body(stats, {"initialized": False, "scheduledWorkflows": 0})
     assert body["queue"]["stats"] == {"waiting": 3, "active": 0, "completed": 2, "failed": 1, "delayed": 1, "total": 3}
     assert body["queue"]["redis"] is True
     assert body["capacity"] == {"message": "Running up to 10 workflows concurrently. 0 active, 3 queued."}

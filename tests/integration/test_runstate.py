@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sluice_api import store
+from sluice_api import queries
 from sluice_common import runstate
 from sluice_common.runs import cancel_run, recover_expired
 from sluice_common.runstate import TRANSITIONS, RunStatus
@@ -127,7 +127,7 @@ def test_runs_only_take_listed_transitions(
     assert [r["status"] for r in rows] == ["succeeded", "succeeded", "failed", "succeeded", "succeeded", "succeeded"]
 
     # A person retries the failed run; a run whose worker vanished is recovered.
-    store.retry_run(pipeline.pool, pipeline.broker, pipeline.settings, owner, done[2])  # type: ignore[arg-type]
+    queries.retry_run(pipeline.pool, pipeline.broker, pipeline.settings, owner, done[2])  # type: ignore[arg-type]
     pipeline.wait_for([done[2]], {"failed"})
     lost = pipeline.enqueue(ok, owner, delay_ms=60_000).run_id
     stray = RunExecutor(
@@ -146,7 +146,7 @@ def test_runs_only_take_listed_transitions(
     pipeline.wait_for([lost], {"succeeded"})
     # Deleting the workflow cancels what it still has queued.
     waiting = pipeline.enqueue(ok, owner, delay_ms=60_000).run_id
-    store.delete_workflow(pipeline.pool, owner, ok)  # type: ignore[arg-type]
+    queries.delete_workflow(pipeline.pool, owner, ok)  # type: ignore[arg-type]
     assert pipeline.run(waiting)["status"] == "cancelled"
 
     with pipeline.pool.connection() as conn:

@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from sluice_api.resources.workflows import schedule_body
 from sluice_common.cron import PlannedFire, RedisSchedulerLink, schedule_preview
 from sluice_common.db import open_pool
 from sluice_common.errors import ConflictError, NotFoundError
@@ -218,7 +219,7 @@ def test_missed_fire_policies(
     assert missed["outcome"] == "missed"
     assert missed["run_id"] is None
     assert 27 <= missed["missed_slots"] <= 31
-    assert schedule_preview(pipeline.pool, skip, owner)["missedCount"] == missed["missed_slots"]
+    assert schedule_preview(pipeline.pool, skip, owner).missed_count == missed["missed_slots"]
 
     [caught] = late(once)
     assert caught["outcome"] == "catch_up"
@@ -236,7 +237,7 @@ def test_missed_fire_policies(
     assert all(f["run_id"] for f in recent)
     total = old[0]["missed_slots"] + len(recent)
     assert 27 <= total <= 31
-    assert schedule_preview(pipeline.pool, every, owner)["missedCount"] == total
+    assert schedule_preview(pipeline.pool, every, owner).missed_count == total
 
 
 def test_overlap_skip_and_queue_one_with_a_real_worker(
@@ -286,7 +287,7 @@ def test_schedule_preview(pipeline: Pipeline, scheduler: Callable[..., CronSched
     wf = cron_workflow(pipeline, owner, "30 2 * * *", timezone="Europe/Paris", updated_ago=3600)
     manual = pipeline.workflow(owner, NOOP)
     now = datetime(2026, 3, 27, 12, tzinfo=UTC)
-    body = schedule_preview(pipeline.pool, wf, owner, count=3, now=now)
+    body = schedule_body(schedule_preview(pipeline.pool, wf, owner, count=3, now=now))
     assert body == {
         "workflowId": wf,
         "schedule": "30 2 * * *",
@@ -305,7 +306,7 @@ def test_schedule_preview(pipeline: Pipeline, scheduler: Callable[..., CronSched
             (wf, run_id),
         )
         conn.execute("UPDATE workflows SET status = 'paused' WHERE id = %s", (wf,))
-    body = schedule_preview(pipeline.pool, wf, owner, count=1, now=now)
+    body = schedule_body(schedule_preview(pipeline.pool, wf, owner, count=1, now=now))
     assert body["lastFire"] == {
         "scheduledAt": "2026-03-26T01:30:00Z",
         "firedAt": "2026-03-26T01:30:00.200000Z",
@@ -354,7 +355,7 @@ def test_prune_keeps_recent_history_the_latest_fire_and_missed_counts(pipeline: 
     assert sorted(r["status"] for r in runs(pipeline, wf)) == ["queued", "succeeded"]
     left = fires(pipeline, wf)
     assert [(f["outcome"], f["missed_slots"]) for f in left] == [("missed", 12), ("fired", 0)]
-    assert schedule_preview(pipeline.pool, wf, owner)["missedCount"] == 12
+    assert schedule_preview(pipeline.pool, wf, owner).missed_count == 12
 
 
 def test_cli_refresh_and_status(

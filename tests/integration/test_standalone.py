@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from sluice_api.resources.queue import queue_stats_body
 from sluice_common.broker import make_broker
-from sluice_common.runs import enqueue_run, get_queue_stats, seeds_stats_body
+from sluice_common.runs import enqueue_run, get_queue_stats
 from sluice_standalone.app import Standalone, create_standalone
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
@@ -73,7 +74,7 @@ def test_rate_limit_and_stats_without_redis(pipeline: Pipeline, standalone: Call
     assert statuses == ["queued", "queued", "succeeded", "succeeded"]
     stats = get_queue_stats(app.pool, app.settings, app.limiter, redis=False)
     assert (stats.waiting, stats.completed, stats.rate_used, stats.rate_limit_per_minute) == (2, 2, 2, 2)
-    body = seeds_stats_body(stats, {"initialized": True, "scheduledWorkflows": 0})
+    body = queue_stats_body(stats, {"initialized": True, "scheduledWorkflows": 0})
     assert body["queue"]["redis"] is False
     assert body["capacity"] == {"recommendation": "Set REDIS_URL to enable queued execution"}
 

@@ -7,7 +7,8 @@
 - :func:`plan_due`: what to do with the slots that are due, given the workflow's missed-fire
   policy: on-time and slightly late slots fire normally, older ones (everything was down) are
   skipped, caught up once, or all caught up within the grace window.
-- :func:`schedule_preview`: the ``GET /api/workflows/{id}/schedule`` body.
+- :func:`schedule_preview`: a cron workflow's next fires, last fire and missed count, as data
+  (:class:`ScheduleSummary`; the API shapes it into the ``GET /api/workflows/{id}/schedule`` body).
 - :class:`RedisSchedulerLink`: the API's side of :class:`~sluice_common.schedulerlink.SchedulerLink`
   in queue mode, and the Redis key names the scheduler and the link share.
 
@@ -26,7 +27,7 @@ import zoneinfo
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 import redis
 from croniter import CroniterBadDateError, croniter
@@ -239,13 +240,39 @@ def iso(at: datetime | None) -> str | None:
     return at.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
+@dataclass(frozen=True)
+class RecordedFire:
+    """A fire as ``cron_fires`` records it."""
+
+    scheduled_at: datetime
+    fired_at: datetime
+    outcome: str
+    run_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
+class ScheduleSummary:
+    """A cron workflow's schedule as of one moment; every time is in UTC."""
+
+    workflow_id: uuid.UUID
+    schedule: str
+    timezone: str
+    active: bool
+    next_fires: list[datetime]  # given even while the workflow is paused: what resuming it would give
+    last_fire: RecordedFire | None
+    missed_count: int
+
+    @property
+    def next_fire(self) -> datetime | None:
+        """The next fire, or ``None`` while the workflow is paused."""
+        return self.next_fires[0] if self.active and self.next_fires else None
+
+
 def schedule_preview(
     pool: Pool, workflow_id: str, owner_id: str, count: int = 5, now: datetime | None = None
-) -> dict[str, Any]:
+) -> ScheduleSummary:
     """The schedule of one of ``owner_id``'s cron workflows: next fires, last fire, missed count.
 
-    ``nextFires`` lists when the schedule fires after ``now`` even while the workflow is paused
-    (what resuming it would give); ``nextFire`` is ``None`` while it is paused.
     Raises :class:`NotFoundError` for an unknown, deleted or someone else's workflow and
     :class:`ConflictError` for a workflow without a cron trigger.
     """
@@ -280,24 +307,22 @@ def schedule_preview(
         raise ConflictError(f"the workflow's cron trigger is invalid: {exc}") from None
     schedule = Schedule.of(config)
     nexts = schedule.next_fires(now or datetime.now(UTC), count)
-    active = wf["status"] == "active"
-    return {
-        "workflowId": wf_id,
-        "schedule": config.schedule,
-        "timezone": config.timezone,
-        "active": active,
-        "nextFires": [iso(at) for at in nexts],
-        "lastFire": None
+    return ScheduleSummary(
+        workflow_id=uuid.UUID(wf_id),
+        schedule=config.schedule,
+        timezone=config.timezone,
+        active=wf["status"] == "active",
+        next_fires=[at.astimezone(UTC) for at in nexts],
+        last_fire=None
         if last is None
-        else {
-            "scheduledAt": iso(last["scheduled_at"]),
-            "firedAt": iso(last["fired_at"]),
-            "outcome": last["outcome"],
-            "runId": str(last["run_id"]) if last["run_id"] else None,
-        },
-        "nextFire": iso(nexts[0]) if active and nexts else None,
-        "missedCount": int(missed["n"]) if missed else 0,
-    }
+        else RecordedFire(
+            scheduled_at=last["scheduled_at"].astimezone(UTC),
+            fired_at=last["fired_at"].astimezone(UTC),
+            outcome=last["outcome"],
+            run_id=last["run_id"],
+        ),
+        missed_count=int(missed["n"]) if missed else 0,
+    )
 
 
 # The API's link to the scheduler in queue mode --------------------------------------------------

@@ -1,4 +1,8 @@
-"""The API's reads and writes of workflows and runs in PostgreSQL.
+"""The API's SQL: its reads and writes of workflows, workflow versions, webhooks and runs.
+
+Named ``queries`` rather than ``store``: the API keeps no state of its own, and "store" already
+names the engine's ``StepStore`` (a run's step results); these are the statements behind the
+endpoints, each one query or one transaction.
 
 Every query is scoped to the calling user: another user's workflow or run is simply not found.
 Each create or update of a workflow is stored as an immutable version as well (by a trigger of

@@ -1,0 +1,81 @@
+"""The webhook trigger: ``POST /api/hooks/{secret}`` queues a run with the body as its trigger data."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl
+
+import falcon
+
+from sluice_api import queries, schemas
+from sluice_api.auth import too_many
+from sluice_api.inputs import check_storable, media_type, parse_json, read_body
+from sluice_api.openapi import IDEMPOTENCY_HEADER, Operations, errors, ref, response
+from sluice_api.resources.base import Context, Resource, accepted, idempotency_key, traceparent
+from sluice_common.runs import enqueue_run
+
+
+def _webhook_data(req: falcon.Request, limit: int) -> Any:
+    data = read_body(req, limit)
+    if not data.strip():
+        return {}
+    kind = media_type(req)
+    if kind in ("", "application/json") or kind.endswith("+json"):
+        return parse_json(data)
+    if kind == "application/x-www-form-urlencoded":
+        try:
+            form: Any = dict(parse_qsl(data.decode(), keep_blank_values=True))
+        except UnicodeDecodeError:
+            raise falcon.HTTPBadRequest(title="Bad Request", description="the form is not UTF-8") from None
+        check_storable(form)
+        return form
+    if kind.startswith("text/"):
+        text = {"text": data.decode(errors="replace")}
+        check_storable(text)
+        return text
+    raise falcon.HTTPUnsupportedMediaType(
+        title="Unsupported Media Type",
+        description=f"send JSON, a form or text, not {kind}",
+    )
+
+
+class HookResource(Resource):
+    """``POST /api/hooks/{secret}``: the secret is the credential; its body becomes trigger data."""
+
+    public = True
+    operations: ClassVar[Operations] = {
+        "post": {
+            "operationId": "webhook",
+            "summary": "Trigger a webhook workflow; the body (JSON, form or text) becomes its trigger data",
+            "parameters": [IDEMPOTENCY_HEADER],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {}}}},
+            "responses": {
+                "202": response(ref(schemas.RunAccepted), "Queued"),
+                **errors(400, 404, 409, 413, 415, 422, 429, 503),
+            },
+        },
+    }
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__(ctx)
+        self._limiter = ctx.limiter
+
+    def on_post(self, req: falcon.Request, resp: falcon.Response, secret: str) -> None:
+        workflow_id, owner = queries.webhook_target(self._deps.pool, secret)
+        wait = self._limiter.hit(f"hook:{workflow_id}")
+        if wait is not None:
+            raise too_many(wait)
+        data = _webhook_data(req, self._deps.settings.api_max_body_bytes)
+        run = enqueue_run(
+            self._deps.pool,
+            self._deps.broker,
+            self._deps.settings,
+            workflow_id=workflow_id,
+            owner_id=owner,
+            trigger_type="webhook",
+            trigger_data=data,
+            idempotency_key=idempotency_key(req),
+            traceparent=traceparent(req),
+            sender=self._deps.sender,
+        )
+        accepted(resp, run.run_id, run.status)

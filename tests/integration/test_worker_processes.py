@@ -109,6 +109,11 @@ def test_sigterm_lets_the_worker_finish_and_exit(pipeline: Pipeline, http_server
     worker = spawn()  # type: ignore[operator]
     run = pipeline.enqueue(wf, owner)
     pipeline.wait_for([run.run_id], {"running"}, timeout=30)
+    # Signalled once the step is under way (a signal between the claim and the first step hands
+    # the run back instead, which another test covers).
+    deadline = time.monotonic() + 10
+    while http_server.hits["/slow"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
     row = pipeline.run(run.run_id)

@@ -143,6 +143,32 @@ def test_a_retry_after_an_edit_runs_the_failed_version_again(api: Api, http_serv
     assert steps["call"]["attempt"] == 2
 
 
+def test_an_automatic_retry_after_an_edit_runs_the_version_the_run_was_queued_with(
+    api: Api, http_server: LocalServer
+) -> None:
+    _, client = api.user()
+    flaky = f"{http_server.base}/flaky?fail=1&key=auto-{time.monotonic_ns()}"
+    wf = create(
+        client,
+        manual(
+            "auto-retried",
+            {"id": "call", "type": "http", "config": {"url": flaky}},
+            settings={"maxAttempts": 2, "backoffMinMs": 3000, "backoffMaxMs": 3000},
+        ),
+    )
+    run_id = run(client, wf["id"])
+
+    def backing_off() -> bool:
+        body = client.get(f"/api/runs/{run_id}").json()
+        return body["status"] == "delayed" and body["attempt"] == 1
+
+    wait_until(backing_off, 20)
+    replace(client, wf["id"], manual("auto-retried", transform("other")))
+    done = wait_run(client, run_id, FINISHED)
+    assert (done["status"], done["attempt"], done["workflowVersion"]) == ("succeeded", 2, 1)
+    assert step_ids(done) == ["call"]
+
+
 def test_a_parked_run_wakes_up_with_its_version(api: Api) -> None:
     _, client = api.user()
     wait_step = {"id": "wait", "type": "delay", "config": {"seconds": 2}}

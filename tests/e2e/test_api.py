@@ -204,6 +204,46 @@ def test_bad_input_is_a_clear_4xx_and_writes_nothing(api: Api) -> None:
     problem(client.get("/api/runs?limit=1&limit=2"), 400)
 
 
+def test_costly_expressions_never_cost_the_api_and_fail_their_run_cleanly(api: Api) -> None:
+    # Validation parses and never evaluates: an expression is judged by the worker's sandbox, at
+    # run time, where its inputs are known (an expression over trigger data can be just as
+    # costly), so these definitions are accepted and their runs fail at once without retries.
+    _, client = api.user()
+    digits = "1" * 5000  # a literal Python cannot read: a syntax-level problem, 422
+    bad = {
+        "name": "unreadable",
+        "trigger": {"type": "manual"},
+        "steps": [{"id": "t", "type": "transform", "config": {"value": "{{ " + digits + " }}"}}],
+    }
+    body = problem(client.post("/api/workflows", json=bad), 422)
+    assert [(e["path"], e["message"]) for e in body["errors"]] == [
+        ("$.steps[0].config.value", "a number has too many digits")
+    ]
+    for expression, message in [
+        ("10**5000", "'**' result too large"),
+        ("(10**100)**50", "'**' result too large"),
+        ("'a' * 10**9", "'*' would build"),
+    ]:
+        definition = {
+            "name": "costly",
+            "trigger": {"type": "manual"},
+            "steps": [
+                {"id": "check", "type": "condition", "config": {"if": expression}},
+                {"id": "after", "type": "transform", "config": {"value": "{{ " + expression + " }}"}},
+            ],
+        }
+        start = time.monotonic()
+        created = client.post("/api/workflows", json=definition)
+        assert created.status_code == 201, (expression, created.status_code, created.text)
+        assert time.monotonic() - start < 5
+        run_id = client.post(f"/api/workflows/{created.json()['id']}/run").json()["runId"]
+        run = wait_run(client, run_id, {"succeeded", "failed"})
+        assert run["status"] == "failed", run
+        assert message in run["error"], run["error"]
+        assert [(s["stepId"], s["status"]) for s in run["steps"]] == [("check", "failed")]
+        assert len(run["attempts"]) == 1  # a final failure: not retried
+
+
 def test_idempotency_key_returns_the_same_run(api: Api) -> None:
     _, client = api.user()
     wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -56,6 +58,44 @@ def test_valid_templates_pass() -> None:
             },
         )
     )
+
+
+# Expressions whose value is huge or slow to compute. Validation checks syntax only: compiling them
+# with Jinja2's optimizer on folded the constants right there, in the API process (16 s and 4 GB
+# for the first one, or a 500 for the others, whose results are too long to print).
+COSTLY_EXPRESSIONS = ["10**5000", "(10**100)**50", "'a' * 10**8", "[0] * 10**8", "'a' * 10**9"]
+
+
+@pytest.mark.parametrize("expression", COSTLY_EXPRESSIONS)
+def test_validation_never_evaluates_an_expression(expression: str) -> None:
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        validate_workflow(
+            workflow(
+                {"id": "a", "type": "condition", "config": {"if": expression}},
+                {"id": "b", "type": "transform", "config": {"value": "{{ " + expression + " }}"}},
+                {"id": "c", "type": "transform", "config": {"value": "x{{ " + expression + " }}y"}},
+                {"id": "d", "type": "http", "config": {"url": "https://x/{{ " + expression + " }}"}},
+            )
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < 1.0
+    assert peak < 5_000_000  # bytes: what parsing a few short strings takes, nothing of the values
+
+
+def test_literals_python_cannot_read_are_validation_problems() -> None:
+    digits = "1" * 5000  # Python refuses to convert integers of more than 4300 digits
+    found = problems(
+        workflow(
+            {"id": "a", "type": "http", "config": {"url": "https://x", "headers": {"N": "{{ " + digits + " }}"}}},
+            {"id": "b", "type": "transform", "config": {"value": "{{ trigger.n > " + digits + " }}"}},
+        )
+    )
+    assert found["$.steps[0].config.headers.N"] == "a number has too many digits"
+    assert found["$.steps[1].config.value"] == "a number has too many digits"
 
 
 def test_step_timeouts_on_any_step() -> None:

@@ -11,9 +11,12 @@ of :data:`BUILTIN_STEP_TYPES` (their config models are below), then the plugins 
 ``sluice.steps`` entry points, both through the same ``StepRegistry.register``.
 
 Strings in step configs may be templates over the run context (``{{ steps.fetch.body.id }}``).
-Their syntax is checked here with Jinja2's parser (parsing runs nothing); they are evaluated only
-in the worker's sandbox (``sluice_worker.expressions``). Templates are expressions only: the
-statement tags (``{% for %}``, ``{% macro %}``...) are refused, so no definition can loop or recurse.
+Their syntax is checked here with Jinja2's parser only: parsing runs nothing, and nothing is
+compiled (Jinja2's compiler computes constant expressions as it goes, so compiling
+``'a' * 10**9`` here would build it in the API, outside any bound). They are evaluated only in
+the worker's sandbox (``sluice_worker.expressions``), which bounds what an expression may cost.
+Templates are expressions only: the statement tags (``{% for %}``, ``{% macro %}``...) are
+refused, so no definition can loop or recurse.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from uuid import UUID
 import jinja2
 from croniter import croniter
 from jinja2 import nodes
+from jinja2.parser import Parser
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -310,13 +314,22 @@ def step_types() -> dict[str, type[BaseModel]]:
 
 # Templates ------------------------------------------------------------------------------------
 
-# Parsing only (the worker evaluates in its sandbox); the same delimiters as the worker.
-_PARSER = jinja2.Environment(autoescape=False)  # noqa: S701 - JSON values, never HTML
+# Parsing only: nothing here is ever compiled or evaluated (the worker evaluates in its sandbox).
+# Jinja2's compiler folds constant expressions while it compiles (``'a' * 10**9`` would be
+# computed right there, outside any bound), so validation stops at the parse tree; the optimizer
+# is off as well, in case anything compiles with this environment. Same delimiters as the worker.
+_PARSER = jinja2.Environment(autoescape=False, optimized=False)  # noqa: S701 - JSON values, never HTML
 _STATEMENT_HELP = "statements ({% ... %}) are not supported in templates; use expressions in {{ ... }}"
 
 
 def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text or "{#" in text
+
+
+def _literal_problem(exc: ValueError) -> str:
+    """The parser's ``ValueError``: a literal Python cannot convert (integers of more than 4300
+    digits are refused by Python itself)."""
+    return "a number has too many digits" if "digits" in str(exc) else f"a literal cannot be read: {exc}"
 
 
 def template_problem(text: str) -> str | None:
@@ -329,9 +342,21 @@ def template_problem(text: str) -> str | None:
         return f"template syntax error: {exc.message}"
     except RecursionError:
         return "the template is nested too deeply"
+    except ValueError as exc:
+        return _literal_problem(exc)
     if not all(isinstance(node, nodes.Output) for node in tree.body):
         return _STATEMENT_HELP
     return None
+
+
+def parse_expression(text: str) -> nodes.Expr:
+    """The parse tree of one expression (what ``Environment.compile_expression`` parses, without
+    compiling it). Raises ``jinja2.TemplateSyntaxError``, or ``ValueError``/``RecursionError``."""
+    parser = Parser(_PARSER, text, state="variable")
+    expr = parser.parse_expression()
+    if not parser.stream.eos:
+        raise jinja2.TemplateSyntaxError("chunk after expression", parser.stream.current.lineno)
+    return expr
 
 
 def expression_problem(text: str) -> str | None:
@@ -341,11 +366,13 @@ def expression_problem(text: str) -> str | None:
     if "{%" in text or "{#" in text:
         return _STATEMENT_HELP
     try:
-        _PARSER.compile_expression(unwrap_expression(text))
+        parse_expression(unwrap_expression(text))
     except jinja2.TemplateSyntaxError as exc:
         return f"expression syntax error: {exc.message}"
     except RecursionError:
         return "the expression is nested too deeply"
+    except ValueError as exc:
+        return _literal_problem(exc)
     return None
 
 

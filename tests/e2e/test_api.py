@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -242,6 +243,53 @@ def test_costly_expressions_never_cost_the_api_and_fail_their_run_cleanly(api: A
         assert message in run["error"], run["error"]
         assert [(s["stepId"], s["status"]) for s in run["steps"]] == [("check", "failed")]
         assert len(run["attempts"]) == 1  # a final failure: not retried
+
+
+def raw_request(api: Api, token: str, path: str, head: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """One request written byte for byte (httpx would not send a malformed body); the status and
+    the JSON answer."""
+    host, port = api.base.removeprefix("http://").split(":")
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nConnection: close\r\n{head}\r\n"
+    ).encode() + body
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)  # the client has sent everything it will send
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    status = int(head_bytes.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head_bytes.lower():
+        size, _, rest = payload.partition(b"\r\n")
+        payload = rest[: int(size, 16)]
+    return status, json.loads(payload) if payload else {}
+
+
+def test_chunked_bodies_are_read_and_malformed_ones_refused(api: Api) -> None:
+    token, client = api.user()
+    wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    path = f"/api/workflows/{wf['id']}/run"
+    chunked = "Transfer-Encoding: chunked\r\n"
+    data = b'{"triggerData": {"n": 7}, "delay": 60000}'
+    status, body = raw_request(api, token, path, chunked, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+    assert status == 202, body
+    assert client.get(f"/api/runs/{body['runId']}").json()["triggerData"] == {"n": 7}
+
+    runs_before = count(api, "SELECT count(*) FROM runs")
+    for framing in (
+        b"zz\r\n" + data + b"\r\n0\r\n\r\n",  # not a chunk size
+        b"FFFFFFFFFFFFFFFF\r\n" + data + b"\r\n0\r\n\r\n",  # a size the body never reaches
+        b"%x\r\n%s\r\n" % (len(data), data),  # no last chunk
+    ):
+        status, body = raw_request(api, token, path, chunked, framing)
+        assert status == 400, (framing[:20], status, body)
+        assert body["status"] == 400
+        assert "could not be read" in body["detail"]
+    status, body = raw_request(api, token, path, "Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n")
+    assert status == 400, body
+    assert count(api, "SELECT count(*) FROM runs") == runs_before
 
 
 def test_idempotency_key_returns_the_same_run(api: Api) -> None:

@@ -191,6 +191,7 @@ def test_bad_input_is_a_clear_4xx_and_writes_nothing(api: Api) -> None:
         ({"delay": -5}, "$.delay"),
         ({"priority": 11, "delay": 1.5}, "$.delay"),
         ({"triggerdata": {}}, "$.triggerdata"),
+        ({"trigger_data": {"n": 1}}, "$.trigger_data"),  # the Python name is not an input name
     ]:
         body = problem(client.post(f"/api/workflows/{wf['id']}/run", json=payload), 422)
         assert path in {e["path"] for e in body["errors"]}, (payload, body)

@@ -71,7 +71,12 @@ MAX_STEP_TIMEOUT_SECONDS = 7 * 86400
 
 class _Model(BaseModel):
     """Strict camelCase model: unknown fields and wrong JSON types are errors (no ``0`` for
-    ``false``, no ``"5"`` for ``5``), so typos never pass silently."""
+    ``false``, no ``"5"`` for ``5``), so typos never pass silently.
+
+    Input is read by the camelCase names only (:func:`validate_workflow` passes ``by_name=False``):
+    ``max_attempts`` is as unknown as any other misspelling. The Python names stay valid elsewhere
+    (``populate_by_name``) for definitions stored before that rule, which the worker still reads.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -496,7 +501,7 @@ def _check_steps(raw_steps: Any, registry: StepRegistry) -> list[FieldProblem]:
             if problem:
                 problems.append(FieldProblem(f"{base}.config.timeoutSeconds", problem))
         try:
-            config = model.model_validate(raw_config)
+            config = model.model_validate(raw_config, by_name=False)
         except ValidationError as exc:
             problems.extend(field_problems(exc, f"{base}.config"))
             continue
@@ -533,7 +538,7 @@ def validate_workflow(data: Any, *, registry: StepRegistry | None = None) -> Wor
     problems: list[FieldProblem] = []
     definition: WorkflowDefinition | None = None
     try:
-        definition = WorkflowDefinition.model_validate(data)
+        definition = WorkflowDefinition.model_validate(data, by_name=False)
     except ValidationError as exc:
         problems.extend(field_problems(exc, tags=_TRIGGER_TAGS))
     if isinstance(data, dict):

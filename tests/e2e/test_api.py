@@ -293,6 +293,26 @@ def test_chunked_bodies_are_read_and_malformed_ones_refused(api: Api) -> None:
     assert count(api, "SELECT count(*) FROM runs") == runs_before
 
 
+def test_http_steps_that_can_never_work_are_refused_at_creation(api: Api) -> None:
+    _, client = api.user()
+    before = count(api, "SELECT count(*) FROM workflows")
+    for config, path in [
+        ({"url": "http://[::1"}, "$.steps[0].config.url"),
+        ({"url": "https://example.com/a\r\nX-Evil: 1"}, "$.steps[0].config.url"),
+        ({"url": "https://example.com/\n"}, "$.steps[0].config.url"),
+        ({"url": "https://example.com", "headers": {"X-A": "1\r\nX-Evil: 1"}}, "$.steps[0].config.headers['X-A']"),
+        ({"url": "https://example.com", "headers": {"X-A\n": "1"}}, "$.steps[0].config.headers['X-A\\n']"),
+        ({"url": "https://example.com", "headers": {"X(A)": "1"}}, "$.steps[0].config.headers['X(A)']"),
+    ]:
+        body = problem(client.post("/api/workflows", json=workflow_body("x") | {"steps": [step(config)]}), 422)
+        assert [e["path"] for e in body["errors"]] == [path], (config, body)
+    assert count(api, "SELECT count(*) FROM workflows") == before
+
+
+def step(config: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "call", "type": "http", "config": config}
+
+
 def test_idempotency_key_returns_the_same_run(api: Api) -> None:
     _, client = api.user()
     wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()

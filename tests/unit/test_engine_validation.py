@@ -98,6 +98,58 @@ def test_literals_python_cannot_read_are_validation_problems() -> None:
     assert found["$.steps[1].config.value"] == "a number has too many digits"
 
 
+def test_http_requests_that_can_never_be_sent_are_refused() -> None:
+    found = problems(
+        workflow(
+            {"id": "a", "type": "http", "config": {"url": "http://[::1"}},
+            {"id": "b", "type": "http", "config": {"url": "https://x/a\r\nHost: evil"}},
+            {"id": "c", "type": "http", "config": {"url": "https://x/\n"}},
+            {"id": "d", "type": "http", "config": {"url": "ftp://x/file"}},
+            {"id": "e", "type": "http", "config": {"url": "https://x:99999/"}},
+            {
+                "id": "f",
+                "type": "http",
+                "config": {
+                    "url": "https://x",
+                    "headers": {"X A": "1", "X-B": "1\r\nX-Evil: 1", "X-C": "caf\u00e9", "X-D": " padded"},
+                    "idempotencyHeader": "Idempotency Key",
+                },
+            },
+        )
+    )
+    assert found == {
+        "$.steps[0].config.url": "is not a valid URL: Invalid IPv6 URL",
+        "$.steps[1].config.url": "must not contain control characters (CR, LF, tab...)",
+        "$.steps[2].config.url": "must not contain control characters (CR, LF, tab...)",
+        "$.steps[3].config.url": "must be an http:// or https:// URL",
+        "$.steps[4].config.url": "is not a valid URL: Port out of range 0-65535",
+        "$.steps[5].config.headers['X A']": (
+            "'X A' is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+        ),
+        "$.steps[5].config.headers['X-B']": "a header value must not contain CR, LF or other control characters",
+        "$.steps[5].config.headers['X-C']": "a header value must be ASCII",
+        "$.steps[5].config.headers['X-D']": "a header value must not start or end with a space or tab",
+        "$.steps[5].config.idempotencyHeader": (
+            "'Idempotency Key' is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+        ),
+    }
+    # Templates are checked once rendered, at run time; ordinary URLs and headers pass.
+    validate_workflow(
+        workflow(
+            {
+                "id": "a",
+                "type": "http",
+                "config": {
+                    "url": "{{ trigger.url }}",
+                    "headers": {"Authorization": "Bearer {{ secrets.T }}", "X-Empty": "", "X-Tab": "a\tb"},
+                    "idempotencyKey": False,
+                },
+            },
+            {"id": "b", "type": "http", "config": {"url": "http://[::1]:8080/x?q=a b", "idempotencyHeader": "X-Op"}},
+        )
+    )
+
+
 def test_step_timeouts_on_any_step() -> None:
     validate_workflow(workflow({"id": "a", "type": "transform", "config": {"value": 1, "timeoutSeconds": 2.5}}))
     found = problems(

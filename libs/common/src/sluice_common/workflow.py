@@ -24,11 +24,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import jinja2
@@ -36,6 +38,7 @@ from croniter import croniter
 from jinja2 import nodes
 from jinja2.parser import Parser
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -160,14 +163,76 @@ Trigger = Annotated[ManualTrigger | CronTrigger | WebhookTrigger, Field(discrimi
 # Steps ----------------------------------------------------------------------------------------
 
 
+# What HTTP allows in a request (RFC 9110 5.1, 5.5): a header name is a token; a value is visible
+# ASCII with inner spaces and tabs (httpx sends values as ASCII; h11 refuses the rest, CR and LF
+# above all, which would split the request).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def url_problem(url: str) -> str | None:
+    """Why an ``http`` step can never request ``url``, or None (checked again when it is sent)."""
+    if _CONTROL.search(url):
+        return "must not contain control characters (CR, LF, tab...)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parts.hostname:
+        return "has no host"
+    return None
+
+
+def header_name_problem(name: str) -> str | None:
+    if not _TOKEN.fullmatch(name):
+        return f"{name[:100]!r} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    return None
+
+
+def header_value_problem(value: str) -> str | None:
+    if _CONTROL.search(value.replace("\t", "")):
+        return "a header value must not contain CR, LF or other control characters"
+    if not value.isascii():
+        return "a header value must be ASCII"
+    if not _FIELD_VALUE.fullmatch(value):
+        return "a header value must not start or end with a space or tab"
+    return None
+
+
+def _refuse(problem: Callable[[str], str | None], *, skip_templates: bool) -> AfterValidator:
+    """A validator from a ``*_problem`` function. A template is checked once rendered: the worker
+    validates the rendered config with the same model."""
+
+    def check(value: str) -> str:
+        found = None if skip_templates and is_template(value) else problem(value)
+        if found:
+            raise ValueError(found)
+        return value
+
+    return AfterValidator(check)
+
+
+HeaderName = Annotated[str, _refuse(header_name_problem, skip_templates=False)]
+HeaderValue = Annotated[str, _refuse(header_value_problem, skip_templates=True)]
+
+
 class HttpConfig(_Model):
     # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
     model_config = ConfigDict(coerce_numbers_to_str=True)
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
-    url: Annotated[str, Field(min_length=1, max_length=8192)]
+    url: Annotated[str, Field(min_length=1, max_length=8192), _refuse(url_problem, skip_templates=True)]
     query: dict[str, str] = {}
-    headers: dict[str, str] = {}
+    # Header names are never rendered: they are checked as they are. Values may be templates.
+    headers: dict[HeaderName, HeaderValue] = {}
+    # The same key for every execution of this step in this run (see docs/engine.md).
+    idempotency_key: bool = True
+    idempotency_header: HeaderName = IDEMPOTENCY_HEADER
     json_body: Annotated[Any, Field(alias="json")] = None
     body: str | None = None
     form: dict[str, str] | None = None

@@ -1,11 +1,11 @@
-"""A real local HTTP server for steps to call, counting hits per path."""
+"""A real local HTTP server for steps to call, counting hits per path and keeping the headers of each hit."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -41,6 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.hits[key] += 1
             hit = self.server.hits[key]
+            self.server.headers[key].append(dict(self.headers))
         if url.path == "/ok":
             self._reply(200, {"ok": True, "hit": hit, "key": key})
         elif url.path == "/flaky":
@@ -67,6 +68,7 @@ class LocalServer(ThreadingHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.hits: Counter[str] = Counter()
+        self.headers: defaultdict[str, list[dict[str, str]]] = defaultdict(list)  # of each hit, in order
         self.lock = threading.Lock()
 
     @property

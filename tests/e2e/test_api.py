@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -190,6 +191,7 @@ def test_bad_input_is_a_clear_4xx_and_writes_nothing(api: Api) -> None:
         ({"delay": -5}, "$.delay"),
         ({"priority": 11, "delay": 1.5}, "$.delay"),
         ({"triggerdata": {}}, "$.triggerdata"),
+        ({"trigger_data": {"n": 1}}, "$.trigger_data"),  # the Python name is not an input name
     ]:
         body = problem(client.post(f"/api/workflows/{wf['id']}/run", json=payload), 422)
         assert path in {e["path"] for e in body["errors"]}, (payload, body)
@@ -202,6 +204,113 @@ def test_bad_input_is_a_clear_4xx_and_writes_nothing(api: Api) -> None:
     problem(client.get("/api/runs?since=yesterday"), 422)
     problem(client.get("/api/runs?cursor=garbage!"), 422)
     problem(client.get("/api/runs?limit=1&limit=2"), 400)
+
+
+def test_costly_expressions_never_cost_the_api_and_fail_their_run_cleanly(api: Api) -> None:
+    # Validation parses and never evaluates: an expression is judged by the worker's sandbox, at
+    # run time, where its inputs are known (an expression over trigger data can be just as
+    # costly), so these definitions are accepted and their runs fail at once without retries.
+    _, client = api.user()
+    digits = "1" * 5000  # a literal Python cannot read: a syntax-level problem, 422
+    bad = {
+        "name": "unreadable",
+        "trigger": {"type": "manual"},
+        "steps": [{"id": "t", "type": "transform", "config": {"value": "{{ " + digits + " }}"}}],
+    }
+    body = problem(client.post("/api/workflows", json=bad), 422)
+    assert [(e["path"], e["message"]) for e in body["errors"]] == [
+        ("$.steps[0].config.value", "a number has too many digits")
+    ]
+    for expression, message in [
+        ("10**5000", "'**' result too large"),
+        ("(10**100)**50", "'**' result too large"),
+        ("'a' * 10**9", "'*' would build"),
+    ]:
+        definition = {
+            "name": "costly",
+            "trigger": {"type": "manual"},
+            "steps": [
+                {"id": "check", "type": "condition", "config": {"if": expression}},
+                {"id": "after", "type": "transform", "config": {"value": "{{ " + expression + " }}"}},
+            ],
+        }
+        start = time.monotonic()
+        created = client.post("/api/workflows", json=definition)
+        assert created.status_code == 201, (expression, created.status_code, created.text)
+        assert time.monotonic() - start < 5
+        run_id = client.post(f"/api/workflows/{created.json()['id']}/run").json()["runId"]
+        run = wait_run(client, run_id, {"succeeded", "failed"})
+        assert run["status"] == "failed", run
+        assert message in run["error"], run["error"]
+        assert [(s["stepId"], s["status"]) for s in run["steps"]] == [("check", "failed")]
+        assert len(run["attempts"]) == 1  # a final failure: not retried
+
+
+def raw_request(api: Api, token: str, path: str, head: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """One request written byte for byte (httpx would not send a malformed body); the status and
+    the JSON answer."""
+    host, port = api.base.removeprefix("http://").split(":")
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nConnection: close\r\n{head}\r\n"
+    ).encode() + body
+    with socket.create_connection((host, int(port)), timeout=15) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)  # the client has sent everything it will send
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+    status = int(head_bytes.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head_bytes.lower():
+        size, _, rest = payload.partition(b"\r\n")
+        payload = rest[: int(size, 16)]
+    return status, json.loads(payload) if payload else {}
+
+
+def test_chunked_bodies_are_read_and_malformed_ones_refused(api: Api) -> None:
+    token, client = api.user()
+    wf = client.post("/api/workflows", json=workflow_body("https://example.com")).json()
+    path = f"/api/workflows/{wf['id']}/run"
+    chunked = "Transfer-Encoding: chunked\r\n"
+    data = b'{"triggerData": {"n": 7}, "delay": 60000}'
+    status, body = raw_request(api, token, path, chunked, b"%x\r\n%s\r\n0\r\n\r\n" % (len(data), data))
+    assert status == 202, body
+    assert client.get(f"/api/runs/{body['runId']}").json()["triggerData"] == {"n": 7}
+
+    runs_before = count(api, "SELECT count(*) FROM runs")
+    for framing in (
+        b"zz\r\n" + data + b"\r\n0\r\n\r\n",  # not a chunk size
+        b"FFFFFFFFFFFFFFFF\r\n" + data + b"\r\n0\r\n\r\n",  # a size the body never reaches
+        b"%x\r\n%s\r\n" % (len(data), data),  # no last chunk
+    ):
+        status, body = raw_request(api, token, path, chunked, framing)
+        assert status == 400, (framing[:20], status, body)
+        assert body["status"] == 400
+        assert "could not be read" in body["detail"]
+    status, body = raw_request(api, token, path, "Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n")
+    assert status == 400, body
+    assert count(api, "SELECT count(*) FROM runs") == runs_before
+
+
+def test_http_steps_that_can_never_work_are_refused_at_creation(api: Api) -> None:
+    _, client = api.user()
+    before = count(api, "SELECT count(*) FROM workflows")
+    for config, path in [
+        ({"url": "http://[::1"}, "$.steps[0].config.url"),
+        ({"url": "https://example.com/a\r\nX-Evil: 1"}, "$.steps[0].config.url"),
+        ({"url": "https://example.com/\n"}, "$.steps[0].config.url"),
+        ({"url": "https://example.com", "headers": {"X-A": "1\r\nX-Evil: 1"}}, "$.steps[0].config.headers['X-A']"),
+        ({"url": "https://example.com", "headers": {"X-A\n": "1"}}, "$.steps[0].config.headers['X-A\\n']"),
+        ({"url": "https://example.com", "headers": {"X(A)": "1"}}, "$.steps[0].config.headers['X(A)']"),
+    ]:
+        body = problem(client.post("/api/workflows", json=workflow_body("x") | {"steps": [step(config)]}), 422)
+        assert [e["path"] for e in body["errors"]] == [path], (config, body)
+    assert count(api, "SELECT count(*) FROM workflows") == before
+
+
+def step(config: dict[str, Any]) -> dict[str, Any]:
+    return {"id": "call", "type": "http", "config": config}
 
 
 def test_idempotency_key_returns_the_same_run(api: Api) -> None:

@@ -15,6 +15,7 @@ import pytest
 
 from sluice_worker.engine import Outcome, RunContext, Runtime, execute
 from sluice_worker.safehttp import HttpPolicy, make_client
+from tests.httpserver import serve
 from tests.unit.test_engine import MemoryStore
 
 
@@ -75,10 +76,18 @@ def echo() -> Iterator[str]:
     server.server_close()
 
 
-def run_http(config: dict[str, Any], policy: HttpPolicy | None = None, **runtime: Any) -> tuple[Outcome, Any]:
+def run_http(
+    config: dict[str, Any], policy: HttpPolicy | None = None, trigger: Any = None, **runtime: Any
+) -> tuple[Outcome, Any]:
     store = MemoryStore()
     ctx = RunContext(
-        "r", "w", 1, "manual", {"id": 5}, [{"id": "h", "type": "http", "config": config}], time.monotonic() + 30
+        "r",
+        "w",
+        1,
+        "manual",
+        {"id": 5} if trigger is None else trigger,
+        [{"id": "h", "type": "http", "config": config}],
+        time.monotonic() + 30,
     )
     with make_client() as client:
         outcome = execute(ctx, store, Runtime(client, http_policy=policy or HttpPolicy(allow_private=True), **runtime))
@@ -170,3 +179,65 @@ def test_timeouts_and_large_bodies(echo: str) -> None:
     outcome, out = run_http({"url": echo + "/big?n=200000"}, output_max_bytes=4096)
     assert outcome.status == "succeeded"
     assert out["truncated"] is True  # the stored output carries the marker, the run goes on
+
+
+def test_requests_that_can_never_be_sent_fail_finally(echo: str) -> None:
+    # Literal ones are refused at creation; rendered from templates they are caught before sending.
+    for config, trigger, message in [
+        ({"url": "{{ trigger.url }}"}, {"url": "http://[::1"}, "config.url: is not a valid URL"),
+        ({"url": "{{ trigger.url }}"}, {"url": echo + "/x\r\nX-Evil: 1"}, "config.url: must not contain control"),
+        ({"url": echo, "headers": {"X-A": "{{ trigger.v }}"}}, {"v": "a\r\nX-Evil: 1"}, "must not contain CR, LF"),
+        ({"url": echo, "headers": {"X-A": "{{ trigger.v }}"}}, {"v": "caf\u00e9"}, "must be ASCII"),
+        ({"url": echo, "headers": {"X-A": "x{{ trigger.v }}"}}, {"v": "{{\n}}"}, "config.headers.X-A: a header value"),
+    ]:
+        outcome, _ = run_http(config, trigger=trigger)
+        assert outcome.status == "failed", (config, trigger)
+        assert message in (outcome.error or ""), outcome.error
+        assert outcome.final, outcome.error  # no retry could send it either
+
+
+def test_http_steps_send_one_idempotency_key_per_step_of_a_run() -> None:
+    with serve() as server:
+
+        def url(key: str) -> str:
+            return f"{server.base}/ok?key={key}"
+
+        steps = [
+            {"id": "a", "type": "http", "config": {"url": url("a")}},
+            {"id": "b", "type": "http", "config": {"method": "POST", "url": url("b"), "json": {"n": 1}}},
+            {"id": "off", "type": "http", "config": {"url": url("off"), "idempotencyKey": False}},
+            {"id": "renamed", "type": "http", "config": {"url": url("renamed"), "idempotencyHeader": "X-Request-Id"}},
+            {
+                "id": "own",
+                "type": "http",
+                "config": {"url": url("own"), "headers": {"idempotency-key": "k-{{ run.id }}"}},
+            },
+        ]
+
+        def execute_run(run_id: str, attempt: int) -> None:
+            # A fresh store: nothing checkpointed, as when a worker dies before recording the steps.
+            ctx = RunContext(run_id, "w", attempt, "manual", {}, steps, time.monotonic() + 30)
+            with make_client() as client:
+                outcome = execute(ctx, MemoryStore(), Runtime(client, http_policy=HttpPolicy(allow_private=True)))
+            assert outcome.status == "succeeded", outcome.error
+
+        execute_run("run-1", 1)
+        execute_run("run-1", 2)  # the same steps executed again: another attempt of the same run
+        execute_run("run-2", 1)
+
+    def keys(key: str, header: str = "Idempotency-Key") -> list[str | None]:
+        return [next((v for k, v in h.items() if k.lower() == header.lower()), None) for h in server.headers[key]]
+
+    first, again, other_run = keys("a")
+    assert first is not None
+    assert first == again  # one operation for the target, however often it is executed
+    assert other_run is not None
+    assert other_run != first
+    assert keys("b")[0] == keys("b")[1]
+    assert keys("b")[0] not in (first, other_run)  # another step, another key
+    assert keys("off") == [None, None, None]
+    assert keys("renamed", "Idempotency-Key") == [None, None, None]
+    renamed = keys("renamed", "X-Request-Id")
+    assert renamed[0] == renamed[1]
+    assert renamed[0] != renamed[2]
+    assert keys("own") == ["k-run-1", "k-run-1", "k-run-2"]  # the step's own header wins

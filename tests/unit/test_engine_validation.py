@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+import tracemalloc
 from typing import Any
 
 import pytest
@@ -54,6 +56,96 @@ def test_valid_templates_pass() -> None:
                 "type": "workflow",
                 "config": {"workflowId": "{{ vars.child }}", "triggerData": {"x": "{{ 1 }}"}},
             },
+        )
+    )
+
+
+# Expressions whose value is huge or slow to compute. Validation checks syntax only: compiling them
+# with Jinja2's optimizer on folded the constants right there, in the API process (16 s and 4 GB
+# for the first one, or a 500 for the others, whose results are too long to print).
+COSTLY_EXPRESSIONS = ["10**5000", "(10**100)**50", "'a' * 10**8", "[0] * 10**8", "'a' * 10**9"]
+
+
+@pytest.mark.parametrize("expression", COSTLY_EXPRESSIONS)
+def test_validation_never_evaluates_an_expression(expression: str) -> None:
+    tracemalloc.start()
+    start = time.monotonic()
+    try:
+        validate_workflow(
+            workflow(
+                {"id": "a", "type": "condition", "config": {"if": expression}},
+                {"id": "b", "type": "transform", "config": {"value": "{{ " + expression + " }}"}},
+                {"id": "c", "type": "transform", "config": {"value": "x{{ " + expression + " }}y"}},
+                {"id": "d", "type": "http", "config": {"url": "https://x/{{ " + expression + " }}"}},
+            )
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - start < 1.0
+    assert peak < 5_000_000  # bytes: what parsing a few short strings takes, nothing of the values
+
+
+def test_literals_python_cannot_read_are_validation_problems() -> None:
+    digits = "1" * 5000  # Python refuses to convert integers of more than 4300 digits
+    found = problems(
+        workflow(
+            {"id": "a", "type": "http", "config": {"url": "https://x", "headers": {"N": "{{ " + digits + " }}"}}},
+            {"id": "b", "type": "transform", "config": {"value": "{{ trigger.n > " + digits + " }}"}},
+        )
+    )
+    assert found["$.steps[0].config.headers.N"] == "a number has too many digits"
+    assert found["$.steps[1].config.value"] == "a number has too many digits"
+
+
+def test_http_requests_that_can_never_be_sent_are_refused() -> None:
+    found = problems(
+        workflow(
+            {"id": "a", "type": "http", "config": {"url": "http://[::1"}},
+            {"id": "b", "type": "http", "config": {"url": "https://x/a\r\nHost: evil"}},
+            {"id": "c", "type": "http", "config": {"url": "https://x/\n"}},
+            {"id": "d", "type": "http", "config": {"url": "ftp://x/file"}},
+            {"id": "e", "type": "http", "config": {"url": "https://x:99999/"}},
+            {
+                "id": "f",
+                "type": "http",
+                "config": {
+                    "url": "https://x",
+                    "headers": {"X A": "1", "X-B": "1\r\nX-Evil: 1", "X-C": "caf\u00e9", "X-D": " padded"},
+                    "idempotencyHeader": "Idempotency Key",
+                },
+            },
+        )
+    )
+    assert found == {
+        "$.steps[0].config.url": "is not a valid URL: Invalid IPv6 URL",
+        "$.steps[1].config.url": "must not contain control characters (CR, LF, tab...)",
+        "$.steps[2].config.url": "must not contain control characters (CR, LF, tab...)",
+        "$.steps[3].config.url": "must be an http:// or https:// URL",
+        "$.steps[4].config.url": "is not a valid URL: Port out of range 0-65535",
+        "$.steps[5].config.headers['X A']": (
+            "'X A' is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+        ),
+        "$.steps[5].config.headers['X-B']": "a header value must not contain CR, LF or other control characters",
+        "$.steps[5].config.headers['X-C']": "a header value must be ASCII",
+        "$.steps[5].config.headers['X-D']": "a header value must not start or end with a space or tab",
+        "$.steps[5].config.idempotencyHeader": (
+            "'Idempotency Key' is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+        ),
+    }
+    # Templates are checked once rendered, at run time; ordinary URLs and headers pass.
+    validate_workflow(
+        workflow(
+            {
+                "id": "a",
+                "type": "http",
+                "config": {
+                    "url": "{{ trigger.url }}",
+                    "headers": {"Authorization": "Bearer {{ secrets.T }}", "X-Empty": "", "X-Tab": "a\tb"},
+                    "idempotencyKey": False,
+                },
+            },
+            {"id": "b", "type": "http", "config": {"url": "http://[::1]:8080/x?q=a b", "idempotencyHeader": "X-Op"}},
         )
     )
 

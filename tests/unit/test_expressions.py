@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sluice_worker.expressions import ExpressionError, SecretBag, evaluate, render, render_value
+from sluice_worker.expressions import SANDBOX, ExpressionError, SecretBag, evaluate, render, render_value
 
 CONTEXT: dict[str, Any] = {
     "trigger": {"n": 3, "name": "Ada", "tags": ["a", "b"]},
@@ -113,6 +113,45 @@ def test_hostile_templates_fail_fast_with_a_message(template: str, expected: str
         render(template, CONTEXT)
     assert expected in str(info.value)
     assert time.monotonic() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    ("expression", "expected"),
+    [
+        ("'a' * 10**9", "'*' would build"),
+        ("[0] * 10**9", "'*' would build"),
+        ("10**5000", "'**' result too large"),
+        ("(10**100)**50", "'**' result too large"),
+        ("trigger.n ** (10**6)", "'**' result too large"),
+        ("('ab' * 50000) * trigger.n", "'*' would build"),
+    ],
+)
+def test_costly_conditions_fail_fast_with_a_message(expression: str, expected: str) -> None:
+    # The same expressions as conditions (evaluate) and as templates: bounded at run time.
+    start = time.monotonic()
+    for attempt in (lambda: evaluate(expression, CONTEXT), lambda: render("{{ " + expression + " }}", CONTEXT)):
+        with pytest.raises(ExpressionError) as info:
+            attempt()
+        assert expected in str(info.value)
+    assert time.monotonic() - start < 1.0
+
+
+def test_an_unreadable_literal_is_an_expression_error() -> None:
+    for attempt in (lambda: evaluate("1" * 5000, CONTEXT), lambda: render("{{ " + "1" * 5000 + " }}", CONTEXT)):
+        with pytest.raises(ExpressionError, match="too many digits"):
+            attempt()
+
+
+def test_nothing_is_computed_while_compiling() -> None:
+    # Jinja2 folds constant expressions into the compiled code; the sandbox computes them at run
+    # time only, under its checks and deadline.
+    source = SANDBOX.compile("{{ 'fold' ~ 'ed' }}{{ 6 * 7 }}{{ [1, 2] | join('-') }}", raw=True)
+    assert "folded" not in source
+    assert "42" not in source
+    assert "1-2" not in source
+    assert render("{{ 'fold' ~ 'ed' }}{{ 6 * 7 }}{{ [1, 2] | join('-') }}", CONTEXT) == "folded421-2"
+    with pytest.raises(ExpressionError, match="evaluation took longer"):
+        render("{{ 'constant' ~ 'text' }}", CONTEXT, seconds=0.0)
 
 
 def test_a_long_but_harmless_template_is_fine_and_bounded() -> None:

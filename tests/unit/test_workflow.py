@@ -48,6 +48,25 @@ def test_camel_case_in_and_out() -> None:
     assert dumped["trigger"]["config"]["missedGraceSeconds"] == 3600
 
 
+def test_only_camel_case_names_are_accepted() -> None:
+    snake = workflow(
+        trigger={"type": "cron", "config": {"schedule": "* * * * *", "missed_grace_seconds": 5}},
+        steps=[
+            {"id": "a", "type": "http", "config": {"url": "https://x", "accept_status": [200]}},
+            {"id": "b", "type": "workflow", "config": {"workflowId": "{{ vars.w }}", "trigger_data": {}}},
+        ],
+        settings={"max_attempts": 2},
+    )
+    with pytest.raises(ValidationFailed) as info:
+        validate_workflow(snake)
+    assert paths(info.value) == {
+        "$.trigger.config.missed_grace_seconds": "Extra inputs are not permitted",
+        "$.steps[0].config.accept_status": "Extra inputs are not permitted",
+        "$.steps[1].config.trigger_data": "Extra inputs are not permitted",
+        "$.settings.max_attempts": "Extra inputs are not permitted",
+    }
+
+
 def test_every_problem_is_reported_with_its_path() -> None:
     bad = {
         "name": "",

@@ -108,5 +108,7 @@ def field_problems(exc: ValidationError, base: str = "$", *, tags: Collection[st
     problems = []
     for err in exc.errors(include_url=False):
         loc = tuple(part for part in err["loc"] if part not in tags) if tags else tuple(err["loc"])
+        if len(loc) > 1 and loc[-1] == "[key]":  # a bad key of an object: its path is the key's own
+            loc = loc[:-1]
         problems.append(FieldProblem(json_path(loc, base), err["msg"].removeprefix("Value error, ")))
     return problems

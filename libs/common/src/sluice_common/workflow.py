@@ -11,9 +11,12 @@ of :data:`BUILTIN_STEP_TYPES` (their config models are below), then the plugins 
 ``sluice.steps`` entry points, both through the same ``StepRegistry.register``.
 
 Strings in step configs may be templates over the run context (``{{ steps.fetch.body.id }}``).
-Their syntax is checked here with Jinja2's parser (parsing runs nothing); they are evaluated only
-in the worker's sandbox (``sluice_worker.expressions``). Templates are expressions only: the
-statement tags (``{% for %}``, ``{% macro %}``...) are refused, so no definition can loop or recurse.
+Their syntax is checked here with Jinja2's parser only: parsing runs nothing, and nothing is
+compiled (Jinja2's compiler computes constant expressions as it goes, so compiling
+``'a' * 10**9`` here would build it in the API, outside any bound). They are evaluated only in
+the worker's sandbox (``sluice_worker.expressions``), which bounds what an expression may cost.
+Templates are expressions only: the statement tags (``{% for %}``, ``{% macro %}``...) are
+refused, so no definition can loop or recurse.
 """
 
 from __future__ import annotations
@@ -21,17 +24,21 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import zoneinfo
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from importlib.metadata import entry_points
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import jinja2
 from croniter import croniter
 from jinja2 import nodes
+from jinja2.parser import Parser
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -67,7 +74,12 @@ MAX_STEP_TIMEOUT_SECONDS = 7 * 86400
 
 class _Model(BaseModel):
     """Strict camelCase model: unknown fields and wrong JSON types are errors (no ``0`` for
-    ``false``, no ``"5"`` for ``5``), so typos never pass silently."""
+    ``false``, no ``"5"`` for ``5``), so typos never pass silently.
+
+    Input is read by the camelCase names only (:func:`validate_workflow` passes ``by_name=False``):
+    ``max_attempts`` is as unknown as any other misspelling. The Python names stay valid elsewhere
+    (``populate_by_name``) for definitions stored before that rule, which the worker still reads.
+    """
 
     model_config = ConfigDict(
         extra="forbid",
@@ -151,14 +163,76 @@ Trigger = Annotated[ManualTrigger | CronTrigger | WebhookTrigger, Field(discrimi
 # Steps ----------------------------------------------------------------------------------------
 
 
+# What HTTP allows in a request (RFC 9110 5.1, 5.5): a header name is a token; a value is visible
+# ASCII with inner spaces and tabs (httpx sends values as ASCII; h11 refuses the rest, CR and LF
+# above all, which would split the request).
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def url_problem(url: str) -> str | None:
+    """Why an ``http`` step can never request ``url``, or None (checked again when it is sent)."""
+    if _CONTROL.search(url):
+        return "must not contain control characters (CR, LF, tab...)"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        return f"is not a valid URL: {exc}"
+    if parts.scheme.lower() not in ("http", "https"):
+        return "must be an http:// or https:// URL"
+    if not parts.hostname:
+        return "has no host"
+    return None
+
+
+def header_name_problem(name: str) -> str | None:
+    if not _TOKEN.fullmatch(name):
+        return f"{name[:100]!r} is not a valid header name (letters, digits and !#$%&'*+-.^_`|~ only)"
+    return None
+
+
+def header_value_problem(value: str) -> str | None:
+    if _CONTROL.search(value.replace("\t", "")):
+        return "a header value must not contain CR, LF or other control characters"
+    if not value.isascii():
+        return "a header value must be ASCII"
+    if not _FIELD_VALUE.fullmatch(value):
+        return "a header value must not start or end with a space or tab"
+    return None
+
+
+def _refuse(problem: Callable[[str], str | None], *, skip_templates: bool) -> AfterValidator:
+    """A validator from a ``*_problem`` function. A template is checked once rendered: the worker
+    validates the rendered config with the same model."""
+
+    def check(value: str) -> str:
+        found = None if skip_templates and is_template(value) else problem(value)
+        if found:
+            raise ValueError(found)
+        return value
+
+    return AfterValidator(check)
+
+
+HeaderName = Annotated[str, _refuse(header_name_problem, skip_templates=False)]
+HeaderValue = Annotated[str, _refuse(header_value_problem, skip_templates=True)]
+
+
 class HttpConfig(_Model):
     # A template such as "{{ trigger.id }}" keeps its type; where a string is expected, a number is fine.
     model_config = ConfigDict(coerce_numbers_to_str=True)
 
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"] = "GET"
-    url: Annotated[str, Field(min_length=1, max_length=8192)]
+    url: Annotated[str, Field(min_length=1, max_length=8192), _refuse(url_problem, skip_templates=True)]
     query: dict[str, str] = {}
-    headers: dict[str, str] = {}
+    # Header names are never rendered: they are checked as they are. Values may be templates.
+    headers: dict[HeaderName, HeaderValue] = {}
+    # The same key for every execution of this step in this run (see docs/engine.md).
+    idempotency_key: bool = True
+    idempotency_header: HeaderName = IDEMPOTENCY_HEADER
     json_body: Annotated[Any, Field(alias="json")] = None
     body: str | None = None
     form: dict[str, str] | None = None
@@ -310,13 +384,22 @@ def step_types() -> dict[str, type[BaseModel]]:
 
 # Templates ------------------------------------------------------------------------------------
 
-# Parsing only (the worker evaluates in its sandbox); the same delimiters as the worker.
-_PARSER = jinja2.Environment(autoescape=False)  # noqa: S701 - JSON values, never HTML
+# Parsing only: nothing here is ever compiled or evaluated (the worker evaluates in its sandbox).
+# Jinja2's compiler folds constant expressions while it compiles (``'a' * 10**9`` would be
+# computed right there, outside any bound), so validation stops at the parse tree; the optimizer
+# is off as well, in case anything compiles with this environment. Same delimiters as the worker.
+_PARSER = jinja2.Environment(autoescape=False, optimized=False)  # noqa: S701 - JSON values, never HTML
 _STATEMENT_HELP = "statements ({% ... %}) are not supported in templates; use expressions in {{ ... }}"
 
 
 def is_template(text: str) -> bool:
     return "{{" in text or "{%" in text or "{#" in text
+
+
+def _literal_problem(exc: ValueError) -> str:
+    """The parser's ``ValueError``: a literal Python cannot convert (integers of more than 4300
+    digits are refused by Python itself)."""
+    return "a number has too many digits" if "digits" in str(exc) else f"a literal cannot be read: {exc}"
 
 
 def template_problem(text: str) -> str | None:
@@ -329,9 +412,21 @@ def template_problem(text: str) -> str | None:
         return f"template syntax error: {exc.message}"
     except RecursionError:
         return "the template is nested too deeply"
+    except ValueError as exc:
+        return _literal_problem(exc)
     if not all(isinstance(node, nodes.Output) for node in tree.body):
         return _STATEMENT_HELP
     return None
+
+
+def parse_expression(text: str) -> nodes.Expr:
+    """The parse tree of one expression (what ``Environment.compile_expression`` parses, without
+    compiling it). Raises ``jinja2.TemplateSyntaxError``, or ``ValueError``/``RecursionError``."""
+    parser = Parser(_PARSER, text, state="variable")
+    expr = parser.parse_expression()
+    if not parser.stream.eos:
+        raise jinja2.TemplateSyntaxError("chunk after expression", parser.stream.current.lineno)
+    return expr
 
 
 def expression_problem(text: str) -> str | None:
@@ -341,11 +436,13 @@ def expression_problem(text: str) -> str | None:
     if "{%" in text or "{#" in text:
         return _STATEMENT_HELP
     try:
-        _PARSER.compile_expression(unwrap_expression(text))
+        parse_expression(unwrap_expression(text))
     except jinja2.TemplateSyntaxError as exc:
         return f"expression syntax error: {exc.message}"
     except RecursionError:
         return "the expression is nested too deeply"
+    except ValueError as exc:
+        return _literal_problem(exc)
     return None
 
 
@@ -469,7 +566,7 @@ def _check_steps(raw_steps: Any, registry: StepRegistry) -> list[FieldProblem]:
             if problem:
                 problems.append(FieldProblem(f"{base}.config.timeoutSeconds", problem))
         try:
-            config = model.model_validate(raw_config)
+            config = model.model_validate(raw_config, by_name=False)
         except ValidationError as exc:
             problems.extend(field_problems(exc, f"{base}.config"))
             continue
@@ -506,7 +603,7 @@ def validate_workflow(data: Any, *, registry: StepRegistry | None = None) -> Wor
     problems: list[FieldProblem] = []
     definition: WorkflowDefinition | None = None
     try:
-        definition = WorkflowDefinition.model_validate(data)
+        definition = WorkflowDefinition.model_validate(data, by_name=False)
     except ValidationError as exc:
         problems.extend(field_problems(exc, tags=_TRIGGER_TAGS))
     if isinstance(data, dict):

@@ -30,29 +30,76 @@ JSON_TYPES = ("application/json", "application/merge-patch+json")
 _DRAIN_MAX = 16 * 1024 * 1024
 
 
-def _too_large(req: falcon.Request, limit: int) -> falcon.HTTPError:
+def _too_large(stream: Any, limit: int) -> falcon.HTTPError:
     # Read what is left of a moderately oversized body so the connection stays usable for the
     # client's next request (a huge upload is left to the server, which closes the connection).
     drained = 0
-    while drained < _DRAIN_MAX:
-        chunk = req.bounded_stream.read(65536)
-        if not chunk:
-            break
-        drained += len(chunk)
+    try:
+        while drained < _DRAIN_MAX:
+            chunk = stream.read(65536)
+            if not chunk:
+                break
+            drained += len(chunk)
+    except Exception:  # noqa: S110 - the answer is 413 whatever the rest of the body is
+        pass
     return falcon.HTTPContentTooLarge(
         title="Content Too Large", description=f"the request body is larger than {limit} bytes"
     )
 
 
+def _body_stream(req: falcon.Request) -> Any:
+    """The stream the body is read from.
+
+    Falcon's ``bounded_stream`` reads ``Content-Length`` bytes, and none when there is no such
+    header: a chunked body (``Transfer-Encoding: chunked``) would be read as empty, whatever it
+    holds. Such a body is read from the server's own input stream, which decodes the chunks and
+    ends with the body (gunicorn says so with ``wsgi.input_terminated``); a server that does not
+    end it there cannot be read safely, and the client is asked for a length instead.
+    """
+    if req.content_length is not None:
+        return req.bounded_stream
+    codings = [c.strip().lower() for c in (req.get_header("Transfer-Encoding") or "").split(",") if c.strip()]
+    if not codings:
+        return req.bounded_stream  # no body at all
+    if codings != ["chunked"]:
+        raise falcon.HTTPBadRequest(
+            title="Bad Request", description="the only Transfer-Encoding this API reads is chunked"
+        )
+    if not req.env.get("wsgi.input_terminated"):
+        raise falcon.HTTPLengthRequired(
+            title="Length Required", description="send the body with a Content-Length header"
+        )
+    return req.stream
+
+
 def read_body(req: falcon.Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes whether or not Content-Length is given."""
+    """The raw body, refusing more than ``limit`` bytes whether or not Content-Length is given.
+
+    A body the server cannot decode (a malformed or truncated chunked body) is a 400: reading it
+    as empty would act on a request the client did not send.
+    """
     length = req.content_length
+    stream = _body_stream(req)
     if length is not None and length > limit:
-        raise _too_large(req, limit)
-    data = req.bounded_stream.read(limit + 1)
+        raise _too_large(stream, limit)
+    try:
+        data: bytes = stream.read(limit + 1)
+    except Exception as exc:  # the server's parser of the framing (gunicorn: InvalidChunkSize, NoMoreData...)
+        raise falcon.HTTPBadRequest(
+            title="Bad Request", description=f"the request body could not be read: {_framing_error(exc)}"
+        ) from None
     if len(data) > limit:
-        raise _too_large(req, limit)
+        raise _too_large(stream, limit)
     return data
+
+
+def _framing_error(exc: Exception) -> str:
+    kind = type(exc).__name__
+    if "chunk" in kind.lower():
+        return "malformed chunked encoding"
+    if kind == "NoMoreData":
+        return "the body ended before its declared size"
+    return "malformed body framing"
 
 
 def media_type(req: falcon.Request) -> str:

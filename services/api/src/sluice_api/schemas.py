@@ -22,7 +22,8 @@ TriggerType = Literal["manual", "cron", "webhook", "workflow", "retry"]
 
 
 class _In(BaseModel):
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+    # By the camelCase names only: `trigger_data` is an unknown field like any other misspelling.
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, frozen=True)
 
 
 class _Out(BaseModel):

@@ -10,6 +10,9 @@ AST-walking interpreter of our own would be easier to get wrong.
 On top of the sandbox Sluice bounds every evaluation, so a hostile definition cannot spin or
 exhaust memory:
 
+- nothing is computed while a template is compiled: Jinja2's constant folding (its optimizer,
+  and its rendering of constant output at compile time) is off, so ``'a' * 10**9`` meets the
+  checks below at run time instead of being built by the compiler, unbounded;
 - only expressions: statement tags (loops, macros, ``set``) are refused when a workflow is
   validated and again here, so nothing can loop or recurse;
 - ``range`` is capped at :data:`MAX_RANGE` items, ``*``, ``+``, ``**`` and ``%`` are checked
@@ -44,7 +47,7 @@ from jinja2.filters import FILTERS
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sluice_common.errors import StepFailure
-from sluice_common.workflow import is_template, template_problem, unwrap_expression
+from sluice_common.workflow import expression_problem, is_template, template_problem, unwrap_expression
 
 MAX_RANGE = 10_000
 MAX_SIZE = 100_000  # items of a list or characters of a string built by an operator
@@ -142,7 +145,18 @@ def _bounded(value: Any, what: str) -> Any:
 
 class _BoundedCodeGenerator(CodeGenerator):
     """Routes literals and ``~`` through size checks: a template of a few kilobytes could
-    otherwise build a huge value from many references to one large value."""
+    otherwise build a huge value from many references to one large value.
+
+    It also computes nothing while compiling. Jinja2 turns the constant parts of an output
+    (``{{ 'a' ~ 'b' }}``) into text at compile time, outside the deadline and the checks above;
+    here every expression is left to run time, inside them (the environment's optimizer, which
+    folds constants the same way, is off too).
+    """
+
+    def _output_child_to_const(self, node: nodes.Expr, frame: Frame, finalize: Any) -> str:
+        if isinstance(node, nodes.TemplateData):  # the text around expressions: no evaluation
+            return super()._output_child_to_const(node, frame, finalize)
+        raise nodes.Impossible
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.sluice_concat((")
@@ -185,7 +199,9 @@ class Sandbox(ImmutableSandboxedEnvironment):
         return "".join(map(str, parts))
 
     def __init__(self) -> None:
-        super().__init__(undefined=StrictUndefined, autoescape=False, cache_size=0, finalize=self._finalize)
+        super().__init__(
+            undefined=StrictUndefined, autoescape=False, cache_size=0, finalize=self._finalize, optimized=False
+        )
         self.globals = {"range": _safe_range, "dict": dict}
         filters = {name: FILTERS[name] for name in _SAFE_FILTERS}
         filters["replace"] = _replace
@@ -337,6 +353,9 @@ def _compiled(text: str) -> tuple[str, Any]:
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _compiled_expression(text: str) -> Any:
+    problem = expression_problem(text)  # refuses what the parser cannot read with a clear message
+    if problem:
+        raise ExpressionError(problem)
     try:
         return SANDBOX.compile_expression(unwrap_expression(text), undefined_to_none=False)
     except jinja2.TemplateSyntaxError as exc:

@@ -95,12 +95,12 @@ def patient_api(servers: Servers, module_database: str, redis_prefix: str) -> It
 
 @pytest.fixture(scope="module")
 def strict_api(servers: Servers, module_database: str, redis_prefix: str) -> Iterator[Running]:
-    """An API that gives a request one second to arrive in full."""
+    """An API that gives a request two seconds to arrive in full."""
     yield from _start_api(
         servers,
         module_database,
         redis_prefix,
-        SLUICE_API_REQUEST_TIMEOUT_SECONDS="1",
+        SLUICE_API_REQUEST_TIMEOUT_SECONDS="2",
         SLUICE_API_MAX_BODY_BYTES="4096",
     )
 
@@ -218,3 +218,105 @@ def test_normal_requests_are_answered_quickly_while_1000_slow_connections_are_op
     assert p99 < P99_BOUND, f"p99 {p99 * 1000:.0f} ms, slowest {latencies[-1] * 1000:.0f} ms"
     # Nothing was shed to get there: the slow connections were all still open and unanswered.
     assert shed == 0
+
+
+def _read_all(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (bounded by ``timeout``)."""
+    sock.settimeout(timeout)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        data = sock.recv(65536)
+        if not data:
+            break
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def _connect(api: Running) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", api.port), timeout=10)
+
+
+def test_a_request_that_does_not_arrive_in_time_is_answered_408(strict_api: Running) -> None:
+    stalled, idle = _connect(strict_api), _connect(strict_api)
+    with stalled, idle:
+        start = time.monotonic()
+        stalled.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        answer = _read_all(stalled)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        assert b"application/problem+json" in answer
+        # A connection that never sent anything is closed without an answer.
+        assert _read_all(idle) == b""
+        assert time.monotonic() - start < 10
+
+
+def test_requests_sent_in_pieces_within_the_time_limit_are_served(strict_api: Running) -> None:
+    api = strict_api
+    auth = f"Authorization: Bearer {api.token}\r\n"
+    # A chunked body in pieces, with a trailer section.
+    with _connect(api) as sock:
+        sock.sendall(
+            f"POST /api/workflows/{api.workflow_id}/run HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".encode()
+        )
+        for piece in (b'7\r\n{"trigg\r\n', b'c;x=1\r\nerData": {}}\r\n', b"0\r\nX-Done: yes\r\n\r\n"):
+            time.sleep(0.15)
+            sock.sendall(piece)
+        assert _read_all(sock).startswith(b"HTTP/1.1 202 ")
+    # Expect: 100-continue is answered while the body is awaited, and only once.
+    body = b'{"triggerData": {"a": 1}}'
+    with _connect(api) as sock:
+        sock.sendall(
+            f"POST /api/workflows/{api.workflow_id}/run HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 202 "), answer[:80]
+        assert b"100 Continue" not in answer
+    # Pipelined requests, the second one split across sends: both are answered, in order.
+    with _connect(api) as sock:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /api/no-such HTTP/1.1\r\nHo")
+        time.sleep(0.1)
+        sock.sendall(b"st: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        answer = _read_all(sock)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert answer.count(b"HTTP/1.1 ") == 2
+        assert b"HTTP/1.1 404 " in answer
+
+
+def test_bodies_over_the_limit_are_refused_without_being_read(strict_api: Running) -> None:
+    api = strict_api
+    head = f"POST /api/workflows/{api.workflow_id}/run HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    for framing, start_of_body in (
+        ("Content-Length: 1000000\r\n", b"{"),
+        ("Transfer-Encoding: chunked\r\n", b"1001\r\n" + b" " * 100),
+    ):
+        with _connect(api) as sock:
+            sock.sendall(f"{head}{framing}Content-Type: application/json\r\n\r\n".encode() + start_of_body)
+            answer = _read_all(sock)
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:80]
+            problem = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+            assert problem["status"] == 413
+            assert "4096 bytes" in problem["detail"]
+
+
+def test_stops_promptly_on_sigterm_with_slow_connections_open(
+    servers: Servers, module_database: str, redis_prefix: str
+) -> None:
+    started = _start_api(servers, module_database, redis_prefix)
+    api = next(started)
+    socks = [_connect(api) for _ in range(50)]
+    try:
+        for i, sock in enumerate(socks):
+            sock.sendall(b"GET /api/health HTTP/1.1\r\n" if i % 2 else b"")
+        api.proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        assert api.proc.wait(timeout=30) == 0
+        assert time.monotonic() - start < 10
+    finally:
+        for sock in socks:
+            sock.close()
+        started.close()

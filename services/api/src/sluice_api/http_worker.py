@@ -46,7 +46,7 @@ _DEFAULT_FIELD_SIZE = 8190
 _MAX_CHUNK_LINE = 8192
 # Framing of a chunked body allowed on top of its data before the buffer counts as too large.
 _CHUNK_OVERHEAD = 64 * 1024
-_RECV = 256 * 1024
+_RECV = 64 * 1024
 # After answering an error here, how long and how much of the unwanted request is read and
 # dropped before closing: closing with unread data makes the kernel reset the connection, and the
 # client may then never see the answer.

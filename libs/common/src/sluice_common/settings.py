@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     api_max_body_bytes: Annotated[
         int, Field(ge=1024, le=64 * 1024 * 1024, validation_alias=_env("SLUICE_API_MAX_BODY_BYTES"))
     ] = 1024 * 1024
+    # How long a client has to send a whole request (head and body) before the API answers 408.
+    api_request_timeout_seconds: Annotated[
+        float, Field(gt=0, le=3600, validation_alias=_env("SLUICE_API_REQUEST_TIMEOUT_SECONDS"))
+    ] = 20.0
+    # Connections one API worker process holds open (reading, being served or kept alive).
+    api_max_connections: Annotated[
+        int, Field(ge=1, le=100_000, validation_alias=_env("SLUICE_API_MAX_CONNECTIONS"))
+    ] = 1000
     # Requests per minute per API token (and per webhook); 0 turns the limit off.
     api_rate_limit_per_minute: Annotated[
         int, Field(ge=0, validation_alias=_env("SLUICE_API_RATE_LIMIT_PER_MINUTE"))

@@ -2,14 +2,18 @@
 
 The API takes DATABASE_URL and REDIS_URL as set; ``sluice api`` starts the embedded servers and sets
 them when they are unset, before this process (and so before gunicorn forks its workers) starts.
+Requests are read by the workers' event loops before a thread serves them
+(:mod:`sluice_api.http_worker`), so slow clients cannot hold the threads.
 """
 
 from __future__ import annotations
 
+import resource
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from sluice_api.http_worker import buffering_worker
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
 from sluice_common.settings import Settings, load_settings, server_urls
@@ -45,13 +49,25 @@ def main() -> None:
     _serve(settings)
 
 
+def _raise_open_files_limit(wanted: int) -> None:
+    """Raise the soft limit on open files towards ``wanted`` (as far as the hard limit allows):
+    every connection a worker holds open is a file descriptor, and 1024 is a common default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _serve(settings: Settings) -> None:
+    # Room for the connections plus the pools, pipes and log files of a worker.
+    _raise_open_files_limit(settings.api_max_connections + 256)
     _Gunicorn(
         {
             "bind": settings.api_bind,
             "workers": settings.api_workers,
-            "worker_class": "gthread",
+            "worker_class": buffering_worker(settings.api_request_timeout_seconds, settings.api_max_body_bytes),
             "threads": settings.api_threads,
+            "worker_connections": settings.api_max_connections,
             "graceful_timeout": 10,
             "accesslog": None,
             "loglevel": settings.log_level.lower(),

@@ -62,6 +62,7 @@ class Framing(enum.Enum):
     HAND_OVER = "hand over"  # a head gunicorn refuses by itself (400, 417): hand it over as it is
     BODY_TOO_LARGE = "413"
     HEAD_TOO_LARGE = "431"
+    TRUNCATED = "400"  # the client stopped sending (half-closed) before the request was whole
 
 
 class RequestBuffer:
@@ -301,7 +302,11 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
             return Framing.MORE
         except OSError:
             return None
-        return reading.buffer.feed(data) if data else None
+        if data:
+            return reading.buffer.feed(data)
+        # The client has sent all it will: a request cut short (a chunked body without its last
+        # chunk, a body shorter than declared) gets its 400 rather than a silent close.
+        return Framing.TRUNCATED if reading.buffer.data else None
 
     def _maybe_continue(self, conn: Any, reading: _Reading) -> None:
         if reading.buffer.expects_continue and not reading.continued:
@@ -320,6 +325,9 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
         elif verdict is Framing.HEAD_TOO_LARGE:
             detail = "the request head is larger than the server accepts"
             self._refuse(conn, error_response(431, "Request Header Fields Too Large", detail))
+        elif verdict is Framing.TRUNCATED:
+            detail = "the request could not be read: it ended before its body was complete"
+            self._refuse(conn, error_response(400, "Bad Request", detail))
         else:
             self._hand_over(conn, reading)
 

@@ -70,6 +70,7 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     atexit.register(broker.close)
     atexit.register(sender.close)
     link = RedisSchedulerLink(client, settings)
+    multiproc.ensure_directory()
     registry = CollectorRegistry()
     if multiproc.directory() is None:
         ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers

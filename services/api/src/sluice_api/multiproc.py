@@ -53,6 +53,13 @@ def prepare_directory(environ: MutableMapping[str, str] | None = None) -> str:
     return path
 
 
+def ensure_directory() -> None:
+    """In a worker, before its first metric: the directory named in the environment exists."""
+    path = directory()
+    if path is not None:
+        os.makedirs(path, exist_ok=True)
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """Gunicorn's ``child_exit`` hook: a worker ended, its live gauges leave the sums."""
     from prometheus_client import multiprocess

@@ -5,7 +5,8 @@ shared by them all (``PROMETHEUS_MULTIPROC_DIR``), and ``/metrics`` reads the di
 fresh registry per scrape (:mod:`sluice_api.metrics`). Three pieces:
 
 - :func:`prepare_directory`, in the gunicorn master before it forks: sets the variable to a fresh
-  directory when it is unset, or empties the one given (values of a previous master are stale);
+  directory when it is unset (removed when the master exits), or empties the one given (values
+  of a previous master are stale);
 - :func:`child_exit`, the gunicorn hook that marks a dead worker (its live gauges leave the sums);
 - :func:`mark_dead_workers`, run at every scrape: does the same for any worker whose files are
   left while its process is gone, so a missing hook (or a killed master) cannot keep a dead
@@ -18,10 +19,12 @@ adds ``"child_exit": child_exit`` to its options. Without them, a directory set 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import glob
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import MutableMapping
 from typing import Any
@@ -45,6 +48,14 @@ def prepare_directory(environ: MutableMapping[str, str] | None = None) -> str:
     if path is None:
         path = tempfile.mkdtemp(prefix="sluice-api-metrics-")
         env[ENV] = path
+        master = os.getpid()
+
+        def remove() -> None:
+            # Forked workers inherit this exit handler: only the master removes the folder.
+            if os.getpid() == master:
+                shutil.rmtree(path, ignore_errors=True)
+
+        atexit.register(remove)
         return path
     os.makedirs(path, exist_ok=True)
     for stale in glob.glob(os.path.join(path, "*.db")):

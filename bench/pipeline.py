@@ -1,6 +1,7 @@
 """Benchmark of the run pipeline against a bare Dramatiq baseline, measured in the same run.
 
     uv run python bench/pipeline.py [--runs 4000] [--processes 2] [--rate 100] [--seconds 10] [--rounds 3]
+                                    [--metrics]
 
 Uses SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else the embedded servers, in a
 database and Redis namespace of its own that are removed afterwards. Prints:
@@ -11,16 +12,22 @@ database and Redis namespace of its own that are removed afterwards. Prints:
   alternating rounds (every round's ratio, and the median one);
 - enqueue-to-start latency p50/p99 with runs sent at a steady rate (target p99 < 25 ms at
   100 runs/s), next to the baseline's enqueue-to-execution latency;
-- worker RSS at concurrency 10 (target < 150 MB), and the CPU an idle worker process uses.
+- worker RSS at concurrency 10 (target < 150 MB), and the CPU an idle worker process uses;
+- with ``--metrics``, each round also runs the pipeline with the workers' metrics on (each
+  scraped every second, as Prometheus would), and the throughput with metrics is compared with
+  the one without (target ratio >= 0.97: metrics cost at most 3 %).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -155,8 +162,33 @@ def baseline(
     return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss, "idle": idle}
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape_every_second(ports: list[int], stopping: threading.Event) -> None:
+    """Read each worker's /metrics once a second, as a Prometheus server would."""
+    while not stopping.wait(1.0):
+        for port in ports:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                    resp.read()
+            except OSError:
+                pass  # not listening yet
+
+
 def sluice(
-    db_url: str, redis_url: str, prefix: str, n: int, processes: int, rate: float, seconds: float
+    db_url: str,
+    redis_url: str,
+    prefix: str,
+    n: int,
+    processes: int,
+    rate: float,
+    seconds: float,
+    *,
+    metrics: bool = False,
 ) -> dict[str, float]:
     env_vars = worker_env(db_url, redis_url, prefix, THREADS)
     settings = load_settings(env_vars)
@@ -178,7 +210,13 @@ def sluice(
     for _ in range(n):
         enqueue()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")} | env_vars
-    procs = [spawn([sys.executable, "-m", "sluice_worker"], env) for _ in range(processes)]
+    ports = [free_port() for _ in range(processes)] if metrics else []
+    scraping = threading.Event()
+    if metrics:
+        procs = [spawn([sys.executable, "-m", "sluice_worker"], env | {"SLUICE_METRICS_PORT": str(p)}) for p in ports]
+        threading.Thread(target=scrape_every_second, args=(ports, scraping), daemon=True).start()
+    else:
+        procs = [spawn([sys.executable, "-m", "sluice_worker"], env) for _ in range(processes)]
     with pool.connection() as conn:
 
         def done() -> bool:
@@ -215,6 +253,7 @@ def sluice(
         ]
     rss = max(rss, *(psutil.Process(p.pid).memory_info().rss / 2**20 for p in procs))
     idle = idle_cpu(procs) if count else float("nan")
+    scraping.set()
     stop(procs)
     broker.close()
     pool.close()
@@ -228,11 +267,14 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--metrics", action="store_true", help="also run with the workers' metrics on and compare")
     args = parser.parse_args()
 
     rounds = max(1, args.rounds)
-    names = [f"{side}{i}" for i in range(rounds) for side in ("base", "sluice")]
+    sides = ("base", "sluice", "metrics") if args.metrics else ("base", "sluice")
+    names = [f"{side}{i}" for i in range(rounds) for side in sides]
     results: list[tuple[dict[str, float], dict[str, float]]] = []
+    with_metrics: list[dict[str, float]] = []
     with bench_servers(*names) as servers:
         # Alternating rounds, so that background load on the machine hits both sides alike; the
         # last one also measures latency, memory and idle CPU.
@@ -252,6 +294,13 @@ def main() -> None:
             prefix = f"{servers.prefix}_sluice{i}"
             ours = sluice(url, servers.redis_url, prefix, args.runs, args.processes, args.rate, seconds)
             results.append((base, ours))
+            if args.metrics:
+                url = servers.databases[f"metrics{i}"]
+                migrate(url)
+                prefix = f"{servers.prefix}_metrics{i}"
+                with_metrics.append(
+                    sluice(url, servers.redis_url, prefix, args.runs, args.processes, args.rate, 0.0, metrics=True)
+                )
 
     print(f"\nrun pipeline: {args.runs} one-step runs, {args.processes} worker processes x {THREADS} threads")
     ratios = [o["throughput"] / b["throughput"] for b, o in results]
@@ -266,6 +315,12 @@ def main() -> None:
     print(f"latency at {args.rate:.0f}/s p99 (ms){'':6}{base['p99']:12.1f}{ours['p99']:12.1f}{'':8}  < 25")
     print(f"{'worker RSS (MB)':28}{base['rss']:12.0f}{ours['rss']:12.0f}{'':8}  < 150")
     print(f"{'idle worker CPU (% core)':28}{base['idle']:12.1f}{ours['idle']:12.1f}")
+    if with_metrics:
+        costs = [m["throughput"] / o["throughput"] for (_, o), m in zip(results, with_metrics, strict=True)]
+        print("\nmetrics on (each worker scraped every second), against the same pipeline without:")
+        for i, ((_, o), m) in enumerate(zip(results, with_metrics, strict=True)):
+            print(f"  round {i + 1}: without {o['throughput']:.0f}, with {m['throughput']:.0f} runs/s: {costs[i]:.3f}")
+        print(f"{'throughput ratio, median':28}{sorted(costs)[rounds // 2]:12.3f}{'':20}  >= 0.97")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ def test_sluice_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         assert json.loads(body) == {"status": "ok"}
         ready = json.loads(http("GET", f"{base}/api/ready")[2])
         assert ready["checks"] == {"database": "ok", "redis": "ok"}
+        code, _, body = http("GET", f"{base}/metrics")
+        assert code == 200
+        assert b"sluice_queue_waiting " in body
+        assert b'sluice_http_requests_total{method="GET",route="/api/health",status="200"}' in body
 
         token = (data / "dev-token").read_text().strip()
         found = EmbeddedServers(data)
@@ -57,6 +61,7 @@ def test_sluice_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
             EmbeddedServers(data).stop_all()
     log.seek(0)
     output = log.read()
+    assert f"Metrics: {base}/metrics (API)" in output
     for prefix in ("api       |", "worker    |", "scheduler |"):
         assert prefix in output, output
     assert "Sluice stopped." in output

@@ -24,6 +24,7 @@ from sluice_common import runstate
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message, wake
 from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
+from sluice_common.observe import RunCreated, run_events
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.settings import Settings
 
@@ -142,6 +143,7 @@ def enqueue_run(
         )
     if not run.created:
         return run
+    run_events.created(RunCreated(str(run.run_id), str(workflow_id), trigger_type))
     if sender is not None:
         sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
     else:

@@ -236,6 +236,8 @@ SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELE
 # whatever the workflow has become since, and the checkpoints of earlier attempts (NULL, not an
 # empty object, when there are none: each value read back costs the worker a parse). A run of a
 # workflow deleted while its wake-up was on the way has no steps: the worker cancels it.
+# ``dispatch_lag`` is the time since the run's ``dispatch_at``, on the database's clock: plus the
+# priority's aging (see ``sluice_dispatch_at``), the time since it became ready.
 CLAIM = """
 WITH claimed AS (
     SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s)
@@ -251,7 +253,8 @@ SELECT c.id, c.claim_id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c
        (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
          WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps,
        (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
-         WHERE s.run_id = c.id AND s.status = 'waiting') AS waiting_steps
+         WHERE s.run_id = c.id AND s.status = 'waiting') AS waiting_steps,
+       extract(epoch FROM clock_timestamp() - c.dispatch_at)::float8 AS dispatch_lag
 FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
 LEFT JOIN workflow_versions v ON v.workflow_id = c.workflow_id AND v.version = c.workflow_version
 """

@@ -101,6 +101,16 @@ class Settings(BaseSettings):
     cron_late_tolerance_seconds: Annotated[
         float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_CRON_LATE_TOLERANCE_SECONDS"))
     ] = 60.0
+    # Metrics: the worker's and the scheduler's /metrics listener (none when the port is unset;
+    # the images set it), and per-workflow labels (one series per workflow: off by default).
+    metrics_port: Annotated[int | None, Field(ge=0, le=65535, validation_alias=_env("SLUICE_METRICS_PORT"))] = None
+    metrics_host: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_METRICS_HOST"))] = "127.0.0.1"
+    metrics_workflow_labels: Annotated[bool, Field(validation_alias=_env("SLUICE_METRICS_WORKFLOW_LABELS"))] = False
+
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _empty_port(cls, value: object) -> object:
+        return None if value == "" else value
 
     @field_validator("api_bind")
     @classmethod

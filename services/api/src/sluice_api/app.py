@@ -1,6 +1,8 @@
 """The API app factory. ``create_app`` takes its dependencies; ``get_app`` builds them for gunicorn.
 
-``create_app`` adds the middleware and mounts the routes of ``sluice_api.routes``.
+``create_app`` adds the middleware and mounts the routes of ``sluice_api.routes``, and ``/metrics``
+(:mod:`sluice_api.metrics`; the HTTP metrics are a middleware, the run metrics an observer of the
+run events that ``get_app`` adds).
 
 Nothing here opens a pool or a connection at import time: gunicorn calls ``get_app`` in each
 worker process after the fork.
@@ -13,8 +15,9 @@ from typing import Any
 
 import falcon
 import redis
+from prometheus_client import CollectorRegistry, ProcessCollector
 
-from sluice_api import problems
+from sluice_api import metrics, multiproc, problems
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import KnownParamsMiddleware
@@ -23,25 +26,32 @@ from sluice_api.routes import ROUTES, mount
 from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.cron import RedisSchedulerLink
 from sluice_common.db import open_pool
+from sluice_common.metrics import observe_runs
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.settings import load_settings, server_urls
 
 __all__ = ["Dependencies", "create_app", "get_app"]
 
 
-def create_app(deps: Dependencies) -> falcon.App[falcon.Request, falcon.Response]:
+def create_app(
+    deps: Dependencies, *, registry: CollectorRegistry | None = None
+) -> falcon.App[falcon.Request, falcon.Response]:
+    """The app on ``deps``; its metrics go to ``registry`` (a registry of its own by default)."""
+    registry = CollectorRegistry() if registry is None else registry
     limiter: RequestLimiter
     if deps.redis is not None:
         limiter = RedisRequestLimiter(deps.redis, deps.settings.redis_prefix, deps.settings.api_rate_limit_per_minute)
     else:
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
-    middleware: list[Any] = [AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    # First, so that it times the whole request and sees every answer, refusals included.
+    middleware: list[Any] = [metrics.HttpMetrics(registry), AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Bodies are read and checked by the resources (size limit, media type, problems).
     app.req_options.auto_parse_form_urlencoded = False
     problems.install(app)
     mount(app, Context(deps, limiter, ROUTES))
+    metrics.install(app, deps, registry)
     return app
 
 
@@ -60,4 +70,10 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     atexit.register(broker.close)
     atexit.register(sender.close)
     link = RedisSchedulerLink(client, settings)
-    return create_app(Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender))
+    multiproc.ensure_directory()
+    registry = CollectorRegistry()
+    if multiproc.directory() is None:
+        ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers
+    observe_runs(registry, settings)  # manual and webhook runs created
+    deps = Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender)
+    return create_app(deps, registry=registry)

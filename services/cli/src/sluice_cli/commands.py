@@ -14,6 +14,7 @@ import importlib.util
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -248,12 +249,36 @@ def _ensure_dev_token(endpoints: Endpoints, token_file: Path) -> str:
     return issued.token
 
 
+def _dev_metrics_ports(settings: Settings) -> dict[str, int]:
+    """The worker's and the scheduler's metrics ports: SLUICE_METRICS_PORT and the next one (none unset)."""
+    if settings.metrics_port is None:
+        return {}
+    return {"worker": settings.metrics_port, "scheduler": settings.metrics_port + 1}
+
+
+def _dev_metrics_env(port: int | None) -> dict[str, str]:
+    return {} if port is None else {"SLUICE_METRICS_PORT": str(port)}
+
+
+def _dev_metrics_note(settings: Settings, ports: dict[str, int]) -> str:
+    host, port = settings.api_bind.rsplit(":", 1)
+    note = f"Metrics: http://{host}:{port}/metrics (API"
+    if not ports:
+        return note + "); set SLUICE_METRICS_PORT for the worker's and the scheduler's."
+    listen = settings.metrics_host
+    return note + "), " + ", ".join(f"http://{listen}:{p}/metrics ({name})" for name, p in ports.items()) + "."
+
+
 @main.command("dev")
 def dev_cmd() -> None:
     """Run the whole system locally: embedded servers if needed, migrations, all services."""
     settings = _settings()
-    children = [Child(name, _service_argv(name)) for name in SERVICES]
-    with _endpoints(settings) as endpoints:
+    metrics = _dev_metrics_ports(settings)
+    # The API's gunicorn workers share their metric values through files: a fresh folder per session.
+    with _endpoints(settings) as endpoints, tempfile.TemporaryDirectory(prefix="sluice-api-metrics-") as api_metrics:
+        child_env = {name: _dev_metrics_env(metrics.get(name)) for name in SERVICES}
+        child_env["api"] = {"PROMETHEUS_MULTIPROC_DIR": os.environ.get("PROMETHEUS_MULTIPROC_DIR") or api_metrics}
+        children = [Child(name, _service_argv(name), child_env[name]) for name in SERVICES]
         try:
             migrate(endpoints.database_url)
         except SluiceError as exc:
@@ -265,11 +290,13 @@ def dev_cmd() -> None:
             f"Sluice is starting on http://{host}:{port} (try /api/ready).\n"
             f"The dev user's API token is in {token_file}; send it as\n"
             f'  -H "Authorization: Bearer $(cat {token_file})"\n'
+            f"{_dev_metrics_note(settings, metrics)}\n"
             "Press Ctrl-C to stop.",
             err=True,
         )
         env = {
-            **os.environ,
+            # The multiprocess folder is the API's alone: the worker and the scheduler are one process each.
+            **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
             "DATABASE_URL": endpoints.database_url,
             "REDIS_URL": endpoints.redis_url,
         }

@@ -34,6 +34,7 @@ def _die_with_parent() -> None:
 class Child:
     name: str
     argv: Sequence[str]
+    env: Mapping[str, str] = field(default_factory=dict)  # on top of the supervisor's
     process: subprocess.Popen[bytes] | None = None
     pump: threading.Thread | None = None
 
@@ -67,7 +68,7 @@ class Supervisor:
         for index, child in enumerate(self.children):
             child.process = subprocess.Popen(
                 child.argv,
-                env=dict(self.env),
+                env={**self.env, **child.env},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -22,6 +22,7 @@ from sluice_common import runstate
 from sluice_common.broker import wake
 from sluice_common.cron import PlannedFire, iso
 from sluice_common.db import DictConnection, Pool
+from sluice_common.observe import RunCreated, run_events
 from sluice_common.runs import insert_run
 from sluice_common.settings import Settings
 from sluice_common.workflow import CronConfig
@@ -129,6 +130,7 @@ def fire(
         return "duplicate", None
     if run_id is not None:
         wake(broker, str(run_id))
+        run_events.created(RunCreated(str(run_id), wf.id, "cron"))
     return outcome, run_id
 
 
@@ -140,7 +142,7 @@ def release_deferred(
     Returns ``(started, still_waiting)``. A deferred fire of a workflow that is no longer active
     (or whose trigger changed) is dropped as ``skipped_overlap``.
     """
-    started: list[UUID] = []
+    started: list[tuple[UUID, str]] = []
     waiting = 0
     with pool.connection() as conn:
         rows = conn.execute("SELECT workflow_id, scheduled_at FROM cron_fires WHERE outcome = 'deferred'").fetchall()
@@ -171,7 +173,8 @@ def release_deferred(
                 "WHERE workflow_id = %s AND scheduled_at = %s",
                 (run_id, wf_id, pending["scheduled_at"]),
             )
-            started.append(run_id)
-    for run_id in started:
+            started.append((run_id, wf_id))
+    for run_id, wf_id in started:
         wake(broker, str(run_id))
+        run_events.created(RunCreated(str(run_id), wf_id, "cron"))
     return len(started), waiting

@@ -32,6 +32,7 @@ from sluice_common.db import Pool
 from sluice_common.settings import Settings
 from sluice_common.workflow import CronConfig
 from sluice_scheduler.firing import CronWorkflow, fire, release_deferred
+from sluice_scheduler.hooks import SchedulerEvents
 from sluice_scheduler.leadership import Lease
 from sluice_scheduler.maintenance import Job, maintenance_jobs, maintenance_loop
 from sluice_scheduler.signals import LocalSignals, Signals
@@ -83,8 +84,10 @@ class CronScheduler:
         signals: Signals,
         *,
         jobs: list[Job] | None = None,
+        events: SchedulerEvents | None = None,
     ) -> None:
         self.settings = settings
+        self.events = events or SchedulerEvents()
         self.pool = pool
         self.broker = broker
         self.lease = lease
@@ -245,6 +248,7 @@ class CronScheduler:
                 plan.missed,
                 entry.workflow.config.missed,
             )
+            self.events.slots_missed(entry.workflow.id, plan.missed)
         for planned in plan.fires:
             if not self.lease.is_leader():
                 # The new leader resumes from the last claimed slot; if leadership comes back to
@@ -257,6 +261,7 @@ class CronScheduler:
                 log.warning("cannot fire workflow %s yet; retrying", entry.workflow.id, exc_info=True)
                 entry.next_at = _utcnow() + timedelta(seconds=RETRY_SECONDS)
                 return "retry"
+            self.events.slot_handled(entry.workflow.id, outcome, (_utcnow() - planned.scheduled_at).total_seconds())
             if outcome == "stale":
                 return "stale"
             entry.anchor = planned.scheduled_at
@@ -313,6 +318,8 @@ class CronScheduler:
             elif not leading and self._leading:
                 log.info("no longer the leader; schedules handed over")
                 self._forget()
+            if leading != self._leading:
+                self.events.leadership(leading)
             self._leading = leading
             if leading:
                 self.fire_due()

@@ -18,17 +18,21 @@ from sluice_common.broker import make_broker
 from sluice_common.db import Pool, open_pool
 from sluice_common.process import service_main
 from sluice_common.settings import ServerUrls, Settings
+from sluice_scheduler.hooks import SchedulerEvents
 from sluice_scheduler.leadership import LocalLease, RedisLease
+from sluice_scheduler.metrics import start_metrics
 from sluice_scheduler.scheduler import CronScheduler, LocalSchedulerLink
 from sluice_scheduler.signals import LocalSignals, RedisSignals
 
 log = logging.getLogger(__name__)
 
 
-def create_scheduler(settings: Settings, pool: Pool, broker: dramatiq.Broker, client: redis.Redis) -> CronScheduler:
+def create_scheduler(
+    settings: Settings, pool: Pool, broker: dramatiq.Broker, client: redis.Redis, events: SchedulerEvents | None = None
+) -> CronScheduler:
     """A replica of the queue-mode scheduler: leader election and change notices through Redis."""
     lease = RedisLease(client, settings.redis_prefix, settings.scheduler_lease_seconds)
-    return CronScheduler(settings, pool, broker, lease, RedisSignals(client, settings.redis_prefix))
+    return CronScheduler(settings, pool, broker, lease, RedisSignals(client, settings.redis_prefix), events=events)
 
 
 def create_local_scheduler(
@@ -44,8 +48,10 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
     pool = open_pool(settings, urls.database_url, name="scheduler")
     broker = make_broker(settings, urls.redis_url)
     client = redis.Redis.from_url(urls.redis_url)
+    events = SchedulerEvents()
+    metrics = start_metrics(settings, events)
     try:
-        scheduler = create_scheduler(settings, pool, broker, client)
+        scheduler = create_scheduler(settings, pool, broker, client, events)
         log.info(
             "scheduler %s ready (lease %.0fs, maintenance every %.1fs)",
             scheduler.lease.instance,
@@ -57,6 +63,8 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
         log.info("scheduler stopping")
         scheduler.join()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         client.close()
         broker.close()
         pool.close()

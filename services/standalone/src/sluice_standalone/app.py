@@ -13,10 +13,12 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import dramatiq
+from prometheus_client import CollectorRegistry
 
 from sluice_api.app import Dependencies, create_app
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool
+from sluice_common.metrics import observe_runs
 from sluice_common.ratelimit import LocalRateLimiter
 from sluice_common.runs import reconcile
 from sluice_common.settings import Settings
@@ -74,7 +76,10 @@ def create_standalone(settings: Settings, pool: Pool) -> Standalone:
 def serve(app: Standalone, stopping: threading.Event) -> None:
     """Serve the API on ``SLUICE_API_BIND`` until ``stopping`` is set."""
     host, port = app.settings.api_bind.rsplit(":", 1)
-    wsgi = create_app(Dependencies(app.settings, app.pool, None, app.broker, app.limiter, scheduler=app.scheduler_link))
+    registry = CollectorRegistry()
+    observe_runs(registry, app.settings)  # the run metrics join the API's on its /metrics
+    deps = Dependencies(app.settings, app.pool, None, app.broker, app.limiter, scheduler=app.scheduler_link)
+    wsgi = create_app(deps, registry=registry)
     server = make_server(host.strip("[]"), int(port), wsgi, _ThreadingWSGIServer, _QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="sluice-http", daemon=True)
     thread.start()

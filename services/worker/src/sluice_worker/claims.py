@@ -25,6 +25,7 @@ class Claimed:
     waiting_steps: dict[str, Any] = dataclasses.field(default_factory=dict)
     parent_run_id: str | None = None
     claimed_at: datetime = dataclasses.field(default_factory=lambda: datetime.now(UTC))
+    dispatch_lag: float | None = None  # seconds from the run's dispatch_at to this claim
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claimed:
@@ -43,4 +44,5 @@ class Claimed:
             done_steps=row["done_steps"] or {},
             waiting_steps=row["waiting_steps"] or {},
             parent_run_id=str(row["parent_run_id"]) if row["parent_run_id"] else None,
+            dispatch_lag=row.get("dispatch_lag"),
         )

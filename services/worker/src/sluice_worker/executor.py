@@ -10,6 +10,9 @@ so redelivered messages are harmless. The statements that move the run are all i
 checkpoints), :mod:`~sluice_worker.subruns` (sub-workflow runs) and
 :mod:`~sluice_worker.outcomes` (which finishing statement an outcome takes).
 
+Observers (metrics; see :mod:`sluice_common.observe`) hear of each claim, step end, execution
+end and held-back wake-up through ``events``; :mod:`~sluice_worker.observing` adapts the store.
+
 Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, the pinned
 workflow version and checkpoints, committed without waiting for the WAL flush) and one finishing
 statement (which also writes the last step's checkpoint); one more per earlier step, and one more
@@ -38,13 +41,15 @@ import psycopg
 from sluice_common import runstate
 from sluice_common.broker import send_run_message
 from sluice_common.db import Pool
+from sluice_common.observe import RunEnded, RunEvents, RunStarted, run_events
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.runs import MAX_DELAY_MS
 from sluice_common.secrets import load_secrets
 from sluice_common.settings import Settings
 from sluice_worker.checkpoints import PgStepStore
 from sluice_worker.claims import Claimed
-from sluice_worker.engine import Outcome, RunContext, Runtime, execute
+from sluice_worker.engine import Outcome, RunContext, Runtime, StepStore, execute
+from sluice_worker.observing import ObservedSteps, ended_as
 from sluice_worker.outcomes import Finish, finish_for
 from sluice_worker.safehttp import HttpPolicy
 from sluice_worker.subruns import PgSubRuns
@@ -65,8 +70,10 @@ class RunExecutor:
         http: httpx.Client,
         worker_id: str,
         stopping: threading.Event,
+        events: RunEvents | None = None,
     ) -> None:
         self.settings = settings
+        self.events = run_events if events is None else events
         self.pool = pool
         self.broker = broker
         self.limiter = limiter
@@ -98,6 +105,7 @@ class RunExecutor:
         wait = self.limiter.acquire()
         if wait > 0:
             send_run_message(self.broker, hint_run_id, delay_ms=wait)  # no attempt used, no spinning
+            self.events.rate_limited(wait)
             return
         # Bounded so that one message never holds its thread for long past a backlog's end.
         until = time.monotonic() + CHAIN_SECONDS
@@ -125,13 +133,35 @@ class RunExecutor:
             # sends the next wake-up (see FINISH_SQL), so this one can go.
             return False
         self._track(claimed, add=True)
+        started = time.monotonic()
+        self.events.started(
+            RunStarted(
+                claimed.run_id, claimed.workflow_id, claimed.trigger_type, claimed.attempt, self._queue_wait(claimed)
+            )
+        )
         try:
             outcome = self.run(claimed)
-            self.finish(claimed, outcome)
+            ended = self.finish(claimed, outcome)
+            self.events.ended(
+                RunEnded(
+                    claimed.run_id,
+                    claimed.workflow_id,
+                    claimed.trigger_type,
+                    claimed.attempt,
+                    ended,
+                    time.monotonic() - started,
+                )
+            )
         finally:
             # Untracked, its lease lapses if finish() could not record the end: recovery takes over.
             self._track(claimed, add=False)
         return True
+
+    def _queue_wait(self, claimed: Claimed) -> float | None:
+        """Seconds from the run becoming ready to its claim: ``dispatch_at`` is the ready time plus aging."""
+        if claimed.dispatch_lag is None:
+            return None
+        return claimed.dispatch_lag + (claimed.priority - 1) * self.settings.priority_aging_seconds
 
     def _track(self, claimed: Claimed, *, add: bool) -> None:
         with self._in_flight_lock:
@@ -175,6 +205,7 @@ class RunExecutor:
             secrets=lambda: load_secrets(self.pool, self.settings, claimed.owner_id),
         )
         store = PgStepStore(self.pool, claimed, self.stopping)
+        steps: StepStore = ObservedSteps(store, claimed, self.events) if self.events.observers else store
         runtime = Runtime(
             self.http,
             http_policy=self.policy,
@@ -183,22 +214,26 @@ class RunExecutor:
             subruns=PgSubRuns(self.settings, self.pool, self.broker, claimed),
         )
         try:
-            outcome = execute(ctx, store, runtime)
+            outcome = execute(ctx, steps, runtime)
         except Exception as exc:  # storage trouble mid-run: a failed attempt, retried as usual
             log.exception("run %s attempt %d crashed", claimed.run_id, claimed.attempt)
             outcome = Outcome("failed", f"{type(exc).__name__}: {exc}")
         return dataclasses.replace(outcome, final_step=store.final_step)
 
-    def finish(self, claimed: Claimed, outcome: Outcome) -> None:
-        """Record the attempt's end and move the run on: done, retried later, parked or handed back."""
+    def finish(self, claimed: Claimed, outcome: Outcome) -> str:
+        """Record the attempt's end and move the run on: done, retried later, parked or handed back.
+
+        Returns how the execution ended (see :func:`~sluice_worker.observing.ended_as`).
+        """
         finish = self.finish_for(claimed, outcome)
         updated = self._finish_with_retries(finish)
+        ended = ended_as(finish, updated)
         if updated is None:
             # The claim was lost (a lapsed lease, a claim lost in a database crash) and another
             # execution holds the run or has finished it: its result stands, this one is recorded.
             log.warning("run %s was taken over while attempt %d ran", claimed.run_id, claimed.attempt)
             self._record_lost(claimed)
-            return
+            return ended
         if updated["status"] == runstate.RunStatus.QUEUED:
             send_run_message(self.broker, claimed.run_id)
         elif updated["status"] == runstate.RunStatus.DELAYED:
@@ -208,6 +243,7 @@ class RunExecutor:
             self._wake_parent(claimed)
         if updated["wake_next"]:
             send_run_message(self.broker, claimed.run_id)
+        return ended
 
     def _record_lost(self, claimed: Claimed) -> None:
         params = {

@@ -28,6 +28,7 @@ from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
 from sluice_common.runs import Recovery
 from sluice_common.settings import ServerUrls, Settings
 from sluice_worker.executor import RunExecutor
+from sluice_worker.metrics import start_metrics
 from sluice_worker.safehttp import make_client
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
     pool = open_pool(settings, urls.database_url, name="worker", max_size=settings.concurrency + 4)
     broker = make_broker(settings, urls.redis_url)
     client = redis.Redis.from_url(urls.redis_url)
+    metrics = start_metrics(settings, broker)
     try:
         limiter = RedisRateLimiter(
             client, settings.redis_prefix, settings.rate_limit_per_minute, ready_queue=ready_queue_key(broker)
@@ -135,6 +137,8 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
         )
         app.stop()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
         broker.close()
         client.close()
         pool.close()

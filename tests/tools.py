@@ -1,0 +1,27 @@
+"""External tools some tests need (Prometheus' ``promtool`` and ``prometheus``, from Debian's package).
+
+Outside CI a missing tool skips the test with the reason; in CI (``CI=true``, where ``.ci/run``
+installs them) it fails it: a check that silently stops running is worse than a red build.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def need_binary(name: str, package: str = "prometheus") -> str:
+    """The path of ``name``; skip (fail in CI) when it is not installed."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not installed (Debian package {package!r}; .ci/run installs it)"
+    if in_ci():
+        pytest.fail(f"{reason}, and CI must run this test")
+    pytest.skip(reason)

@@ -13,6 +13,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from sluice_api import multiproc
 from sluice_api.http_worker import buffering_worker
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
@@ -61,6 +62,8 @@ def _raise_open_files_limit(wanted: int) -> None:
 def _serve(settings: Settings) -> None:
     # Room for the connections plus the pools, pipes and log files of a worker.
     _raise_open_files_limit(settings.api_max_connections + 256)
+    # Before the fork: every worker writes its metrics where the scrape reads them all.
+    multiproc.prepare_directory()
     _Gunicorn(
         {
             "bind": settings.api_bind,
@@ -74,6 +77,8 @@ def _serve(settings: Settings) -> None:
             "proc_name": "sluice-api",
             # One shared control socket path per machine would clash between instances.
             "control_socket_disable": True,
+            # A dead worker's live gauges leave the scrape with it.
+            "child_exit": multiproc.child_exit,
         }
     ).run()
 

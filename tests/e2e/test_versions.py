@@ -60,7 +60,7 @@ def test_a_delayed_run_executes_the_version_it_was_queued_with(api: Api) -> None
     _, client = api.user()
     wf = create(client, manual("pinned", transform("A")))
     assert wf["version"] == 1
-    run_id = run(client, wf["id"], delay=2500)
+    run_id = run(client, wf["id"], delay=4000)
     assert replace(client, wf["id"], manual("pinned", transform("B")))["version"] == 2
 
     done = wait_run(client, run_id, FINISHED)
@@ -193,7 +193,7 @@ def test_a_sub_workflow_run_pins_the_child_version_current_when_it_is_queued(api
         client,
         manual("parent", {"id": "call", "type": "workflow", "config": {"workflowId": child["id"]}}),
     )
-    run_id = run(client, parent["id"], delay=2500)
+    run_id = run(client, parent["id"], delay=5000)
     # Both change before the parent starts: the parent runs its version 1, and the child is queued
     # (by the parent's step) after the child's edit, so it runs the child's version 2.
     replace(client, child["id"], manual("child", transform("child-B")))
@@ -227,7 +227,7 @@ def test_webhook_and_cron_runs_pin_the_version_current_when_they_are_created(
     _, client = api.user()
     hook = create(client, {"name": "hooked", "trigger": {"type": "webhook"}, "steps": [transform("hook-A")]})
     cron_trigger = {"type": "cron", "config": {"schedule": "* * * * * *"}}
-    blockers = hold_user(client, http_server, 4)
+    blockers = hold_user(client, http_server, 10)
 
     accepted = api.anonymous().post(hook["webhook"]["url"].replace(api.base, ""), json={"n": 1})
     assert accepted.status_code == 202, accepted.text

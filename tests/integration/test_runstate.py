@@ -122,13 +122,16 @@ def test_runs_only_take_listed_transitions(
     done.append(pipeline.enqueue(ok, owner, delay_ms=200).run_id)
     cancelled = pipeline.enqueue(ok, owner, delay_ms=60_000).run_id
     assert cancel_run(pipeline.pool, cancelled, owner) == "cancelled"
-    pipeline.start_worker(threads=2)
+    worker = pipeline.start_worker(threads=2)
     rows = pipeline.wait_for(done, {"succeeded", "failed"})
     assert [r["status"] for r in rows] == ["succeeded", "succeeded", "failed", "succeeded", "succeeded", "succeeded"]
 
     # A person retries the failed run; a run whose worker vanished is recovered.
     queries.retry_run(pipeline.pool, pipeline.broker, pipeline.settings, owner, done[2])  # type: ignore[arg-type]
     pipeline.wait_for([done[2]], {"failed"})
+    # No worker of its own from here on: its threads and sweeps would race the stray claim.
+    worker.stop(timeout_ms=5000)
+    pipeline.workers.remove(worker)
     lost = pipeline.enqueue(ok, owner, delay_ms=60_000).run_id
     stray = RunExecutor(
         pipeline.settings, pipeline.pool, pipeline.broker, pipeline.limiter, httpx.Client(), "stray", threading.Event()
@@ -143,6 +146,7 @@ def test_runs_only_take_listed_transitions(
     with pipeline.pool.connection() as conn:
         conn.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (lost,))
     assert recover_expired(pipeline.pool, pipeline.broker, pipeline.settings.lease_seconds) == [lost]
+    pipeline.start_worker()
     pipeline.wait_for([lost], {"succeeded"})
     # Deleting the workflow cancels what it still has queued.
     waiting = pipeline.enqueue(ok, owner, delay_ms=60_000).run_id

@@ -67,7 +67,8 @@ TERMINAL: frozenset[str] = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, Run
 """A run in one of these states never runs again (unless a person retries a failed one)."""
 PENDING: frozenset[str] = frozenset({RunStatus.QUEUED, RunStatus.DELAYED})
 """Waiting for a worker: what a claim may take once it is due."""
-UNFINISHED: frozenset[str] = PENDING | {RunStatus.RUNNING}
+UNFINISHED: frozenset[str] = PENDING | {RunStatus.RUNNING, RunStatus.WAITING}
+"""Not over yet: waiting for a worker, running, or parked until a sub-workflow run ends."""
 
 
 @dataclass(frozen=True)

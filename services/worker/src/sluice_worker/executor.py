@@ -39,7 +39,7 @@ import httpx
 import psycopg
 
 from sluice_common import runstate
-from sluice_common.broker import send_run_message
+from sluice_common.broker import send_run_message, wake
 from sluice_common.db import Pool
 from sluice_common.observe import RunEnded, RunEvents, RunStarted, run_events
 from sluice_common.ratelimit import RateLimiter
@@ -130,7 +130,7 @@ class RunExecutor:
         if claimed is None:
             self.limiter.release()  # the slot was not used
             # Nothing runnable, or only runs of users at their cap: the end of one of their runs
-            # sends the next wake-up (see FINISH_SQL), so this one can go.
+            # sends the next wake-up (see runstate.FINISH_ENDED), so this one can go.
             return False
         self._track(claimed, add=True)
         started = time.monotonic()
@@ -235,14 +235,14 @@ class RunExecutor:
             self._record_lost(claimed)
             return ended
         if updated["status"] == runstate.RunStatus.QUEUED:
-            send_run_message(self.broker, claimed.run_id)
+            wake(self.broker, claimed.run_id)
         elif updated["status"] == runstate.RunStatus.DELAYED:
             # Past Dramatiq's delay limit, the reconciler wakes the run once it is due.
-            send_run_message(self.broker, claimed.run_id, delay_ms=min(finish.params["wait"], MAX_DELAY_MS))
+            wake(self.broker, claimed.run_id, delay_ms=min(finish.params["wait"], MAX_DELAY_MS))
         elif updated["status"] in runstate.TERMINAL and claimed.parent_run_id is not None:
             self._wake_parent(claimed)
         if updated["wake_next"]:
-            send_run_message(self.broker, claimed.run_id)
+            wake(self.broker, claimed.run_id)
         return ended
 
     def _record_lost(self, claimed: Claimed) -> None:
@@ -295,7 +295,7 @@ class RunExecutor:
             log.warning("could not wake the parent of run %s; the sweep will", claimed.run_id, exc_info=True)
             return
         if row is not None:
-            send_run_message(self.broker, str(row["id"]))
+            wake(self.broker, str(row["id"]))
 
     def wake_waiting(self) -> int:
         """Queue runs waiting for a child run that has ended (or vanished); return how many.
@@ -307,7 +307,7 @@ class RunExecutor:
         with self.pool.connection() as conn:
             rows = conn.execute(runstate.WAKE_WAITING, {"aging_step": self.settings.priority_aging_seconds}).fetchall()
         for row in rows:
-            send_run_message(self.broker, str(row["id"]))
+            wake(self.broker, str(row["id"]))
         return len(rows)
 
     # Leases ---------------------------------------------------------------------------------------

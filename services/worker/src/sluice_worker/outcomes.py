@@ -29,10 +29,6 @@ class Finish:
     statement: str
     params: dict[str, Any]
 
-    @property
-    def ends(self) -> bool:
-        return self.statement is runstate.FINISH_ENDED
-
 
 def finish_for(settings: Settings, worker_id: str, claimed: Claimed, outcome: Outcome) -> Finish:
     """How the attempt's outcome moves the run: done, retried later, parked or handed back."""

@@ -32,13 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
-from sluice_common import users
 from sluice_common.db import migrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchServers, bench_servers
+from common import BenchServers, bench_servers, bench_user_and_workflow
 from pipeline import pct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,18 +152,7 @@ def measure(
         )
         url = servers.databases["api"]
         migrate(url)
-        with psycopg.connect(url, autocommit=True) as conn:
-            issued = users.create_user(conn, "bench")
-            row = conn.execute(
-                "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
-                "VALUES (%s, 'bench', 'manual', %s, %s) RETURNING id",
-                (
-                    issued.user.id,
-                    Jsonb({"type": "manual"}),
-                    Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}]),
-                ),
-            ).fetchone()
-            assert row is not None
+        token, workflow_id = bench_user_and_workflow(url)
         port = free_port()
         env = clean | {
             "DATABASE_URL": url,
@@ -178,8 +165,8 @@ def measure(
             "SLUICE_LOG_LEVEL": "WARNING",
         }
         procs.append(serve([sys.executable, "-m", "sluice_api"], env))
-        path = f"/api/workflows/{row[0]}/run"
-        headers = {"Authorization": f"Bearer {issued.token}"}
+        path = f"/api/workflows/{workflow_id}/run"
+        headers = {"Authorization": f"Bearer {token}"}
         wait_ready(base_port, "/nothing", procs[0])
         wait_ready(port, "/api/health", procs[1])
         load(base_port, "/items", {}, 1, 2, 1.0)  # warm-up

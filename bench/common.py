@@ -17,8 +17,10 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import redis
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from sluice_cli.embedded import EmbeddedServers
+from sluice_common import users
 
 
 def with_db(url: str, name: str) -> str:
@@ -73,3 +75,20 @@ def worker_env(db_url: str, redis_url: str, prefix: str, threads: int) -> dict[s
         "SLUICE_USER_CONCURRENCY": "10000",
         "SLUICE_LOG_LEVEL": "WARNING",
     }
+
+
+def bench_user_and_workflow(url: str) -> tuple[str, str]:
+    """A user ``bench`` and a one-step manual workflow of theirs: (API token, workflow id)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        issued = users.create_user(conn, "bench")
+        row = conn.execute(
+            "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
+            "VALUES (%s, 'bench', 'manual', %s, %s) RETURNING id",
+            (
+                issued.user.id,
+                Jsonb({"type": "manual"}),
+                Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}]),
+            ),
+        ).fetchone()
+    assert row is not None
+    return issued.token, str(row[0])

@@ -34,15 +34,11 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg
-from psycopg.types.json import Jsonb
-
-from sluice_common import users
 from sluice_common.db import migrate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api import THREADS, WORKERS, free_port, load, serve, stop, wait_ready
-from common import bench_servers
+from common import bench_servers, bench_user_and_workflow
 from pipeline import pct
 
 
@@ -147,20 +143,9 @@ def main() -> None:
         try:
             url = servers.databases["api"]
             migrate(url)
-            with psycopg.connect(url, autocommit=True) as conn:
-                issued = users.create_user(conn, "bench")
-                row = conn.execute(
-                    "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps) "
-                    "VALUES (%s, 'bench', 'manual', %s, %s) RETURNING id",
-                    (
-                        issued.user.id,
-                        Jsonb({"type": "manual"}),
-                        Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}]),
-                    ),
-                ).fetchone()
-                assert row is not None
-            path = f"/api/workflows/{row[0]}/run"
-            headers = {"Authorization": f"Bearer {issued.token}"}
+            token, workflow_id = bench_user_and_workflow(url)
+            path = f"/api/workflows/{workflow_id}/run"
+            headers = {"Authorization": f"Bearer {token}"}
             ports = {"sluice": free_port(), "gthread": free_port()}
             env = clean | {
                 "DATABASE_URL": url,
@@ -191,18 +176,18 @@ def main() -> None:
             plain, ours = rounds[len(rounds) // 2]
 
             # With the slow connections open against the buffering worker.
-            slow = SlowClients(ports["sluice"], path, issued.token, args.slow)
+            slow = SlowClients(ports["sluice"], path, token, args.slow)
             try:
                 time.sleep(1.0)
-                lat, failed = sample(ports["sluice"], path, issued.token, args.sample_seconds, 5.0)
+                lat, failed = sample(ports["sluice"], path, token, args.sample_seconds, 5.0)
                 busy = load(ports["sluice"], path, headers, args.clients, args.threads, args.seconds / args.rounds)
             finally:
                 slow.close()
             # The same against plain gthread: few answers, if any (a short timeout bounds the wait).
-            slow = SlowClients(ports["gthread"], path, issued.token, args.slow)
+            slow = SlowClients(ports["gthread"], path, token, args.slow)
             try:
                 time.sleep(1.0)
-                g_lat, g_failed = sample(ports["gthread"], path, issued.token, 6.0, 2.0)
+                g_lat, g_failed = sample(ports["gthread"], path, token, 6.0, 2.0)
             finally:
                 slow.close()
         finally:

@@ -25,6 +25,7 @@ class MemoryStore:
     def __init__(self, done: dict[str, Any] | None = None) -> None:
         self.done = dict(done or {})
         self.log: list[tuple[str, str]] = []
+        self.started: list[str] = []
         self.interrupt: Literal["cancelled", "shutdown"] | None = None
         self.parked_steps: dict[str, Any] = {}
 
@@ -44,6 +45,9 @@ class MemoryStore:
 
     def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None:
         self.log.append(("failed", step_id))
+
+    def starting(self, step_id: str, position: int) -> None:
+        self.started.append(step_id)
 
     def interruption(self) -> Literal["cancelled", "shutdown"] | None:
         return self.interrupt
@@ -65,6 +69,7 @@ def test_runs_steps_in_order_and_records_outputs() -> None:
         assert execute(ctx(STEPS), store, client).status == "succeeded"
     assert store.done == {"a": 1, "b": [2]}
     assert store.log == [("ok", "a"), ("ok", "b")]
+    assert store.started == ["a", "b"]
 
 
 def test_resumes_after_the_last_checkpoint() -> None:

@@ -183,6 +183,9 @@ class NullStore:
     def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None:
         self.calls.append(f"failed {step_id}")
 
+    def starting(self, step_id: str, position: int) -> None:
+        self.calls.append(f"starting {step_id}")
+
     def interruption(self) -> None:
         return None
 

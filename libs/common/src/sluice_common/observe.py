@@ -1,8 +1,11 @@
-"""The run-events seam: what happens to runs, told to whoever observes it (metrics now, tracing later).
+"""The run-events seam: what happens to runs, told to whoever observes it (metrics, traces, log context).
 
-The producer (``insert_run``) and the worker's executor call a :class:`RunEvents` at the moments
-that matter: a run is created, an execution starts (the claim), a step ends, an execution ends,
-a wake-up is held back by the rate limit. Observers implement :class:`RunObserver` (subclass
+The producer (``enqueue_run``) and the worker's executor call a :class:`RunEvents` at the moments
+that matter: a run is created, an execution starts (the claim), a step starts, a step ends, an
+execution ends, a wake-up is held back by the rate limit. Within one execution the worker tells
+these on the thread that runs it, in order, and always tells the end (``crashed`` when the
+execution broke off), so an observer may keep per-thread state (a current span, a log context)
+from ``run_started`` to ``run_ended``. Observers implement :class:`RunObserver` (subclass
 :class:`BaseRunObserver` to pick only some events). Business code never knows what an observer
 does, and an observer that raises never breaks a run: its error is logged once and ignored.
 
@@ -38,6 +41,17 @@ class RunStarted:
     trigger_type: str
     attempt: int
     queue_wait_seconds: float | None  # from becoming ready to being claimed (None: unknown)
+    traceparent: str | None = None  # the run's W3C trace context, the same for all its attempts
+
+
+@dataclass(frozen=True)
+class StepStarted:
+    run_id: str
+    workflow_id: str
+    step_id: str
+    step_type: str
+    attempt: int
+    position: int
 
 
 @dataclass(frozen=True)
@@ -48,13 +62,16 @@ class StepEnded:
     step_type: str
     status: str  # succeeded, failed, parked
     duration_seconds: float
+    attempt: int = 0
+    error: str | None = None  # why a failed step failed (secrets masked)
 
 
 @dataclass(frozen=True)
 class RunEnded:
     """An execution ended. ``outcome``: succeeded, failed, cancelled (the run is over), retried (a
     failed attempt with another to come), parked (a delay or sub-workflow), handed_back (shutdown),
-    lost (another execution took the run over)."""
+    lost (another execution took the run over), crashed (the execution broke off before its end was
+    recorded: its lease lapses and recovery takes the run over)."""
 
     run_id: str
     workflow_id: str
@@ -68,6 +85,8 @@ class RunObserver(Protocol):
     def run_created(self, event: RunCreated) -> None: ...
 
     def run_started(self, event: RunStarted) -> None: ...
+
+    def step_started(self, event: StepStarted) -> None: ...
 
     def step_ended(self, event: StepEnded) -> None: ...
 
@@ -83,6 +102,9 @@ class BaseRunObserver:
         return None
 
     def run_started(self, event: RunStarted) -> None:
+        return None
+
+    def step_started(self, event: StepStarted) -> None:
         return None
 
     def step_ended(self, event: StepEnded) -> None:
@@ -130,6 +152,9 @@ class RunEvents:
 
     def started(self, event: RunStarted) -> None:
         self._each("run_started", lambda o: o.run_started(event))
+
+    def step_started(self, event: StepStarted) -> None:
+        self._each("step_started", lambda o: o.step_started(event))
 
     def step_ended(self, event: StepEnded) -> None:
         self._each("step_ended", lambda o: o.step_ended(event))

@@ -249,7 +249,7 @@ WITH claimed AS (
         claim_id = excluded.claim_id, started_at = now(), finished_at = NULL, error = NULL
 )
 SELECT c.id, c.claim_id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
-       c.trigger_data, c.parent_run_id, CASE WHEN w.deleted_at IS NULL THEN v.steps END AS steps,
+       c.trigger_data, c.parent_run_id, c.traceparent, CASE WHEN w.deleted_at IS NULL THEN v.steps END AS steps,
        nullif(v.settings, '{}'::jsonb) AS settings,
        (SELECT jsonb_object_agg(s.step_id, s.output) FROM run_steps s
          WHERE s.run_id = c.id AND s.status = 'succeeded') AS done_steps,

@@ -69,6 +69,9 @@ class PgStepStore:
     def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None:
         self._write(step_id, position, "failed", None, error[:10_000], started_at)
 
+    def starting(self, step_id: str, position: int) -> None:
+        return None
+
     def interruption(self) -> Literal["cancelled", "shutdown"] | None:
         if self._cancel:
             return "cancelled"

@@ -26,6 +26,7 @@ class Claimed:
     parent_run_id: str | None = None
     claimed_at: datetime = dataclasses.field(default_factory=lambda: datetime.now(UTC))
     dispatch_lag: float | None = None  # seconds from the run's dispatch_at to this claim
+    traceparent: str | None = None  # the run's trace context (W3C), kept for all its attempts
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Claimed:
@@ -45,4 +46,5 @@ class Claimed:
             waiting_steps=row["waiting_steps"] or {},
             parent_run_id=str(row["parent_run_id"]) if row["parent_run_id"] else None,
             dispatch_lag=row.get("dispatch_lag"),
+            traceparent=row.get("traceparent"),
         )

@@ -57,6 +57,10 @@ class StepStore(Protocol):
 
     def waiting(self) -> dict[str, Any]: ...
 
+    def starting(self, step_id: str, position: int) -> None:
+        """The step is about to run (nothing is written: a step's record is its end)."""
+        ...
+
     def succeeded(self, step_id: str, position: int, output: Any, started_at: datetime) -> None: ...
 
     def parked(self, step_id: str, position: int, output: Any, started_at: datetime) -> None: ...
@@ -254,6 +258,7 @@ def execute(ctx: RunContext, store: StepStore, runtime: Runtime | httpx.Client) 
         remaining = _remaining(ctx)
         if remaining <= 0:
             return Outcome("failed", "run time limit reached before step " + repr(step_id))
+        store.starting(step_id, position)
         started_at = datetime.now(UTC)
         try:
             result = run_step(step, kind, position, scope, ctx, runtime, waiting.get(step_id), remaining)

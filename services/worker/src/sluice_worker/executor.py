@@ -134,14 +134,22 @@ class RunExecutor:
             return False
         self._track(claimed, add=True)
         started = time.monotonic()
-        self.events.started(
-            RunStarted(
-                claimed.run_id, claimed.workflow_id, claimed.trigger_type, claimed.attempt, self._queue_wait(claimed)
-            )
-        )
+        ended = "crashed"
         try:
+            self.events.started(
+                RunStarted(
+                    claimed.run_id,
+                    claimed.workflow_id,
+                    claimed.trigger_type,
+                    claimed.attempt,
+                    self._queue_wait(claimed),
+                    claimed.traceparent,
+                )
+            )
             outcome = self.run(claimed)
             ended = self.finish(claimed, outcome)
+        finally:
+            # Told even when the execution broke off: observers close what run_started opened.
             self.events.ended(
                 RunEnded(
                     claimed.run_id,
@@ -152,7 +160,6 @@ class RunExecutor:
                     time.monotonic() - started,
                 )
             )
-        finally:
             # Untracked, its lease lapses if finish() could not record the end: recovery takes over.
             self._track(claimed, add=False)
         return True

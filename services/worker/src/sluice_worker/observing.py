@@ -11,14 +11,14 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from sluice_common import runstate
-from sluice_common.observe import RunEvents, StepEnded
+from sluice_common.observe import RunEvents, StepEnded, StepStarted
 from sluice_worker.claims import Claimed
 from sluice_worker.engine import StepStore
 from sluice_worker.outcomes import Finish
 
 
 class ObservedSteps:
-    """A :class:`~sluice_worker.engine.StepStore` that reports every step's end to ``events``."""
+    """A :class:`~sluice_worker.engine.StepStore` that reports every step's start and end to ``events``."""
 
     def __init__(self, store: StepStore, claimed: Claimed, events: RunEvents) -> None:
         self._store = store
@@ -26,7 +26,7 @@ class ObservedSteps:
         self._events = events
         self._types = {str(s.get("id")): str(s.get("type")) for s in claimed.steps or ()}
 
-    def _ended(self, step_id: str, status: str, started_at: datetime) -> None:
+    def _ended(self, step_id: str, status: str, started_at: datetime, error: str | None = None) -> None:
         self._events.step_ended(
             StepEnded(
                 run_id=self._claimed.run_id,
@@ -35,6 +35,21 @@ class ObservedSteps:
                 step_type=self._types.get(step_id, "unknown"),
                 status=status,
                 duration_seconds=(datetime.now(UTC) - started_at).total_seconds(),
+                attempt=self._claimed.attempt,
+                error=error,
+            )
+        )
+
+    def starting(self, step_id: str, position: int) -> None:
+        self._store.starting(step_id, position)
+        self._events.step_started(
+            StepStarted(
+                run_id=self._claimed.run_id,
+                workflow_id=self._claimed.workflow_id,
+                step_id=step_id,
+                step_type=self._types.get(step_id, "unknown"),
+                attempt=self._claimed.attempt,
+                position=position,
             )
         )
 
@@ -54,7 +69,7 @@ class ObservedSteps:
 
     def failed(self, step_id: str, position: int, error: str, started_at: datetime) -> None:
         self._store.failed(step_id, position, error, started_at)
-        self._ended(step_id, "failed", started_at)
+        self._ended(step_id, "failed", started_at, error)
 
     def interruption(self) -> Literal["cancelled", "shutdown"] | None:
         return self._store.interruption()

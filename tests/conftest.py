@@ -58,7 +58,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, interval: float 
 
 def process_env(database_url: str, redis_url: str, redis_prefix: str, **settings: str) -> dict[str, str]:
     """This environment without any Sluice setting of its own, pointed at the given servers."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL", "OTEL_"))}
     env.update(DATABASE_URL=database_url, REDIS_URL=redis_url, SLUICE_REDIS_PREFIX=redis_prefix, **settings)
     return env
 

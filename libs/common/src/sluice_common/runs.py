@@ -20,7 +20,7 @@ import psycopg_pool
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
-from sluice_common import runstate
+from sluice_common import runstate, tracing
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message, wake
 from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
@@ -39,6 +39,7 @@ class EnqueuedRun:
     run_id: UUID
     status: str
     created: bool  # False when an idempotency key matched an existing run
+    traceparent: str | None = None  # the trace context the new run was stored with
 
 
 def _check_options(priority: int, delay_ms: int, trigger_type: str) -> None:
@@ -88,10 +89,10 @@ def insert_run(
         # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first)
         # the key of the owner's manual runs, nor the other way round.
         "key": f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None,
-        "traceparent": traceparent,
     }
     # Plain tuples: the hot path of every accepted run skips building a dict per row.
-    with conn.cursor(row_factory=tuple_row) as cur:
+    with conn.cursor(row_factory=tuple_row) as cur, tracing.creating(traceparent) as creation:
+        params["traceparent"] = creation.traceparent
         found = cur.execute(runstate.INSERT_RUN, params).fetchone()
         assert found is not None
         workflow_status, run_id, status = found
@@ -100,7 +101,8 @@ def insert_run(
         if workflow_status != "active":
             raise ConflictError("the workflow is paused; activate it to run it")
         if run_id is not None:
-            return EnqueuedRun(run_id, status, created=True)
+            creation.created(str(run_id), str(workflow_id), trigger_type)
+            return EnqueuedRun(run_id, status, created=True, traceparent=creation.traceparent)
         existing = cur.execute(
             "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
             (params["wf"], params["key"]),
@@ -145,9 +147,9 @@ def enqueue_run(
         return run
     run_events.created(RunCreated(str(run.run_id), str(workflow_id), trigger_type))
     if sender is not None:
-        sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
+        sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=run.traceparent)
     else:
-        wake(broker, str(run.run_id), delay_ms=delay_ms, traceparent=traceparent)
+        wake(broker, str(run.run_id), delay_ms=delay_ms, traceparent=run.traceparent)
     return run
 
 
@@ -231,7 +233,7 @@ def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
         deficit = min(needed - held, counts["due"])
         rows = (
             conn.execute(
-                "SELECT id FROM runs WHERE status IN ('queued', 'delayed') "
+                "SELECT id, traceparent FROM runs WHERE status IN ('queued', 'delayed') "
                 "AND coalesce(not_before, '-infinity') <= now() ORDER BY dispatch_at LIMIT %s",
                 (deficit,),
             ).fetchall()
@@ -239,7 +241,8 @@ def reconcile(pool: Pool, broker: dramatiq.Broker, settings: Settings) -> int:
             else []
         )
     for row in rows:
-        send_run_message(broker, str(row["id"]))
+        with tracing.sending(row["traceparent"], str(row["id"]), "reconciler"):
+            send_run_message(broker, str(row["id"]))
     if rows:
         log.info("reconciler sent %d wake-up(s)", len(rows))
     return len(rows)
@@ -253,9 +256,10 @@ def recover_expired(pool: Pool, broker: dramatiq.Broker, lease_seconds: float) -
     """
     with pool.connection() as conn, conn.transaction():
         rows = conn.execute(runstate.RECOVER_EXPIRED, {"lease": lease_seconds}).fetchall()
-    requeued = [row["id"] for row in rows if row["status"] == "queued"]
-    for run_id in requeued:
-        send_run_message(broker, str(run_id))
+    for row in rows:
+        if row["status"] == "queued":
+            with tracing.sending(row["traceparent"], str(row["id"]), "recovery"):
+                send_run_message(broker, str(row["id"]))
     if rows:
         log.warning("recovered %d run(s) from lost workers", len(rows))
     return [row["id"] for row in rows]

@@ -410,7 +410,7 @@ UPDATE runs r SET
     error = 'worker lost during attempt ' || lost.attempt,
     worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
 FROM lost WHERE r.id = lost.id
-RETURNING r.id, r.status
+RETURNING r.id, r.status, r.traceparent
 """
 
 # Cancelling and retrying ----------------------------------------------------------------------

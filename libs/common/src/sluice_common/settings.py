@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     cron_late_tolerance_seconds: Annotated[
         float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_CRON_LATE_TOLERANCE_SECONDS"))
     ] = 60.0
+    # Tracing is configured by the standard OTEL_* variables (sluice_common.tracing); this adds
+    # PostgreSQL and Redis client spans to the traces, several per run, so it is off by default.
+    trace_clients: Annotated[bool, Field(validation_alias=_env("SLUICE_TRACE_CLIENTS"))] = False
     # Metrics: the worker's and the scheduler's /metrics listener (none when the port is unset;
     # the images set it), and per-workflow labels (one series per workflow: off by default).
     metrics_port: Annotated[int | None, Field(ge=0, le=65535, validation_alias=_env("SLUICE_METRICS_PORT"))] = None

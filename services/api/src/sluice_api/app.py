@@ -17,7 +17,7 @@ import falcon
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from sluice_api import metrics, multiproc, problems
+from sluice_api import metrics, multiproc, problems, tracing
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import KnownParamsMiddleware
@@ -29,6 +29,7 @@ from sluice_common.db import open_pool
 from sluice_common.metrics import observe_runs
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.settings import load_settings, server_urls
+from sluice_common.tracing import configure_tracing, shutdown_tracing
 
 __all__ = ["Dependencies", "create_app", "get_app"]
 
@@ -45,6 +46,7 @@ def create_app(
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
     # First, so that it times the whole request and sees every answer, refusals included.
     middleware: list[Any] = [metrics.HttpMetrics(registry), AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    tracing.instrument_falcon()  # before the app is built: the instrumented class replaces falcon.App
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Bodies are read and checked by the resources (size limit, media type, problems).
@@ -59,6 +61,9 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     """Build the app and its dependencies from the environment (one call per gunicorn worker)."""
     settings = load_settings()
     urls = server_urls(settings)
+    # After the fork, before any client exists (client spans wrap them when SLUICE_TRACE_CLIENTS is on).
+    if configure_tracing("sluice-api", trace_clients=settings.trace_clients):
+        atexit.register(shutdown_tracing)
     pool = open_pool(settings, urls.database_url, name="api")
     client = redis.Redis.from_url(urls.redis_url, socket_timeout=5, socket_connect_timeout=5)
     broker = make_broker(settings, urls.redis_url)

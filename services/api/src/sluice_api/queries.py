@@ -27,6 +27,7 @@ from sluice_common.broker import wake
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_common.settings import Settings
+from sluice_common.tracing import trace_id_of
 from sluice_common.workflow import WorkflowDefinition
 
 log = logging.getLogger(__name__)
@@ -268,11 +269,12 @@ def webhook_target(pool: Pool, secret: str) -> tuple[UUID, UUID]:
 def get_run(pool: Pool, owner: UUID, run_id: UUID, *, with_definition: bool = False) -> dict[str, Any]:
     with pool.connection() as conn:
         run = conn.execute(
-            f"SELECT {_RUN_COLUMNS}, trigger_data, updated_at FROM runs WHERE id = %s AND owner_id = %s",
+            f"SELECT {_RUN_COLUMNS}, trigger_data, updated_at, traceparent FROM runs WHERE id = %s AND owner_id = %s",
             (run_id, owner),
         ).fetchone()
         if run is None:
             raise NotFoundError("no such run")
+        run["trace_id"] = trace_id_of(run.pop("traceparent"))
         if with_definition:
             # The version the run executes: it outlives an edit and the workflow's deletion.
             run["definition"] = conn.execute(

@@ -167,6 +167,11 @@ class RunSummary(_Out):
 class Run(RunSummary):
     trigger_data: Any = None
     updated_at: datetime
+    trace_id: str | None = Field(
+        default=None,
+        description="The run's trace id (32 hex digits): every attempt and step of the run is in this trace, "
+        "and a caller's `traceparent` header, when sent, names it.",
+    )
     steps: list[RunStep]
     attempts: list[RunAttempt]
     definition: WorkflowVersion | None = Field(

@@ -27,6 +27,7 @@ from typing import Any
 import dramatiq
 from pydantic import ValidationError
 
+from sluice_common import tracing
 from sluice_common.cron import REFRESH_ALL, Schedule, plan_due
 from sluice_common.db import Pool
 from sluice_common.settings import Settings
@@ -256,7 +257,17 @@ class CronScheduler:
                 entry.next_at = now
                 return "lost"
             try:
-                outcome, run_id = fire(self.pool, self.broker, self.settings, entry.workflow, planned)
+                # A cron run's trace starts here: the run is created under this span.
+                with tracing.span(
+                    "cron fire",
+                    {
+                        "sluice.workflow.id": entry.workflow.id,
+                        "sluice.cron.scheduled_at": planned.scheduled_at.isoformat(),
+                    },
+                ) as span:
+                    outcome, run_id = fire(self.pool, self.broker, self.settings, entry.workflow, planned)
+                    if span is not None:
+                        span.set_attribute("sluice.cron.outcome", outcome)
             except Exception:
                 log.warning("cannot fire workflow %s yet; retrying", entry.workflow.id, exc_info=True)
                 entry.next_at = _utcnow() + timedelta(seconds=RETRY_SECONDS)

@@ -14,6 +14,7 @@ import threading
 import dramatiq
 import redis
 
+from sluice_common import tracing
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool, open_pool
 from sluice_common.process import service_main
@@ -45,6 +46,8 @@ def create_local_scheduler(
 
 
 def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None:
+    # Before the pool and the Redis clients exist: client spans (SLUICE_TRACE_CLIENTS) wrap them.
+    tracing.configure_tracing("sluice-scheduler", trace_clients=settings.trace_clients)
     pool = open_pool(settings, urls.database_url, name="scheduler")
     broker = make_broker(settings, urls.redis_url)
     client = redis.Redis.from_url(urls.redis_url)
@@ -65,6 +68,7 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
     finally:
         if metrics is not None:
             metrics.shutdown()
+        tracing.shutdown_tracing()
         client.close()
         broker.close()
         pool.close()

@@ -13,6 +13,7 @@ from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import dramatiq
+import httpx
 from prometheus_client import CollectorRegistry
 
 from sluice_api.app import Dependencies, create_app
@@ -64,10 +65,10 @@ class Standalone:
         self.broker.close()
 
 
-def create_standalone(settings: Settings, pool: Pool) -> Standalone:
+def create_standalone(settings: Settings, pool: Pool, *, http: httpx.Client | None = None) -> Standalone:
     broker = make_broker(settings, None)
     limiter = LocalRateLimiter(settings.rate_limit_per_minute)
-    worker = create_worker(settings, pool, broker, limiter)
+    worker = create_worker(settings, pool, broker, limiter, http=http)
     stopping = threading.Event()
     scheduler, link = create_local_scheduler(settings, pool, broker)
     return Standalone(settings, pool, broker, limiter, worker, stopping, scheduler, link)

@@ -20,9 +20,11 @@ import httpx
 import redis
 from dramatiq import Worker
 
+from sluice_common import tracing
 from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
 from sluice_common.logs import Outage
+from sluice_common.observe import run_events
 from sluice_common.process import service_main
 from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
 from sluice_common.runs import Recovery
@@ -30,6 +32,7 @@ from sluice_common.settings import ServerUrls, Settings
 from sluice_worker.executor import RunExecutor
 from sluice_worker.metrics import start_metrics
 from sluice_worker.safehttp import make_client
+from sluice_worker.tracing import start_tracing
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,9 @@ def create_worker(
 
 
 def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None:
+    http = make_client()
+    # Before the pool and the Redis clients exist: client spans (SLUICE_TRACE_CLIENTS) wrap them.
+    start_tracing(settings, http, run_events)
     # One connection per run thread, plus housekeeping and spare.
     pool = open_pool(settings, urls.database_url, name="worker", max_size=settings.concurrency + 4)
     broker = make_broker(settings, urls.redis_url)
@@ -125,7 +131,7 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
         limiter = RedisRateLimiter(
             client, settings.redis_prefix, settings.rate_limit_per_minute, ready_queue=ready_queue_key(broker)
         )
-        app = create_worker(settings, pool, broker, limiter)
+        app = create_worker(settings, pool, broker, limiter, http=http)
         app.start()
         log.info("worker %s ready: %d threads", app.executor.worker_id, settings.concurrency)
         stopping.wait()
@@ -139,6 +145,8 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
     finally:
         if metrics is not None:
             metrics.shutdown()
+        tracing.shutdown_tracing()
+        http.close()
         broker.close()
         client.close()
         pool.close()

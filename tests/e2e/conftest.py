@@ -15,7 +15,8 @@ import pytest
 
 from sluice_common import users
 from tests.conftest import Servers, process_env, start_sluice
-from tests.e2e.helpers import free_port, wait_for
+from tests.e2e.helpers import Stack, free_port, wait_for
+from tests.httpserver import LocalServer, serve
 
 
 @dataclass
@@ -80,3 +81,19 @@ def api(
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    stack = Stack(tmp_path)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="module")
+def http_server() -> Iterator[LocalServer]:
+    """A real local HTTP server for the steps of a module's workflows to call."""
+    with serve() as server:
+        yield server

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 
 def free_port() -> int:
@@ -41,3 +44,33 @@ def wait_for(url: str, *, status: int = 200, timeout: float = 90.0, proc: Any = 
             last = exc
         time.sleep(0.25)
     raise AssertionError(f"{url} did not answer {status} in {timeout}s (last: {last!r})")
+
+
+class Stack:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        # Output to a file: a pipe nobody reads would block a chatty process.
+        log = (self.tmp / f"{name}.log").open("wb")
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.procs.append((name, proc, log))
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {name}\n{(self.tmp / f'{name}.log').read_text(errors='replace')[-3000:]}" for name, _, _ in self.procs
+        )
+
+    def stop(self) -> None:
+        for _, proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for _, proc, log in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()

@@ -6,25 +6,17 @@ import base64
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import psycopg
-import pytest
 
 from tests.conftest import wait_until
 from tests.e2e.conftest import Api
 from tests.e2e.helpers import free_port, wait_for
-from tests.httpserver import LocalServer, serve
+from tests.httpserver import LocalServer
 
 PROBLEM = "application/problem+json"
-
-
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[LocalServer]:
-    with serve() as server:
-        yield server
 
 
 def workflow_body(url: str, **extra: Any) -> dict[str, Any]:

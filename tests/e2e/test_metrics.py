@@ -10,13 +10,10 @@ stopped at the end.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx
@@ -25,7 +22,7 @@ import pytest
 
 from sluice_common import users
 from tests.conftest import SLUICE, Servers, process_env
-from tests.e2e.helpers import free_port, http, wait_for
+from tests.e2e.helpers import Stack, free_port, http, wait_for
 from tests.tools import need_binary
 
 pytestmark = pytest.mark.e2e
@@ -42,45 +39,6 @@ scrape_configs:
   - job_name: sluice-scheduler
     static_configs: [{{targets: ["127.0.0.1:{scheduler}"]}}]
 """
-
-
-class Stack:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        # Output to a file: a pipe nobody reads would block a chatty process.
-        log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        self.procs.append((name, proc, log))
-        return proc
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {name}\n{(self.tmp / f'{name}.log').read_text(errors='replace')[-3000:]}" for name, _, _ in self.procs
-        )
-
-    def stop(self) -> None:
-        for _, proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc, log in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            log.close()
-
-
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    stack = Stack(tmp_path)
-    try:
-        yield stack
-    finally:
-        stack.stop()
 
 
 def query(prometheus: str, promql: str) -> list[dict[str, Any]]:

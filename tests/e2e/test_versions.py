@@ -4,24 +4,16 @@ queued with, whatever happens to the workflow afterwards."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.conftest import wait_until
 from tests.e2e.conftest import Api
 from tests.e2e.test_api import problem, wait_run
-from tests.httpserver import LocalServer, serve
+from tests.httpserver import LocalServer
 
 FINISHED = {"succeeded", "failed", "cancelled"}
-
-
-@pytest.fixture(scope="module")
-def http_server() -> Iterator[LocalServer]:
-    with serve() as server:
-        yield server
 
 
 def transform(step_id: str) -> dict[str, Any]:

@@ -63,7 +63,7 @@ fmt: sync ## Format and autofix
 	$(UV) run --no-sync ruff check --fix .
 
 bench: sync ## Benchmarks next to baselines measured in the same run: pipeline, engine, API, slow clients
-	$(UV) run --no-sync python bench/pipeline.py $(BENCH_ARGS)
+	$(UV) run --no-sync python bench/pipeline.py --metrics --tracing $(BENCH_ARGS)
 	$(UV) run --no-sync python bench/engine.py $(ENGINE_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api.py $(API_BENCH_ARGS)
 	$(UV) run --no-sync python bench/slow_clients.py $(SLOW_BENCH_ARGS)

@@ -1,7 +1,7 @@
 """Benchmark of the run pipeline against a bare Dramatiq baseline, measured in the same run.
 
     uv run python bench/pipeline.py [--runs 4000] [--processes 2] [--rate 100] [--seconds 10] [--rounds 3]
-                                    [--metrics]
+                                    [--metrics] [--tracing]
 
 Uses SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else the embedded servers, in a
 database and Redis namespace of its own that are removed afterwards. Prints:
@@ -15,7 +15,9 @@ database and Redis namespace of its own that are removed afterwards. Prints:
 - worker RSS at concurrency 10 (target < 150 MB), and the CPU an idle worker process uses;
 - with ``--metrics``, each round also runs the pipeline with the workers' metrics on (each
   scraped every second, as Prometheus would), and the throughput with metrics is compared with
-  the one without (target ratio >= 0.97: metrics cost at most 3 %).
+  the one without (target ratio >= 0.97: metrics cost at most 3 %);
+- with ``--tracing``, each round also runs it with the workers exporting every run's spans to a
+  real OTLP/HTTP receiver in this process (target ratio >= 0.85: tracing costs at most 15 %).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_servers, worker_env
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from tests.otlp import OtlpReceiver, receive  # noqa: E402
+
 THREADS = 10
 
 
@@ -189,6 +194,7 @@ def sluice(
     seconds: float,
     *,
     metrics: bool = False,
+    receiver: OtlpReceiver | None = None,
 ) -> dict[str, float]:
     env_vars = worker_env(db_url, redis_url, prefix, THREADS)
     settings = load_settings(env_vars)
@@ -209,7 +215,9 @@ def sluice(
 
     for _ in range(n):
         enqueue()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLUICE_")} | env_vars
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLUICE_", "OTEL_"))} | env_vars
+    if receiver is not None:
+        env |= {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
     ports = [free_port() for _ in range(processes)] if metrics else []
     scraping = threading.Event()
     if metrics:
@@ -268,14 +276,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--metrics", action="store_true", help="also run with the workers' metrics on and compare")
+    parser.add_argument("--tracing", action="store_true", help="also run with tracing to a local receiver and compare")
     args = parser.parse_args()
 
     rounds = max(1, args.rounds)
-    sides = ("base", "sluice", "metrics") if args.metrics else ("base", "sluice")
+    sides = ("base", "sluice", *(("metrics",) if args.metrics else ()), *(("tracing",) if args.tracing else ()))
     names = [f"{side}{i}" for i in range(rounds) for side in sides]
     results: list[tuple[dict[str, float], dict[str, float]]] = []
     with_metrics: list[dict[str, float]] = []
-    with bench_servers(*names) as servers:
+    with_tracing: list[dict[str, float]] = []
+    spans = 0
+    with bench_servers(*names) as servers, receive() as receiver:
         # Alternating rounds, so that background load on the machine hits both sides alike; the
         # last one also measures latency, memory and idle CPU.
         for i in range(rounds):
@@ -301,6 +312,14 @@ def main() -> None:
                 with_metrics.append(
                     sluice(url, servers.redis_url, prefix, args.runs, args.processes, args.rate, 0.0, metrics=True)
                 )
+            if args.tracing:
+                url = servers.databases[f"tracing{i}"]
+                migrate(url)
+                prefix = f"{servers.prefix}_tracing{i}"
+                with_tracing.append(
+                    sluice(url, servers.redis_url, prefix, args.runs, args.processes, args.rate, 0.0, receiver=receiver)
+                )
+        spans = len(receiver.received())
 
     print(f"\nrun pipeline: {args.runs} one-step runs, {args.processes} worker processes x {THREADS} threads")
     ratios = [o["throughput"] / b["throughput"] for b, o in results]
@@ -321,6 +340,12 @@ def main() -> None:
         for i, ((_, o), m) in enumerate(zip(results, with_metrics, strict=True)):
             print(f"  round {i + 1}: without {o['throughput']:.0f}, with {m['throughput']:.0f} runs/s: {costs[i]:.3f}")
         print(f"{'throughput ratio, median':28}{sorted(costs)[rounds // 2]:12.3f}{'':20}  >= 0.97")
+    if with_tracing:
+        costs = [t["throughput"] / o["throughput"] for (_, o), t in zip(results, with_tracing, strict=True)]
+        print(f"\ntracing on (every run's spans exported over OTLP/HTTP; {spans} spans received), against the same:")
+        for i, ((_, o), t) in enumerate(zip(results, with_tracing, strict=True)):
+            print(f"  round {i + 1}: without {o['throughput']:.0f}, with {t['throughput']:.0f} runs/s: {costs[i]:.3f}")
+        print(f"{'throughput ratio, median':28}{sorted(costs)[rounds // 2]:12.3f}{'':20}  >= 0.85")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
+from sluice_common.errors import ConflictError
 from sluice_common.metrics import QueueDepthCollector, RunMetrics, expired_leases
 from sluice_common.observe import RunEvents, run_events
-from sluice_common.runs import QueueStats, get_queue_stats
+from sluice_common.runs import QueueStats, cancel_run, get_queue_stats
 from sluice_worker.executor import RunExecutor
 from tests.integration.conftest import Pipeline
 
@@ -74,6 +75,28 @@ def test_runs_created_are_counted_after_commit(pipeline: Pipeline) -> None:
     finally:
         run_events.remove(metrics)
     assert registry.get_sample_value("sluice_runs_created_total", {"trigger": "manual"}) == 2
+
+
+def test_runs_cancelled_without_a_worker_are_counted_once_committed(pipeline: Pipeline) -> None:
+    registry = CollectorRegistry()
+    metrics = RunMetrics(registry)
+    run_events.add(metrics)
+    try:
+        owner = pipeline.user()
+        wf = pipeline.workflow(owner, NOOP)
+        queued = pipeline.enqueue(wf, owner).run_id
+        delayed = pipeline.enqueue(wf, owner, delay_ms=60_000).run_id
+        assert cancel_run(pipeline.pool, queued, owner) == "cancelled"
+        assert cancel_run(pipeline.pool, delayed, owner) == "cancelled"
+        with pytest.raises(ConflictError):
+            cancel_run(pipeline.pool, queued, owner)  # already over: not counted twice
+        running = pipeline.enqueue(wf, owner).run_id
+        with pipeline.pool.connection() as conn:  # a running run ends at its worker, which counts it
+            conn.execute("UPDATE runs SET status = 'running' WHERE id = %s", (running,))
+        assert cancel_run(pipeline.pool, running, owner) == "running"
+    finally:
+        run_events.remove(metrics)
+    assert registry.get_sample_value("sluice_runs_cancelled_total", {"trigger": "manual"}) == 2
 
 
 def test_queue_gauges_are_the_stats_endpoints_numbers(pipeline: Pipeline) -> None:

@@ -27,7 +27,16 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sluice_common.db import Pool
-from sluice_common.observe import BaseRunObserver, RunCreated, RunEnded, RunEvents, RunStarted, StepEnded, run_events
+from sluice_common.observe import (
+    BaseRunObserver,
+    RunCancelled,
+    RunCreated,
+    RunEnded,
+    RunEvents,
+    RunStarted,
+    StepEnded,
+    run_events,
+)
 from sluice_common.runs import QueueStats
 from sluice_common.settings import Settings
 
@@ -63,7 +72,7 @@ class RunMetrics(BaseRunObserver):
             "succeeded": counter("sluice_runs_succeeded", "Runs that succeeded, by trigger type"),
             "failed": counter("sluice_runs_failed", "Runs that failed for good (no attempt left), by trigger type"),
             "retried": counter("sluice_runs_retried", "Failed attempts with another attempt to come, by trigger type"),
-            "cancelled": counter("sluice_runs_cancelled", "Runs ended as cancelled by their worker, by trigger type"),
+            "cancelled": counter("sluice_runs_cancelled", "Runs that ended as cancelled, by trigger type"),
         }
         self.queue_wait = Histogram(
             "sluice_run_queue_wait_seconds",
@@ -113,6 +122,9 @@ class RunMetrics(BaseRunObserver):
         if counter is not None:
             counter.labels(*labels).inc()
         self.duration.labels(*labels, event.outcome).observe(max(0.0, event.duration_seconds))
+
+    def run_cancelled(self, event: RunCancelled) -> None:
+        self.ended["cancelled"].labels(*self._labels(event.trigger_type, event.workflow_id)).inc()
 
     def rate_limited(self, wait_ms: int) -> None:
         self.rate_limited_wakeups.inc()

@@ -1,10 +1,11 @@
 """The run-events seam: what happens to runs, told to whoever observes it (metrics, traces, log context).
 
-The producer (``enqueue_run``) and the worker's executor call a :class:`RunEvents` at the moments
-that matter: a run is created, an execution starts (the claim), a step starts, a step ends, an
-execution ends, a wake-up is held back by the rate limit. Within one execution the worker tells
-these on the thread that runs it, in order, and always tells the end (``crashed`` when the
-execution broke off), so an observer may keep per-thread state (a current span, a log context)
+The producer (``enqueue_run``), the cancelling calls and the worker's executor call a
+:class:`RunEvents` at the moments that matter: a run is created, an execution starts (the
+claim), a step starts, a step ends, an execution ends, a run is cancelled without a worker, a
+wake-up is held back by the rate limit. Within one execution the worker tells these on the
+thread that runs it, in order, and always tells the end (``crashed`` when the execution broke
+off), so an observer may keep per-thread state (a current span, a log context)
 from ``run_started`` to ``run_ended``. Observers implement :class:`RunObserver` (subclass
 :class:`BaseRunObserver` to pick only some events). Business code never knows what an observer
 does, and an observer that raises never breaks a run: its error is logged once and ignored.
@@ -81,6 +82,16 @@ class RunEnded:
     duration_seconds: float
 
 
+@dataclass(frozen=True)
+class RunCancelled:
+    """A run was cancelled before or between its executions (through the API, or with its parent
+    or its workflow): it ended without a worker, so no ``RunEnded`` tells it."""
+
+    run_id: str
+    workflow_id: str
+    trigger_type: str
+
+
 class RunObserver(Protocol):
     def run_created(self, event: RunCreated) -> None: ...
 
@@ -91,6 +102,8 @@ class RunObserver(Protocol):
     def step_ended(self, event: StepEnded) -> None: ...
 
     def run_ended(self, event: RunEnded) -> None: ...
+
+    def run_cancelled(self, event: RunCancelled) -> None: ...
 
     def rate_limited(self, wait_ms: int) -> None: ...
 
@@ -111,6 +124,9 @@ class BaseRunObserver:
         return None
 
     def run_ended(self, event: RunEnded) -> None:
+        return None
+
+    def run_cancelled(self, event: RunCancelled) -> None:
         return None
 
     def rate_limited(self, wait_ms: int) -> None:
@@ -161,6 +177,9 @@ class RunEvents:
 
     def ended(self, event: RunEnded) -> None:
         self._each("run_ended", lambda o: o.run_ended(event))
+
+    def cancelled(self, event: RunCancelled) -> None:
+        self._each("run_cancelled", lambda o: o.run_cancelled(event))
 
     def rate_limited(self, wait_ms: int) -> None:
         self._each("rate_limited", lambda o: o.rate_limited(wait_ms))

@@ -24,7 +24,7 @@ from sluice_common import runstate, tracing
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message, wake
 from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
-from sluice_common.observe import RunCreated, run_events
+from sluice_common.observe import RunCancelled, RunCreated, run_events
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.settings import Settings
 
@@ -159,7 +159,15 @@ def cancel_run(pool: Pool, run_id: UUID | str, owner_id: UUID | str) -> str:
     Returns the run's status after the call (``cancelled``, or ``running`` while it winds down).
     """
     with pool.connection() as conn, conn.transaction():
-        return runstate.cancel(conn, run_id, owner_id)
+        status, ended = runstate.cancel(conn, run_id, owner_id)
+    report_cancelled(ended)
+    return status
+
+
+def report_cancelled(ended: list[dict[str, Any]]) -> None:
+    """Tell the run events of runs a committed cancel ended (see :func:`runstate.ended_by_cancel`)."""
+    for row in ended:
+        run_events.cancelled(RunCancelled(str(row["id"]), str(row["workflow_id"]), str(row["trigger_type"])))
 
 
 def change_rate_limit(pool: Pool, broker: dramatiq.Broker, limiter: RateLimiter, per_minute: int) -> int:

@@ -427,6 +427,7 @@ UPDATE runs SET
                         ELSE 'cancelled before it started' END,
     updated_at = now()
 WHERE id = %(id)s AND status IN ('queued', 'delayed', 'waiting', 'running')
+RETURNING id, workflow_id, trigger_type, status
 """
 
 # A cancelled parent's sub-workflow run, and the runs that one started in turn.
@@ -443,6 +444,7 @@ UPDATE runs SET
     error = CASE WHEN status = 'running' THEN error ELSE 'its parent run was cancelled' END,
     updated_at = now()
 WHERE id IN (SELECT id FROM tree) AND status IN ('queued', 'delayed', 'waiting', 'running')
+RETURNING id, workflow_id, trigger_type, status
 """
 
 # The workflow was deleted: its unfinished runs are cancelled (running ones at their next step).
@@ -454,6 +456,7 @@ UPDATE runs SET
     error = CASE WHEN status = 'running' THEN error ELSE 'the workflow was deleted' END,
     updated_at = now()
 WHERE workflow_id = %(wf)s AND status IN ('queued', 'delayed', 'waiting', 'running')
+RETURNING id, workflow_id, trigger_type, status
 """
 
 # A failed run gets a new series of attempts (attempt numbers keep counting) on the same version:
@@ -468,9 +471,19 @@ WHERE r.id = %(id)s AND r.status = 'failed' AND v.workflow_id = r.workflow_id AN
 """
 
 
-def cancel(conn: DictConnection, run_id: UUID | str, owner_id: UUID | str) -> str:
-    """Cancel one of the owner's runs; return its status after the call (``cancelled``, or
-    ``running`` while it winds down). Runs in the caller's transaction."""
+def ended_by_cancel(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Of the rows a cancelling statement returned, the runs it ended (a running one ends later,
+    at its worker, which reports it)."""
+    return [r for r in rows if r["status"] == RunStatus.CANCELLED]
+
+
+def cancel(conn: DictConnection, run_id: UUID | str, owner_id: UUID | str) -> tuple[str, list[dict[str, Any]]]:
+    """Cancel one of the owner's runs (and its sub-workflow runs) in the caller's transaction.
+
+    Returns its status after the call (``cancelled``, or ``running`` while it winds down) and
+    the runs the call ended (``id``, ``workflow_id``, ``trigger_type``), for the caller to report
+    once committed.
+    """
     row = conn.execute(
         "SELECT status, waiting_for FROM runs WHERE id = %s AND owner_id = %s FOR UPDATE",
         (str(run_id), str(owner_id)),
@@ -480,10 +493,10 @@ def cancel(conn: DictConnection, run_id: UUID | str, owner_id: UUID | str) -> st
     status = str(row["status"])
     if status in TERMINAL:
         raise ConflictError(f"the run has already finished ({status})")
-    conn.execute(CANCEL, {"id": str(run_id)})
+    ended = conn.execute(CANCEL, {"id": str(run_id)}).fetchall()
     if row["waiting_for"] is not None:
-        conn.execute(CANCEL_TREE, {"child": row["waiting_for"]})
-    return status if status == RunStatus.RUNNING else RunStatus.CANCELLED
+        ended += conn.execute(CANCEL_TREE, {"child": row["waiting_for"]}).fetchall()
+    return (status if status == RunStatus.RUNNING else RunStatus.CANCELLED), ended_by_cancel(ended)
 
 
 def retry(

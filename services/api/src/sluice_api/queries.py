@@ -26,6 +26,7 @@ from sluice_common import runstate
 from sluice_common.broker import wake
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, NotFoundError
+from sluice_common.runs import report_cancelled
 from sluice_common.settings import Settings
 from sluice_common.tracing import trace_id_of
 from sluice_common.workflow import WorkflowDefinition
@@ -230,7 +231,8 @@ def delete_workflow(pool: Pool, owner: UUID, workflow_id: UUID) -> dict[str, Any
         ).fetchone()
         if row is None:
             raise NotFoundError("no such workflow")
-        conn.execute(runstate.CANCEL_WORKFLOW_RUNS, {"wf": workflow_id})
+        ended = runstate.ended_by_cancel(conn.execute(runstate.CANCEL_WORKFLOW_RUNS, {"wf": workflow_id}).fetchall())
+    report_cancelled(ended)
     return row
 
 

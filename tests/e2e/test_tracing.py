@@ -33,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 CALLER_TRACE = uuid.uuid4().hex
 CALLER_SPAN = uuid.uuid4().hex[:16]
+HOOK_TRACE = uuid.uuid4().hex
 SERVER, CLIENT, PRODUCER, CONSUMER = 2, 3, 4, 5  # span kinds in OTLP
 ERROR = 2
 
@@ -129,6 +130,22 @@ def test_one_trace_from_the_request_to_every_step_and_call(
         assert run["status"] == "succeeded", run
         assert run["traceId"] == CALLER_TRACE
 
+        # A webhook call continues its caller's trace too; the secret in its URL never reaches a span.
+        hook = client.post(
+            "/api/workflows",
+            json={
+                "name": "traced hook",
+                "trigger": {"type": "webhook"},
+                "steps": [{"id": "echo", "type": "transform", "config": {"value": 1}}],
+            },
+        ).json()
+        hook_url = hook["webhook"]["url"]
+        secret = hook_url.rsplit("/", 1)[1]
+        hooked = httpx.post(hook_url, json={"a": 1}, headers={"traceparent": f"00-{HOOK_TRACE}-{CALLER_SPAN}-01"})
+        assert hooked.status_code == 202, hooked.text
+        hook_run = wait_until(lambda: run_done(client, hooked.json()["runId"]), timeout=30, interval=0.2)
+        assert hook_run["traceId"] == HOOK_TRACE
+
         cron_wf = workflow(
             {
                 "name": "traced cron",
@@ -156,6 +173,14 @@ def test_one_trace_from_the_request_to_every_step_and_call(
             return spans if len(consumers) >= 5 and any(s.name == "step inner" for s in spans) else None
 
         spans = wait_until(complete, timeout=30, interval=0.2)
+        hook_spans = wait_until(
+            lambda: (
+                [s for s in receiver.received() if s.trace_id == HOOK_TRACE and s.kind == CONSUMER]
+                and [s for s in receiver.received() if s.trace_id == HOOK_TRACE]
+            ),
+            timeout=30,
+            interval=0.2,
+        )
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{stack.logs()}") from None
 
@@ -215,6 +240,11 @@ def test_one_trace_from_the_request_to_every_step_and_call(
     assert child_create.service == "sluice-worker"
     child_attempts = [s for s in spans if s.kind == CONSUMER and s.parent_span_id == child_create.span_id]
     assert [a.attributes["sluice.run.outcome"] for a in child_attempts] == ["succeeded"]
+
+    (hook_request,) = [s for s in hook_spans if s.kind == SERVER]
+    assert hook_request.parent_span_id == CALLER_SPAN
+    assert hook_request.name == "POST /api/hooks/{secret}"
+    assert secret not in repr(receiver.received())
 
     # A cron run's trace starts with the scheduler's fire.
     roots = [s for s in cron_trace if not s.parent_span_id]

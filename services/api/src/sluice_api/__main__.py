@@ -46,7 +46,7 @@ def main() -> None:
         server_urls(settings)
     except SluiceError as exc:
         raise SystemExit(f"api: {exc}") from None
-    configure_logging(settings.log_level, "api")
+    configure_logging(settings.log_level, "api", settings.log_format)
     _serve(settings)
 
 

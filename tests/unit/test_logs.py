@@ -249,3 +249,28 @@ def test_the_process_registry_gets_the_observer_once() -> None:
     finally:
         if observer not in before:
             run_events.remove(observer)
+
+
+def test_gunicorns_own_lines_take_the_process_format() -> None:
+    from gunicorn.config import Config
+
+    from sluice_api.__main__ import ProcessLogger
+
+    error_log = logging.getLogger("gunicorn.error")
+    saved = error_log.handlers[:], error_log.propagate, error_log.level
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("api"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        cfg = Config()
+        cfg.set("logger_class", ProcessLogger)
+        gunicorn_log = cfg.logger_class(cfg)
+        gunicorn_log.info("Booting worker with pid: %s", 42)
+    finally:
+        root.removeHandler(handler)
+        error_log.handlers[:], error_log.propagate, error_log.level = saved
+    [line] = [json.loads(text) for text in out.getvalue().splitlines()]
+    assert (line["logger"], line["service"]) == ("gunicorn.error", "api")
+    assert line["message"] == "Booting worker with pid: 42"

@@ -6,13 +6,18 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from psycopg.types.json import Jsonb
 
 from sluice_common.logs import JsonFormatter, clear, current_context
+from sluice_common.observe import BaseRunObserver, RunCreated, run_events
+from sluice_scheduler.service import create_scheduler
 from sluice_worker.service import create_worker
+from tests.conftest import wait_until
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
 
@@ -89,3 +94,44 @@ def test_a_failed_attempt_and_its_retry_each_carry_their_own_attempt(
     assert [line["attempt"] for line in requests] == [1, 2]
     # Outside a run the worker thread's lines carry no run (Dramatiq's own, the worker's).
     assert all("run_id" not in line for line in lines.all() if line["logger"] != "httpx")
+
+
+class LoggingObserver(BaseRunObserver):
+    """An observer that logs each run created, as a run-events observer may."""
+
+    def run_created(self, event: RunCreated) -> None:
+        logging.getLogger("sluice.test.observer").warning("created %s", event.run_id)
+
+
+def test_a_cron_fire_names_its_workflow_and_then_its_run(pipeline: Pipeline, lines: Lines) -> None:
+    owner = pipeline.user()
+    # Every second, last scheduled a minute ago: the first turn warns of the slots missed meanwhile.
+    trigger = {"type": "cron", "config": {"schedule": "* * * * * *", "missed": "skip"}}
+    with pipeline.pool.connection() as conn:
+        row = conn.execute(
+            "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps, created_at, updated_at) "
+            "VALUES (%s, 'cron', 'cron', %s, %s, now() - interval '60 seconds', now() - interval '60 seconds') "
+            "RETURNING id",
+            (owner, Jsonb(trigger), Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}])),
+        ).fetchone()
+    assert row is not None
+    wf = str(row["id"])
+    observer = LoggingObserver()
+    run_events.add(observer)
+    stopping = threading.Event()
+    settings = pipeline.settings.model_copy(update={"cron_late_tolerance_seconds": 2.0})
+    sched = create_scheduler(settings, pipeline.pool, pipeline.new_broker(), pipeline.redis)
+    try:
+        sched.start(stopping)
+        created = wait_until(lambda: [line for line in lines.all() if line["logger"] == "sluice.test.observer"])
+    finally:
+        stopping.set()
+        sched.join()
+        run_events.remove(observer)
+    [missed] = [line for line in lines.all() if "missed" in line["message"]]
+    assert missed["workflow_id"] == wf
+    assert "run_id" not in missed
+    first = created[0]
+    assert first["workflow_id"] == wf
+    assert first["message"] == f"created {first['run_id']}"
+    assert str(pipeline.run(first["run_id"])["workflow_id"]) == wf

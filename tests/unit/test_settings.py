@@ -71,6 +71,8 @@ def test_a_service_without_its_urls_names_them() -> None:
         ("DATABASE_URL", "mysql://x"),
         ("REDIS_URL", "http://x"),
         ("SLUICE_LOG_LEVEL", "LOUD"),
+        ("SLUICE_LOG_FORMAT", "xml"),
+        ("SLUICE_LOG_FORMAT", ""),
     ],
 )
 def test_bad_value_names_the_variable(name: str, value: str) -> None:
@@ -78,6 +80,14 @@ def test_bad_value_names_the_variable(name: str, value: str) -> None:
         load_settings({name: value})
     assert name in str(info.value)
     assert repr(value) in str(info.value)
+
+
+def test_log_format_is_text_unless_json_is_asked_for() -> None:
+    assert load_settings({}).log_format == "text"
+    assert load_settings({"SLUICE_LOG_FORMAT": "json"}).log_format == "json"
+    assert load_settings({"SLUICE_LOG_FORMAT": " JSON "}).log_format == "json"
+    with pytest.raises(ConfigError, match=r"SLUICE_LOG_FORMAT: .*must be text or json \(got 'logfmt'\)"):
+        load_settings({"SLUICE_LOG_FORMAT": "logfmt"})
 
 
 def test_every_bad_variable_is_reported_at_once() -> None:

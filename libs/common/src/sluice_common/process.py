@@ -38,7 +38,7 @@ def service_main(name: str, run: ServiceRun, *, need_redis: bool = True) -> None
         settings = load_settings()
     except SluiceError as exc:
         raise SystemExit(str(exc)) from None
-    configure_logging(settings.log_level, name)
+    configure_logging(settings.log_level, name, settings.log_format)
     try:
         urls = server_urls(settings, need_redis=need_redis)
         stopping = stop_event()

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -81,6 +81,9 @@ class Settings(BaseSettings):
         float, Field(gt=0, le=300, validation_alias=_env("SLUICE_DB_POOL_TIMEOUT_SECONDS"))
     ] = 5.0
     log_level: Annotated[str, Field(validation_alias=_env("SLUICE_LOG_LEVEL"))] = "INFO"
+    # One line per record: ``text`` for people (the default, and ``sluice dev``), ``json`` for log
+    # collectors (the images set it).
+    log_format: Annotated[Literal["text", "json"], Field(validation_alias=_env("SLUICE_LOG_FORMAT"))] = "text"
     # Engine
     step_timeout_seconds: Annotated[
         float, Field(gt=0, le=7 * 86400, validation_alias=_env("SLUICE_STEP_TIMEOUT_SECONDS"))
@@ -148,6 +151,13 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _check_log_format(cls, value: object) -> object:
+        if not isinstance(value, str) or value.strip().lower() not in ("text", "json"):
+            raise ValueError("must be text or json")
+        return value.strip().lower()
 
     @field_validator("http_allow_hosts")
     @classmethod

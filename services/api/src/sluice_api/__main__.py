@@ -12,6 +12,7 @@ import resource
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger
 
 from sluice_api import multiproc
 from sluice_api.http_worker import buffering_worker
@@ -35,6 +36,20 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return get_app()
 
 
+class ProcessLogger(Logger):  # type: ignore[misc]
+    """gunicorn's own lines (a worker booted, timed out, exited) in the process's format, JSON in the
+    images: they go through the root logger that ``configure_logging`` set up, not a handler of
+    gunicorn's own that would write them in its format."""
+
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        if cfg.errorlog == "-":  # to stderr, where the root logger writes too
+            handler = self._get_gunicorn_handler(self.error_log)
+            if handler is not None:
+                self.error_log.removeHandler(handler)
+            self.error_log.propagate = True
+
+
 def main() -> None:
     try:
         settings = load_settings()
@@ -46,7 +61,7 @@ def main() -> None:
         server_urls(settings)
     except SluiceError as exc:
         raise SystemExit(f"api: {exc}") from None
-    configure_logging(settings.log_level, "api")
+    configure_logging(settings.log_level, "api", settings.log_format)
     _serve(settings)
 
 
@@ -74,6 +89,7 @@ def _serve(settings: Settings) -> None:
             "graceful_timeout": 10,
             "accesslog": None,
             "loglevel": settings.log_level.lower(),
+            "logger_class": ProcessLogger,
             "proc_name": "sluice-api",
             # One shared control socket path per machine would clash between instances.
             "control_socket_disable": True,

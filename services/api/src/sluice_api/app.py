@@ -1,8 +1,8 @@
 """The API app factory. ``create_app`` takes its dependencies; ``get_app`` builds them for gunicorn.
 
-``create_app`` adds the middleware and mounts the routes of ``sluice_api.routes``, and ``/metrics``
-(:mod:`sluice_api.metrics`; the HTTP metrics are a middleware, the run metrics an observer of the
-run events that ``get_app`` adds).
+``create_app`` adds the middleware (the request id of :mod:`sluice_api.requestid` first) and mounts
+the routes of ``sluice_api.routes``, and ``/metrics`` (:mod:`sluice_api.metrics`; the HTTP metrics
+are a middleware, the run metrics an observer of the run events that ``get_app`` adds).
 
 Nothing here opens a pool or a connection at import time: gunicorn calls ``get_app`` in each
 worker process after the fork.
@@ -21,6 +21,7 @@ from sluice_api import metrics, multiproc, problems, tracing
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import KnownParamsMiddleware
+from sluice_api.requestid import RequestIdMiddleware
 from sluice_api.resources.base import Context
 from sluice_api.routes import ROUTES, mount
 from sluice_common.broker import WakeupSender, make_broker
@@ -44,8 +45,14 @@ def create_app(
         limiter = RedisRequestLimiter(deps.redis, deps.settings.redis_prefix, deps.settings.api_rate_limit_per_minute)
     else:
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
-    # First, so that it times the whole request and sees every answer, refusals included.
-    middleware: list[Any] = [metrics.HttpMetrics(registry), AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    # The request id first, so that every line logged for a request names it; then the metrics, so
+    # that they time the whole request and see every answer, refusals included.
+    middleware: list[Any] = [
+        RequestIdMiddleware(),
+        metrics.HttpMetrics(registry),
+        AuthMiddleware(deps.pool, limiter),
+        KnownParamsMiddleware(),
+    ]
     tracing.instrument_falcon()  # before the app is built: the instrumented class replaces falcon.App
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True

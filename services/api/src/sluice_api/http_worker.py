@@ -14,7 +14,8 @@ as is) and moves the reading into the worker's event loop:
 - a connection goes to the thread pool when its whole request is buffered; the bytes are replayed
   to gunicorn's own parser, which then never waits on the socket;
 - a body over ``max_body_bytes`` (declared, or counted while de-chunking) is answered 413 here
-  without buffering it, as is a head larger than gunicorn's own header limits allow (431);
+  without buffering it, as is a head larger than gunicorn's own header limits allow (431); like
+  the app's, these answers carry an ``X-Request-Id`` (the client's when its head was read);
 - gunicorn's ``worker_connections`` caps the connections a worker holds open.
 
 :class:`RequestBuffer` is the part that decides where a request ends; it knows nothing of sockets.
@@ -35,6 +36,7 @@ from typing import Any
 
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 
+from sluice_api import requestid
 from sluice_api.problems import PROBLEM_JSON, problem_body
 
 _HEX = re.compile(rb"[0-9A-Fa-f]+")
@@ -76,6 +78,7 @@ class RequestBuffer:
     def __init__(self, max_head: int, max_body: int, data: bytes = b"") -> None:
         self.data = bytearray(data)
         self.expects_continue = False  # the client waits for "100 Continue" before its body
+        self.request_id: str | None = None  # the head's X-Request-Id (repeated ones joined, as WSGI does)
         self._max_head = max_head
         self._max_body = max_body
         self._scanned = 0  # how far the search for the head's end got
@@ -125,6 +128,9 @@ class RequestBuffer:
                 codings.extend(c.strip(b" \t").lower() for c in value.split(b","))
             elif key == b"expect":
                 expect = value.strip(b" \t").lower()
+            elif key == b"x-request-id":
+                given = value.strip(b" \t").decode("latin-1")
+                self.request_id = given if self.request_id is None else f"{self.request_id}, {given}"
         if expect is not None and expect != b"100-continue":
             return Framing.HAND_OVER  # 417
         if codings:
@@ -195,12 +201,14 @@ def max_head_bytes(cfg: Any) -> int:
     return line + 2 + fields * (size + 2) + 4
 
 
-def error_response(status: int, title: str, detail: str) -> bytes:
-    """A whole HTTP/1.1 problem response that closes the connection."""
+def error_response(status: int, title: str, detail: str, request_id: str | None = None) -> bytes:
+    """A whole HTTP/1.1 problem response that closes the connection (``request_id``: the request's
+    ``X-Request-Id``, kept if acceptable, else one is made)."""
     body = json.dumps(problem_body(status, title, detail, title.lower().replace(" ", "-"))).encode()
     head = (
         f"HTTP/1.1 {status} {title}\r\nContent-Type: {PROBLEM_JSON}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{requestid.HEADER}: {requestid.request_id(request_id)}\r\n"
+        "Connection: close\r\n\r\n"
     )
     return head.encode() + body
 
@@ -321,13 +329,15 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
             self._unregister(conn)
         if verdict is Framing.BODY_TOO_LARGE:
             detail = f"the request body is larger than {self.max_body_bytes} bytes"
-            self._refuse(conn, error_response(413, "Content Too Large", detail))
+            self._refuse(conn, error_response(413, "Content Too Large", detail, reading.buffer.request_id))
         elif verdict is Framing.HEAD_TOO_LARGE:
             detail = "the request head is larger than the server accepts"
-            self._refuse(conn, error_response(431, "Request Header Fields Too Large", detail))
+            self._refuse(
+                conn, error_response(431, "Request Header Fields Too Large", detail, reading.buffer.request_id)
+            )
         elif verdict is Framing.TRUNCATED:
             detail = "the request could not be read: it ended before its body was complete"
-            self._refuse(conn, error_response(400, "Bad Request", detail))
+            self._refuse(conn, error_response(400, "Bad Request", detail, reading.buffer.request_id))
         else:
             self._hand_over(conn, reading)
 
@@ -370,7 +380,7 @@ class BufferingWorker(ThreadWorker):  # type: ignore[misc]
             self._unregister(conn)
             if reading.buffer.data and self.alive:
                 detail = f"the request did not arrive within {self.request_timeout:g} seconds"
-                self._refuse(conn, error_response(408, "Request Timeout", detail))
+                self._refuse(conn, error_response(408, "Request Timeout", detail, reading.buffer.request_id))
             else:
                 self._close(conn)
         while self._lingering:

@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from pydantic.alias_generators import to_camel
 from pydantic.json_schema import models_json_schema
 
-from sluice_api import schemas
+from sluice_api import requestid, schemas
 from sluice_api.inputs import RFC3339
 from sluice_common.workflow import STEP_ID_PATTERN, WorkflowDefinition, step_types
 
@@ -118,6 +118,16 @@ IDEMPOTENCY_HEADER = {
     "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x20-\\x7e]+$"},
     "description": "The same key for the same workflow returns the run the first request created.",
 }
+# Every answer carries it (sluice_api.requestid); it is not a documented request parameter because
+# an unacceptable one is replaced, not refused.
+REQUEST_ID_HEADER = {
+    "description": (
+        "The request's id, also in every log line written for it: the request's own `X-Request-Id` "
+        "when it is 1 to 128 letters, digits or `._:-`, else a generated one."
+    ),
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+}
 IF_MATCH_HEADER = {
     "name": "If-Match",
     "in": "header",
@@ -200,6 +210,15 @@ def _components() -> dict[str, Any]:
     return defs
 
 
+def _with_request_id(operation: dict[str, Any]) -> dict[str, Any]:
+    """The operation with the request id header on each of its answers (copied: resources share theirs)."""
+    answers = {
+        code: {**answer, "headers": {**answer.get("headers", {}), requestid.HEADER: REQUEST_ID_HEADER}}
+        for code, answer in operation.get("responses", {}).items()
+    }
+    return {**operation, "responses": answers}
+
+
 def _paths(routes: Sequence[Route]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for route in routes:
@@ -207,7 +226,8 @@ def _paths(routes: Sequence[Route]) -> dict[str, Any]:
         path, params = openapi_path(route.template, resource.path_params)
         item: dict[str, Any] = {"parameters": params} if params else {}
         for method, operation in resource.operations.items():
-            item[method] = {**operation, "security": []} if resource.public else operation
+            documented = _with_request_id(operation)
+            item[method] = {**documented, "security": []} if resource.public else documented
         paths[path] = item
     return paths
 
@@ -220,7 +240,10 @@ def document(routes: tuple[Route, ...]) -> dict[str, Any]:
         "info": {
             "title": "Sluice",
             "version": "1",
-            "description": "Self-hosted workflow runner. Errors are RFC 9457 problem details.",
+            "description": (
+                "Self-hosted workflow runner. Errors are RFC 9457 problem details. Every answer carries an "
+                "`X-Request-Id` (the request's own when acceptable) that the API's log lines for it name too."
+            ),
         },
         "security": [{"bearer": []}],
         "paths": _paths(routes),

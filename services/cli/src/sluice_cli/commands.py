@@ -27,7 +27,7 @@ from sluice_cli.supervisor import Child, Supervisor
 from sluice_common import users
 from sluice_common.db import migrate
 from sluice_common.errors import SluiceError
-from sluice_common.logs import configure_logging
+from sluice_common.logs import LogFormat, configure_logging
 from sluice_common.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -38,12 +38,13 @@ SERVICES = ("api", "worker", "scheduler")
 DEV_USER = "dev"
 
 
-def _settings() -> Settings:
+def _settings(log_format: LogFormat | None = None) -> Settings:
+    """The settings, with logging set up (in ``log_format`` when given, else as configured)."""
     try:
         settings = load_settings()
     except SluiceError as exc:
         raise click.ClickException(str(exc)) from None
-    configure_logging(settings.log_level, "cli")
+    configure_logging(settings.log_level, "cli", log_format or settings.log_format)
     return settings
 
 
@@ -272,7 +273,9 @@ def _dev_metrics_note(settings: Settings, ports: dict[str, int]) -> str:
 @main.command("dev")
 def dev_cmd() -> None:
     """Run the whole system locally: embedded servers if needed, migrations, all services."""
-    settings = _settings()
+    # Text, whatever the environment says: the lines of all services are merged with a prefix each,
+    # for a person to read.
+    settings = _settings(log_format="text")
     metrics = _dev_metrics_ports(settings)
     # The API's gunicorn workers share their metric values through files: a fresh folder per session.
     with _endpoints(settings) as endpoints, tempfile.TemporaryDirectory(prefix="sluice-api-metrics-") as api_metrics:
@@ -299,6 +302,7 @@ def dev_cmd() -> None:
             **{k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"},
             "DATABASE_URL": endpoints.database_url,
             "REDIS_URL": endpoints.redis_url,
+            "SLUICE_LOG_FORMAT": "text",
         }
         sup = Supervisor(children, env)
         status = _supervise(sup)

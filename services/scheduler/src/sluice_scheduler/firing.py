@@ -5,7 +5,8 @@ the claim is ``INSERT ... ON CONFLICT DO NOTHING``, and the run row is inserted 
 transaction, so either both exist or neither does, whatever crashes and however many schedulers
 run. The workflow row is read ``FOR SHARE``: a pause or an edit committed first is seen, and one
 committed later waits for the fire, so nothing fires after a pause has returned.
-The wake-up message is sent after commit (a lost one is re-sent by the reconciler).
+The wake-up message is sent after commit (a lost one is re-sent by the reconciler), with the
+workflow and the new run in the log context.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sluice_common import runstate
 from sluice_common.broker import wake
 from sluice_common.cron import PlannedFire, iso
 from sluice_common.db import DictConnection, Pool
+from sluice_common.logs import log_context
 from sluice_common.observe import RunCreated, run_events
 from sluice_common.runs import insert_run
 from sluice_common.settings import Settings
@@ -129,8 +131,9 @@ def fire(
     except _Duplicate:
         return "duplicate", None
     if run_id is not None:
-        wake(broker, str(run_id))
-        run_events.created(RunCreated(str(run_id), wf.id, "cron"))
+        with log_context(workflow_id=wf.id, run_id=str(run_id)):
+            wake(broker, str(run_id))
+            run_events.created(RunCreated(str(run_id), wf.id, "cron"))
     return outcome, run_id
 
 
@@ -175,6 +178,7 @@ def release_deferred(
             )
             started.append((run_id, wf_id))
     for run_id, wf_id in started:
-        wake(broker, str(run_id))
-        run_events.created(RunCreated(str(run_id), wf_id, "cron"))
+        with log_context(workflow_id=wf_id, run_id=str(run_id)):
+            wake(broker, str(run_id))
+            run_events.created(RunCreated(str(run_id), wf_id, "cron"))
     return len(started), waiting

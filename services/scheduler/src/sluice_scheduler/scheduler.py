@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from sluice_common import tracing
 from sluice_common.cron import REFRESH_ALL, Schedule, plan_due
 from sluice_common.db import Pool
+from sluice_common.logs import log_context
 from sluice_common.settings import Settings
 from sluice_common.workflow import CronConfig
 from sluice_scheduler.firing import CronWorkflow, fire, release_deferred
@@ -239,6 +240,11 @@ class CronScheduler:
 
     def _fire_entry(self, entry: Entry, now: datetime) -> str:
         """Handle an entry's due slots in order; set its next time. Runs on the fire threads."""
+        # Every line logged while the workflow's slots fire names it (and a slot's run, once created).
+        with log_context(workflow_id=entry.workflow.id):
+            return self._fire_slots(entry, now)
+
+    def _fire_slots(self, entry: Entry, now: datetime) -> str:
         config = entry.workflow.config
         plan = plan_due(entry.schedule, config, entry.anchor, now, self.settings.cron_late_tolerance_seconds)
         if plan.missed:

@@ -10,8 +10,9 @@ so redelivered messages are harmless. The statements that move the run are all i
 checkpoints), :mod:`~sluice_worker.subruns` (sub-workflow runs) and
 :mod:`~sluice_worker.outcomes` (which finishing statement an outcome takes).
 
-Observers (metrics; see :mod:`sluice_common.observe`) hear of each claim, step end, execution
-end and held-back wake-up through ``events``; :mod:`~sluice_worker.observing` adapts the store.
+Observers (the log context, metrics; see :mod:`sluice_common.observe`) hear of each claim, step
+start and end, execution end and held-back wake-up through ``events``; :mod:`~sluice_worker.observing`
+adapts the store.
 
 Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, the pinned
 workflow version and checkpoints, committed without waiting for the WAL flush) and one finishing

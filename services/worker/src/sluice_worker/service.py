@@ -1,9 +1,10 @@
 """Builds and runs the worker service: a Dramatiq worker whose ``execute_run`` actor claims runs.
 
-``create_worker`` takes its dependencies (settings, pool, broker, rate limiter) and registers the
-actor on the given broker; nothing is opened at import time. A housekeeping thread renews the
-leases of this process's runs, recovers runs whose worker died (any worker may do it; the
-conditional UPDATE makes it safe to race), and wakes runs whose awaited sub-workflow has ended.
+``create_worker`` takes its dependencies (settings, pool, broker, rate limiter), registers the
+actor on the given broker and sets up the log context of runs (:mod:`sluice_worker.logcontext`);
+nothing is opened at import time. A housekeeping thread renews the leases of this process's runs,
+recovers runs whose worker died (any worker may do it; the conditional UPDATE makes it safe to
+race), and wakes runs whose awaited sub-workflow has ended.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
 from sluice_common.runs import Recovery
 from sluice_common.settings import ServerUrls, Settings
 from sluice_worker.executor import RunExecutor
+from sluice_worker.logcontext import install_log_context
 from sluice_worker.metrics import start_metrics
 from sluice_worker.safehttp import make_client
 from sluice_worker.tracing import start_tracing
@@ -82,6 +84,8 @@ def create_worker(
     # One pooled client per worker process, shared by every run thread (see safehttp).
     client = http or make_client()
     executor = RunExecutor(settings, pool, broker, limiter, client, worker_id, stopping)
+    # Every line logged while a run executes names it (the metrics observer is added by start_metrics).
+    install_log_context(broker, executor.events)
     dramatiq.Actor(
         executor.handle,
         broker=broker,

@@ -263,8 +263,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         lines = []
         for err in exc.errors():
             name = _variable_name(err["loc"])
-            info = Settings.model_fields.get(str(err["loc"][0])) if err["loc"] else None
             # A value hidden from repr (a key, a URL with a token) stays out of the message too.
-            got = "value hidden" if info is not None and not info.repr else f"got {err.get('input')!r}"
+            hidden = any(
+                not info.repr and name in (field, *getattr(info.validation_alias, "choices", ()))
+                for field, info in Settings.model_fields.items()
+            )
+            got = "value hidden" if hidden else f"got {err.get('input')!r}"
             lines.append(f"{name}: {err['msg']} ({got})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -26,15 +26,15 @@ import logging
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from psycopg.types.json import Jsonb
 
-from sluice_common.db import DictConnection, Pool
+from sluice_common.db import Pool
 from sluice_scheduler.alerts import RULES, AlertRule
 
 log = logging.getLogger(__name__)
@@ -136,19 +136,47 @@ def notice_body(rule: AlertRule, change: Change, now: datetime, *, external_url:
 # PostgreSQL: states and the outbox -----------------------------------------------------------------
 
 
+class Store(Protocol):
+    """Where alert states and notices live: :class:`AlertStore` (PostgreSQL), or a test's double."""
+
+    def load(self, names: Iterable[str]) -> dict[str, AlertState]: ...
+
+    def measure(self, rules: Sequence[AlertRule]) -> tuple[datetime, list[tuple[AlertRule, float | None]]]: ...
+
+    def apply(self, name: str, change: Change, body: dict[str, Any] | None) -> bool: ...
+
+    def next_notice(self) -> tuple[int, dict[str, Any], int] | None: ...
+
+    def delivered(self, notice_id: int) -> None: ...
+
+    def failed(self, notice_id: int, error: str, retry_in: float) -> None: ...
+
+    def prune(self) -> None: ...
+
+
 class AlertStore:
     """The alert states and the notices to post, in PostgreSQL (every method is one short transaction)."""
 
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
 
-    def now(self) -> datetime:
-        # The database's clock, so that replicas on hosts with drifting clocks agree on ``for``.
+    def measure(self, rules: Sequence[AlertRule]) -> tuple[datetime, list[tuple[AlertRule, float | None]]]:
+        """The database's time and each rule's reading; a rule whose query fails is left out.
+
+        The time is the database's, so that replicas on hosts with drifting clocks agree on ``for``.
+        A rule whose query fails keeps its state: a broken query must not resolve an alert.
+        """
+        readings: list[tuple[AlertRule, float | None]] = []
         with self._pool.connection() as conn:
             row = conn.execute("SELECT clock_timestamp() AS now").fetchone()
-        assert row is not None
+            assert row is not None
+            for rule in rules:
+                try:
+                    readings.append((rule, rule.measure(conn)))
+                except Exception:
+                    log.warning("alert %s: cannot measure it; its state is kept", rule.name, exc_info=True)
         now: datetime = row["now"]
-        return now
+        return now, readings
 
     def load(self, names: Iterable[str]) -> dict[str, AlertState]:
         """Every rule's state (rows made on first sight, inactive)."""
@@ -283,25 +311,27 @@ def _describe(exc: Exception) -> str:
 class AlertJob:
     """One evaluation of every rule and the posting of what changed (a maintenance job's action).
 
-    ``rules`` and the timings are parameters so tests can shorten them; the service uses the defaults.
+    ``rules``, ``post`` and the timings are parameters so tests can shorten or replace them; the
+    service uses the defaults.
     """
 
     def __init__(
         self,
-        pool: Pool,
+        store: Store,
         url: str,
         *,
         rules: Sequence[AlertRule] = RULES,
         external_url: str = "",
+        post: Callable[[str, dict[str, Any], float], None] = post_json,
         timeout: float = POST_TIMEOUT_SECONDS,
         budget: float = POST_BUDGET_SECONDS,
         backoff: tuple[float, float] = (BACKOFF_MIN_SECONDS, BACKOFF_MAX_SECONDS),
     ) -> None:
-        self._pool = pool
-        self._store = AlertStore(pool)
+        self._store = store
         self._url = url
         self._rules = tuple(rules)
         self._external_url = external_url
+        self._post = post
         self._timeout = timeout
         self._budget = budget
         self._backoff = backoff
@@ -310,24 +340,10 @@ class AlertJob:
         self.evaluate()
         self.deliver()
 
-    def _measure(self, conn: DictConnection, rule: AlertRule) -> tuple[bool, float | None]:
-        try:
-            return True, rule.measure(conn)
-        except Exception:
-            # A rule whose query fails keeps its state: a broken query must not resolve an alert.
-            log.warning("alert %s: cannot measure it; its state is kept", rule.name, exc_info=True)
-            return False, None
-
     def evaluate(self) -> list[tuple[str, Change]]:
         """Measure every rule and claim the changes; return those claimed (by this evaluator)."""
         states = self._store.load(r.name for r in self._rules)
-        now = self._store.now()
-        readings: list[tuple[AlertRule, float | None]] = []
-        with self._pool.connection() as conn:
-            for rule in self._rules:
-                ok, value = self._measure(conn, rule)
-                if ok:
-                    readings.append((rule, value))
+        now, readings = self._store.measure(self._rules)
         claimed: list[tuple[str, Change]] = []
         for rule, value in readings:
             change = next_state(rule, states.get(rule.name, AlertState()), value, now)
@@ -358,9 +374,10 @@ class AlertJob:
                 break
             notice_id, body, attempt = taken
             try:
-                post_json(self._url, body, self._timeout)
+                self._post(self._url, body, self._timeout)
             except Exception as exc:
-                retry_in = min(self._backoff[1], self._backoff[0] * 2 ** (attempt - 1))
+                # The exponent is capped: a receiver down for days counts thousands of attempts.
+                retry_in = min(self._backoff[1], self._backoff[0] * 2 ** min(attempt - 1, 30))
                 log.warning(
                     "alert webhook: notice %d (%s %s) not delivered (attempt %d: %s); retrying in %.0f s",
                     notice_id,

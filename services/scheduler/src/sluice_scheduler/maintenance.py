@@ -26,7 +26,7 @@ from sluice_common import runstate
 from sluice_common.db import Pool
 from sluice_common.runs import Recovery, reconcile
 from sluice_common.settings import Settings
-from sluice_scheduler.alerting import AlertJob
+from sluice_scheduler.alerting import AlertJob, AlertStore
 from sluice_scheduler.leadership import Lease
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def maintenance_jobs(settings: Settings, pool: Pool, broker: dramatiq.Broker) ->
         Job("prune", PRUNE_INTERVAL_SECONDS, lambda: prune_history(pool, settings.run_retention_days)),
     ]
     if settings.alert_webhook_url:
-        alerts = AlertJob(pool, settings.alert_webhook_url, external_url=settings.public_url or "")
+        alerts = AlertJob(AlertStore(pool), settings.alert_webhook_url, external_url=settings.public_url or "")
         jobs.append(Job("alerts", settings.alert_interval_seconds, alerts))
     return jobs
 

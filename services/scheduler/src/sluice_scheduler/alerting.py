@@ -10,8 +10,11 @@ Once per change, across failovers: states live in PostgreSQL (``alert_states``, 
 change is claimed with an UPDATE that matches the version that was read, and its notice is written
 to an outbox (``alert_notices``) in the same transaction; notices are then posted in order, each
 attempt claimed first, until the receiver answers 2xx. A failed post is retried on later
-evaluations with a growing backoff, and posting stops at the first failure so one slow or dead
-receiver holds the maintenance loop for one timeout at most.
+evaluations with a growing backoff. Posting stops at the first failure, and no post starts once a
+turn has spent its budget on posting: a dead receiver holds the maintenance loop (recovery,
+reconciliation) one timeout at most per evaluation, a slow one about two. A leader that crashes
+mid-post leaves its attempt held; the next leader posts it again once the hold lapses (the one
+case of a notice posted twice).
 
 The body follows Alertmanager's webhook (``version`` 4), so receivers written for it work, with the
 measured value added (``value``).

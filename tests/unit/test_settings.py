@@ -90,6 +90,27 @@ def test_log_format_is_text_unless_json_is_asked_for() -> None:
         load_settings({"SLUICE_LOG_FORMAT": "logfmt"})
 
 
+def test_the_alert_webhook_is_off_unless_set_and_takes_http_urls() -> None:
+    s = load_settings({})
+    assert (s.alert_webhook_url, s.alert_interval_seconds) == (None, 15.0)
+    assert load_settings({"SLUICE_ALERT_WEBHOOK_URL": ""}).alert_webhook_url is None
+    for url in ("https://hooks.example.com/sluice?token=abc", "http://alertmanager:9093/api/v2/x", "http://[::1]:80/"):
+        assert load_settings({"SLUICE_ALERT_WEBHOOK_URL": url}).alert_webhook_url == url
+    assert load_settings({"SLUICE_ALERT_INTERVAL_SECONDS": "30"}).alert_interval_seconds == 30
+
+
+@pytest.mark.parametrize(
+    "url", ["hooks.example.com/sluice", "ftp://example.com/x", "https://", "http://host:port/x", "http://h:0/"]
+)
+def test_a_bad_alert_webhook_url_is_refused_without_being_echoed(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"SLUICE_ALERT_WEBHOOK_URL: .*must be an http:// or https:// URL") as info:
+        load_settings({"SLUICE_ALERT_WEBHOOK_URL": url})
+    # Such URLs often carry a token: the message and the settings' repr do not show them.
+    assert repr(url) not in str(info.value)
+    assert "value hidden" in str(info.value)
+    assert "secret" not in repr(load_settings({"SLUICE_ALERT_WEBHOOK_URL": "https://h.example/secret"}))
+
+
 def test_every_bad_variable_is_reported_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         load_settings({"SLUICE_CONCURRENCY": "x", "SLUICE_MAX_ATTEMPTS": "y"})

@@ -305,6 +305,10 @@ class Recovery:
 
 # Queue stats -----------------------------------------------------------------------------------
 
+# A run waiting for a worker: queued, or delayed and due. The stats' (and the queue gauge's)
+# ``waiting``, and what the scheduler's backlog alert counts (``sluice_scheduler.alerts``).
+READY_TO_START = "status IN ('queued', 'delayed') AND coalesce(not_before, '-infinity') <= now()"
+
 
 @dataclass(frozen=True)
 class QueueStats:
@@ -329,10 +333,9 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
     """Exact counts from two index-only queries (unfinished runs, recent finished ones)."""
     with pool.connection() as conn:
         live = conn.execute(
-            """
+            f"""
             SELECT priority,
-                   count(*) FILTER (WHERE status IN ('queued', 'delayed')
-                                      AND coalesce(not_before, '-infinity') <= now()) AS waiting,
+                   count(*) FILTER (WHERE {READY_TO_START}) AS waiting,
                    count(*) FILTER (WHERE status = 'delayed' AND not_before > now()) AS delayed,
                    count(*) FILTER (WHERE status = 'running') AS active
             FROM runs WHERE status IN ('queued', 'delayed', 'running') GROUP BY priority

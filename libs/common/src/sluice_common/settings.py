@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -112,6 +113,14 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int | None, Field(ge=0, le=65535, validation_alias=_env("SLUICE_METRICS_PORT"))] = None
     metrics_host: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_METRICS_HOST"))] = "127.0.0.1"
     metrics_workflow_labels: Annotated[bool, Field(validation_alias=_env("SLUICE_METRICS_WORKFLOW_LABELS"))] = False
+    # Alerts: where the scheduler's leader posts each alert that starts or ends (none when unset),
+    # and how often it evaluates them. Hidden from repr: such URLs often carry a token.
+    alert_webhook_url: Annotated[str | None, Field(validation_alias=_env("SLUICE_ALERT_WEBHOOK_URL"), repr=False)] = (
+        None
+    )
+    alert_interval_seconds: Annotated[
+        float, Field(ge=1, le=3600, validation_alias=_env("SLUICE_ALERT_INTERVAL_SECONDS"))
+    ] = 15.0
 
     @field_validator("metrics_port", mode="before")
     @classmethod
@@ -142,6 +151,20 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _check_alert_webhook_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        try:
+            valid = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:  # a port that is not a number, or out of range
+            valid = False
+        if not valid:
+            raise ValueError("must be an http:// or https:// URL, for example https://alerts.example.com/sluice")
         return value
 
     @field_validator("log_level")
@@ -253,5 +276,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         lines = []
         for err in exc.errors():
             name = _variable_name(err["loc"])
-            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+            # A value hidden from repr (a key, a URL with a token) stays out of the message too.
+            hidden = any(
+                not info.repr and name in (field, *getattr(info.validation_alias, "choices", ()))
+                for field, info in Settings.model_fields.items()
+            )
+            got = "value hidden" if hidden else f"got {err.get('input')!r}"
+            lines.append(f"{name}: {err['msg']} ({got})")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -5,6 +5,8 @@
 - ``prune`` every hour: finished runs older than ``SLUICE_RUN_RETENTION_DAYS`` (their attempts
   and steps go with them) and old cron fires, in small batches so no long lock is held; then the
   versions of deleted workflows that no remaining run executed, and deleted workflows without runs.
+- ``alerts`` every ``SLUICE_ALERT_INTERVAL_SECONDS``, only when ``SLUICE_ALERT_WEBHOOK_URL`` is set:
+  the alert rules evaluated and their changes posted (:mod:`sluice_scheduler.alerting`).
 
 Each job slot is claimed (in Redis, next to the lease) before it runs, so a job runs once per
 slot even when leadership changes hands in the middle of an interval.
@@ -24,6 +26,7 @@ from sluice_common import runstate
 from sluice_common.db import Pool
 from sluice_common.runs import Recovery, reconcile
 from sluice_common.settings import Settings
+from sluice_scheduler.alerting import AlertJob, AlertStore
 from sluice_scheduler.leadership import Lease
 
 log = logging.getLogger(__name__)
@@ -117,11 +120,15 @@ class Job:
 
 
 def maintenance_jobs(settings: Settings, pool: Pool, broker: dramatiq.Broker) -> list[Job]:
-    return [
+    jobs = [
         Job("recover", settings.reconcile_seconds, Recovery(pool, broker, settings.lease_seconds)),
         Job("reconcile", settings.reconcile_seconds, lambda: reconcile(pool, broker, settings)),
         Job("prune", PRUNE_INTERVAL_SECONDS, lambda: prune_history(pool, settings.run_retention_days)),
     ]
+    if settings.alert_webhook_url:
+        alerts = AlertJob(AlertStore(pool), settings.alert_webhook_url, external_url=settings.public_url or "")
+        jobs.append(Job("alerts", settings.alert_interval_seconds, alerts))
+    return jobs
 
 
 def maintenance_loop(lease: Lease, jobs: list[Job], stopping: threading.Event) -> None:

@@ -235,9 +235,42 @@ def test_the_observer_keeps_the_context_of_the_run_and_its_steps() -> None:
     events.step_ended(StepEnded("r1", "w1", "a", "transform", "succeeded", 0.1, 2))
     assert "step_id" not in current_context()
     events.step_started(StepStarted("r1", "w1", "b", "http", 2, 1))
+    events.step_ended(StepEnded("r1", "w1", "b", "http", "failed", 0.1, 2, error="HTTP 503"))
+    events.step_started(StepStarted("r1", "w1", "c", "http", 2, 2))
     # The execution broke off mid-step: the end is still told, and empties the context.
     events.ended(RunEnded("r1", "w1", "manual", 2, "crashed", 0.2))
     assert current_context() == {}
+
+
+def test_failed_steps_and_notable_ends_are_logged_in_their_context() -> None:
+    lines: list[dict[str, Any]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(json.loads(self.format(record)))  # formatted as it is logged, as a stream is
+
+    keep = Keep(logging.INFO)
+    keep.setFormatter(JsonFormatter("worker"))
+    logger = logging.getLogger("sluice.runs")
+    saved = logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
+    events = RunEvents()
+    observe_log_context(events)
+    try:
+        events.started(RunStarted("r1", "w1", "manual", 1, None))
+        events.step_started(StepStarted("r1", "w1", "b", "http", 1, 0))
+        events.step_ended(StepEnded("r1", "w1", "b", "http", "failed", 0.1, 1, error="HTTP 503"))
+        events.ended(RunEnded("r1", "w1", "manual", 1, "retried", 0.2))
+        events.started(RunStarted("r2", "w1", "manual", 1, None))
+        events.ended(RunEnded("r2", "w1", "manual", 1, "succeeded", 0.2))  # DEBUG: not at INFO
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(saved)
+    assert [(line["message"], line.get("step_id"), line["run_id"]) for line in lines] == [
+        ("step b (http) failed: HTTP 503", "b", "r1"),
+        ("execution ended: retried after 0.200 s", None, "r1"),
+    ]
 
 
 def test_the_process_registry_gets_the_observer_once() -> None:

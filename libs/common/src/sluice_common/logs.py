@@ -98,7 +98,9 @@ def _span_ids() -> tuple[str, str] | None:
 
 class LogContext(BaseRunObserver):
     """Keeps the log context of the run a worker thread executes, from the run-events seam: run,
-    workflow and attempt from the claim to the execution's end, the step while it runs.
+    workflow and attempt from the claim to the execution's end, the step while it runs. Logs a
+    failed step and the end of each execution (``sluice.runs``: INFO for failed, retried,
+    crashed, lost and cancelled ends, DEBUG for the others) inside that context.
 
     The worker tells these in order on the executing thread and always tells the end, so the
     context is empty again after every execution, crashed or not."""
@@ -110,10 +112,20 @@ class LogContext(BaseRunObserver):
         bind(step_id=event.step_id)
 
     def step_ended(self, event: StepEnded) -> None:
+        if event.status == "failed":  # logged while the step is still the context
+            _runs_log.info("step %s (%s) failed: %s", event.step_id, event.step_type, event.error)
         unbind("step_id")
 
     def run_ended(self, event: RunEnded) -> None:
+        # One line per execution: at INFO for the ends an operator looks for, else at DEBUG.
+        level = logging.INFO if event.outcome in _NOTABLE_ENDS else logging.DEBUG
+        if _runs_log.isEnabledFor(level):
+            _runs_log.log(level, "execution ended: %s after %.3f s", event.outcome, event.duration_seconds)
         clear()
+
+
+_runs_log = logging.getLogger("sluice.runs")
+_NOTABLE_ENDS = frozenset({"failed", "retried", "crashed", "lost", "cancelled"})
 
 
 _log_context_observer = LogContext()

@@ -12,6 +12,7 @@ workflow's trace starts in the scheduler.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_one_trace_from_the_request_to_every_step_and_call(
         SLUICE_RECONCILE_SECONDS="1",
         OTEL_EXPORTER_OTLP_ENDPOINT=receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY="100",
+        SLUICE_LOG_FORMAT="json",
     )
     base = f"http://127.0.0.1:{api_port}"
     api = stack.start("api", [*SLUICE, "api"], env)
@@ -245,6 +247,12 @@ def test_one_trace_from_the_request_to_every_step_and_call(
     assert hook_request.parent_span_id == CALLER_SPAN
     assert hook_request.name == "POST /api/hooks/{secret}"
     assert secret not in repr(receiver.received())
+
+    # The worker's log line of the failed step names the run and the step span it was logged in.
+    lines = [json.loads(line) for line in (tmp_path / "worker.log").read_text().splitlines() if line.startswith("{")]
+    (logged,) = [line for line in lines if line["message"].startswith("step flaky (http) failed")]
+    assert (logged["run_id"], logged["step_id"], logged["attempt"]) == (run_id, "flaky", 1)
+    assert (logged["trace_id"], logged["span_id"]) == (CALLER_TRACE, failed[0].span_id)
 
     # A cron run's trace starts with the scheduler's fire.
     roots = [s for s in cron_trace if not s.parent_span_id]

@@ -17,7 +17,15 @@ from sluice_api import multiproc
 from sluice_api.metrics import HttpMetrics
 from sluice_common import runstate
 from sluice_common.metrics import QueueDepthCollector, RunMetrics, observe_runs
-from sluice_common.observe import BaseRunObserver, RunCreated, RunEnded, RunEvents, RunStarted, StepEnded
+from sluice_common.observe import (
+    BaseRunObserver,
+    RunCreated,
+    RunEnded,
+    RunEvents,
+    RunStarted,
+    StepEnded,
+    StepStarted,
+)
 from sluice_common.runs import QueueStats
 from sluice_common.settings import load_settings
 from sluice_scheduler.hooks import SchedulerEvents
@@ -74,6 +82,38 @@ def test_an_observer_that_raises_does_not_stop_the_others() -> None:
     events.remove(recorder)
     events.created(event)
     assert len(recorder.events) == 2
+
+
+def test_ends_reach_the_observers_in_reverse_order_as_scopes_unwind() -> None:
+    heard: list[str] = []
+
+    class Scope(BaseRunObserver):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def run_started(self, event: RunStarted) -> None:
+            heard.append(f"{self.name} run+")
+
+        def step_started(self, event: StepStarted) -> None:
+            heard.append(f"{self.name} step+")
+
+        def step_ended(self, event: StepEnded) -> None:
+            heard.append(f"{self.name} step-")
+
+        def run_ended(self, event: RunEnded) -> None:
+            heard.append(f"{self.name} run-")
+
+    events = RunEvents()
+    events.add(Scope("outer"))
+    events.add(Scope("inner"))
+    events.started(RunStarted("r", "w", "manual", 1, None))
+    events.step_started(StepStarted("r", "w", "a", "http", 1, 0))
+    events.step_ended(StepEnded("r", "w", "a", "http", "succeeded", 0.1, 1))
+    events.ended(RunEnded("r", "w", "manual", 1, "succeeded", 0.2))
+    assert heard == [
+        "outer run+", "inner run+", "outer step+", "inner step+",
+        "inner step-", "outer step-", "inner run-", "outer run-",
+    ]  # fmt: skip
 
 
 def test_run_metrics_count_each_event_by_trigger() -> None:

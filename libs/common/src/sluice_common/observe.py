@@ -134,7 +134,9 @@ class BaseRunObserver:
 
 
 class RunEvents:
-    """The observers of one process (or one test), notified in the order they were added."""
+    """The observers of one process (or one test), notified in the order they were added; the ends
+    of a step and of an execution in the reverse order, so that scopes unwind as they nest (the
+    log line of a failed step is written while its span is still the current one)."""
 
     def __init__(self) -> None:
         self._observers: tuple[RunObserver, ...] = ()
@@ -153,8 +155,9 @@ class RunEvents:
     def observers(self) -> tuple[RunObserver, ...]:
         return self._observers
 
-    def _each(self, name: str, call: Callable[[RunObserver], None]) -> None:
-        for observer in self._observers:  # a tuple swapped whole: no lock on the hot path
+    def _each(self, name: str, call: Callable[[RunObserver], None], *, unwinding: bool = False) -> None:
+        observers = self._observers  # a tuple swapped whole: no lock on the hot path
+        for observer in reversed(observers) if unwinding else observers:
             try:
                 call(observer)
             except Exception:
@@ -173,10 +176,10 @@ class RunEvents:
         self._each("step_started", lambda o: o.step_started(event))
 
     def step_ended(self, event: StepEnded) -> None:
-        self._each("step_ended", lambda o: o.step_ended(event))
+        self._each("step_ended", lambda o: o.step_ended(event), unwinding=True)
 
     def ended(self, event: RunEnded) -> None:
-        self._each("run_ended", lambda o: o.run_ended(event))
+        self._each("run_ended", lambda o: o.run_ended(event), unwinding=True)
 
     def cancelled(self, event: RunCancelled) -> None:
         self._each("run_cancelled", lambda o: o.run_cancelled(event))

@@ -210,7 +210,7 @@ def test_one_trace_from_the_request_to_every_step_and_call(
     )
 
     # Every execution of the run is a consumer span under its create span.
-    attempts = [s for s in spans if s.kind == CONSUMER and s.attributes["sluice.run.id"] == run_id]
+    attempts = [s for s in spans if s.kind == CONSUMER and s.attributes["messaging.message.id"] == run_id]
     assert all(a.parent_span_id == create.span_id for a in attempts)
     outcomes = Counter(str(a.attributes["sluice.run.outcome"]) for a in attempts)
     assert outcomes == Counter({"retried": 1, "parked": 2, "succeeded": 1})

@@ -182,7 +182,6 @@ class Creation:
             self.span.set_attributes(
                 {
                     "messaging.message.id": run_id,
-                    "sluice.run.id": run_id,
                     "sluice.workflow.id": workflow_id,
                     "sluice.run.trigger": trigger_type,
                 }
@@ -210,7 +209,6 @@ def creating(traceparent: str | None = None) -> Iterator[Creation]:
         attributes={
             "messaging.system": MESSAGING_SYSTEM,
             "messaging.operation.type": "create",
-            "messaging.operation.name": "create",
             "messaging.destination.name": RUN_QUEUE_DESTINATION,
         },
     ) as span:
@@ -231,10 +229,8 @@ def sending(traceparent: str | None, run_id: str, reason: str) -> Iterator[None]
         attributes={
             "messaging.system": MESSAGING_SYSTEM,
             "messaging.operation.type": "send",
-            "messaging.operation.name": "send",
             "messaging.destination.name": RUN_QUEUE_DESTINATION,
             "messaging.message.id": run_id,
-            "sluice.run.id": run_id,
             "sluice.wakeup.reason": reason,
         },
     ):

@@ -19,7 +19,6 @@ from contextvars import Token
 from dataclasses import dataclass, field
 
 import httpx
-from dramatiq.middleware import CurrentMessage
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind
@@ -49,29 +48,22 @@ class RunTracing(BaseRunObserver):
 
     def run_started(self, event: RunStarted) -> None:
         self._close(None)  # nothing is left open from an execution that never told its end
-        attributes: dict[str, str | int] = {
-            "messaging.system": tracing.MESSAGING_SYSTEM,
-            "messaging.operation.type": "process",
-            "messaging.operation.name": "process",
-            "messaging.destination.name": tracing.RUN_QUEUE_DESTINATION,
-            "messaging.message.id": event.run_id,
-            "sluice.run.id": event.run_id,
-            "sluice.workflow.id": event.workflow_id,
-            "sluice.run.trigger": event.trigger_type,
-            "sluice.run.attempt": event.attempt,
-        }
-        message = CurrentMessage.get_current_message()
-        if message is not None:
-            # The wake-up this thread was handling (any wake-up may start any run).
-            attributes["sluice.wakeup.id"] = message.message_id
+        # Few attributes, each said once (the run id is the message id): every one costs CPU when
+        # the span is made and again when it is encoded for export, per execution.
         span = self._tracer.start_span(
             f"process {tracing.RUN_QUEUE_DESTINATION}",
             context=tracing.context_from(event.traceparent),
             kind=SpanKind.CONSUMER,
-            attributes=attributes,
+            attributes={
+                "messaging.system": tracing.MESSAGING_SYSTEM,
+                "messaging.operation.type": "process",
+                "messaging.destination.name": tracing.RUN_QUEUE_DESTINATION,
+                "messaging.message.id": event.run_id,
+                "sluice.workflow.id": event.workflow_id,
+                "sluice.run.trigger": event.trigger_type,
+                "sluice.run.attempt": event.attempt,
+            },
         )
-        if event.queue_wait_seconds is not None:
-            span.set_attribute("sluice.run.queue_wait_seconds", round(event.queue_wait_seconds, 6))
         token = otel_context.attach(trace.set_span_in_context(span))
         self._local.open = _Open(span, token)
 
@@ -82,10 +74,8 @@ class RunTracing(BaseRunObserver):
         span = self._tracer.start_span(
             f"step {event.step_id}",
             attributes={
-                "sluice.run.id": event.run_id,
                 "sluice.step.id": event.step_id,
                 "sluice.step.type": event.step_type,
-                "sluice.step.position": event.position,
                 "sluice.run.attempt": event.attempt,
             },
         )

@@ -81,6 +81,15 @@ def wait_until(check: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def cpu_seconds(procs: list[subprocess.Popen[bytes]]) -> float:
+    """User and system CPU the processes have used so far."""
+    total = 0.0
+    for proc in procs:
+        times = psutil.Process(proc.pid).cpu_times()
+        total += times.user + times.system
+    return total
+
+
 def idle_cpu(procs: list[subprocess.Popen[bytes]], seconds: float = 3.0) -> float:
     """CPU used by idle worker processes, in percent of one core (the most busy one)."""
     handles = [psutil.Process(p.pid) for p in procs]
@@ -164,7 +173,14 @@ def baseline(
     idle = idle_cpu(procs) if ids else float("nan")
     stop(procs)
     broker.close()
-    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss, "idle": idle}
+    return {
+        "throughput": throughput,
+        "cpu_ms": float("nan"),  # not measured for the baseline
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+        "rss": rss,
+        "idle": idle,
+    }
 
 
 def free_port() -> int:
@@ -227,11 +243,16 @@ def sluice(
         procs = [spawn([sys.executable, "-m", "sluice_worker"], env) for _ in range(processes)]
     with pool.connection() as conn:
 
-        def done() -> bool:
+        def succeeded() -> int:
             row = conn.execute("SELECT count(*) AS c FROM runs WHERE status = 'succeeded'").fetchone()
-            return bool(row and row["c"] >= n)
+            return int(row["c"]) if row else 0
 
-        wait_until(done, 600, "sluice throughput")
+        # The workers' CPU per run, from their first finished run (start-up excluded) to the last:
+        # unlike throughput it hardly moves with other load on the machine.
+        wait_until(lambda: succeeded() > 0, 600, "sluice's first run")
+        first, cpu_first = succeeded(), cpu_seconds(procs)
+        wait_until(lambda: succeeded() >= n, 600, "sluice throughput")
+        cpu_ms = 1000 * (cpu_seconds(procs) - cpu_first) / max(1, succeeded() - first)
         throughput = sustained(
             [r["t"] for r in conn.execute("SELECT extract(epoch FROM finished_at) AS t FROM runs").fetchall()]
         )
@@ -265,7 +286,28 @@ def sluice(
     stop(procs)
     broker.close()
     pool.close()
-    return {"throughput": throughput, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "rss": rss, "idle": idle}
+    return {
+        "throughput": throughput,
+        "cpu_ms": cpu_ms,
+        "p50": pct(lat, 0.5),
+        "p99": pct(lat, 0.99),
+        "rss": rss,
+        "idle": idle,
+    }
+
+
+def report_cpu(
+    results: list[tuple[dict[str, float], dict[str, float]]], variant: list[dict[str, float]], name: str, target: float
+) -> None:
+    """The workers' CPU per run with ``name`` on against off, round by round: the steadier figure
+    of the two on a machine with other load (throughput is CPU-bound here, so the throughput
+    target ``r`` is a CPU ratio of at most ``1 / r``)."""
+    ratios = [v["cpu_ms"] / o["cpu_ms"] for (_, o), v in zip(results, variant, strict=True)]
+    for i, ((_, o), v) in enumerate(zip(results, variant, strict=True)):
+        print(
+            f"  round {i + 1}: worker CPU per run without {o['cpu_ms']:.3f}, with {v['cpu_ms']:.3f} ms: {ratios[i]:.3f}"
+        )
+    print(f"{'CPU per run ratio, median':28}{sorted(ratios)[len(ratios) // 2]:12.3f}{'':20}  <= {target:.2f}")
 
 
 def main() -> None:
@@ -340,12 +382,14 @@ def main() -> None:
         for i, ((_, o), m) in enumerate(zip(results, with_metrics, strict=True)):
             print(f"  round {i + 1}: without {o['throughput']:.0f}, with {m['throughput']:.0f} runs/s: {costs[i]:.3f}")
         print(f"{'throughput ratio, median':28}{sorted(costs)[rounds // 2]:12.3f}{'':20}  >= 0.97")
+        report_cpu(results, with_metrics, "metrics", 1.03)
     if with_tracing:
         costs = [t["throughput"] / o["throughput"] for (_, o), t in zip(results, with_tracing, strict=True)]
         print(f"\ntracing on (every run's spans exported over OTLP/HTTP; {spans} spans received), against the same:")
         for i, ((_, o), t) in enumerate(zip(results, with_tracing, strict=True)):
             print(f"  round {i + 1}: without {o['throughput']:.0f}, with {t['throughput']:.0f} runs/s: {costs[i]:.3f}")
         print(f"{'throughput ratio, median':28}{sorted(costs)[rounds // 2]:12.3f}{'':20}  >= 0.85")
+        report_cpu(results, with_tracing, "tracing", 1 / 0.85)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import falcon
 import falcon.testing
@@ -14,6 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from sluice_api import multiproc
+from sluice_api.app import Dependencies, create_app
 from sluice_api.metrics import HttpMetrics
 from sluice_common import runstate
 from sluice_common.metrics import QueueDepthCollector, RunMetrics, observe_runs
@@ -273,6 +274,26 @@ def test_http_metrics_by_route_template_and_status() -> None:
     assert value(registry, "sluice_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert value(registry, "sluice_http_request_duration_seconds_count", method="GET", route="/things/{thing_id}") == 3
     assert value(registry, "sluice_http_requests_in_flight") == 0
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_api_metrics_setting_turns_the_middleware_and_the_endpoint_on_or_off(on: bool) -> None:
+    settings = load_settings({"SLUICE_API_METRICS": str(on).lower()})
+    # Nothing here reaches the pool or the broker: /api/health is public, /metrics says the queue is down.
+    deps = Dependencies(settings, cast(Any, None), None, cast(Any, None), cast(Any, None))
+    registry = CollectorRegistry()
+    client = falcon.testing.TestClient(create_app(deps, registry=registry))
+    assert client.simulate_get("/api/health").status_code == 200
+    scrape = client.simulate_get("/metrics")
+    counted = value(registry, "sluice_http_requests_total", method="GET", route="/api/health", status="200")
+    if on:
+        assert scrape.status_code == 200
+        assert counted == 1
+        assert "sluice_queue_stats_up 0.0" in scrape.text
+    else:
+        assert scrape.status_code == 404
+        assert counted is None
+        assert not list(registry.collect())
 
 
 def test_prepare_directory_makes_or_empties_it(tmp_path: Any) -> None:

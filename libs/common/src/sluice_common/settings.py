@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     metrics_port: Annotated[int | None, Field(ge=0, le=65535, validation_alias=_env("SLUICE_METRICS_PORT"))] = None
     metrics_host: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_METRICS_HOST"))] = "127.0.0.1"
     metrics_workflow_labels: Annotated[bool, Field(validation_alias=_env("SLUICE_METRICS_WORKFLOW_LABELS"))] = False
+    # The API's own metrics: its HTTP middleware, the runs it creates and ``GET /metrics`` (off: none).
+    api_metrics: Annotated[bool, Field(validation_alias=_env("SLUICE_API_METRICS"))] = True
 
     @field_validator("metrics_port", mode="before")
     @classmethod

@@ -2,7 +2,7 @@
 
 ``create_app`` adds the middleware and mounts the routes of ``sluice_api.routes``, and ``/metrics``
 (:mod:`sluice_api.metrics`; the HTTP metrics are a middleware, the run metrics an observer of the
-run events that ``get_app`` adds).
+run events that ``get_app`` adds). With ``SLUICE_API_METRICS=false`` there is none of the three.
 
 Nothing here opens a pool or a connection at import time: gunicorn calls ``get_app`` in each
 worker process after the fork.
@@ -43,15 +43,18 @@ def create_app(
         limiter = RedisRequestLimiter(deps.redis, deps.settings.redis_prefix, deps.settings.api_rate_limit_per_minute)
     else:
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
-    # First, so that it times the whole request and sees every answer, refusals included.
-    middleware: list[Any] = [metrics.HttpMetrics(registry), AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    middleware: list[Any] = [AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    if deps.settings.api_metrics:
+        # First, so that it times the whole request and sees every answer, refusals included.
+        middleware.insert(0, metrics.HttpMetrics(registry))
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Bodies are read and checked by the resources (size limit, media type, problems).
     app.req_options.auto_parse_form_urlencoded = False
     problems.install(app)
     mount(app, Context(deps, limiter, ROUTES))
-    metrics.install(app, deps, registry)
+    if deps.settings.api_metrics:
+        metrics.install(app, deps, registry)
     return app
 
 
@@ -70,10 +73,11 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     atexit.register(broker.close)
     atexit.register(sender.close)
     link = RedisSchedulerLink(client, settings)
-    multiproc.ensure_directory()
     registry = CollectorRegistry()
-    if multiproc.directory() is None:
-        ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers
-    observe_runs(registry, settings)  # manual and webhook runs created
+    if settings.api_metrics:
+        multiproc.ensure_directory()
+        if multiproc.directory() is None:
+            ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers
+        observe_runs(registry, settings)  # manual and webhook runs created
     deps = Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender)
     return create_app(deps, registry=registry)

@@ -26,7 +26,8 @@ from sluice_api.routes import ROUTES, mount
 from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.cron import RedisSchedulerLink
 from sluice_common.db import open_pool
-from sluice_common.metrics import observe_runs
+from sluice_common.metrics import RunMetrics, observe_runs
+from sluice_common.observe import run_events
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.settings import load_settings, server_urls
 
@@ -34,9 +35,10 @@ __all__ = ["Dependencies", "create_app", "get_app"]
 
 
 def create_app(
-    deps: Dependencies, *, registry: CollectorRegistry | None = None
+    deps: Dependencies, *, registry: CollectorRegistry | None = None, flusher: multiproc.Flusher | None = None
 ) -> falcon.App[falcon.Request, falcon.Response]:
-    """The app on ``deps``; its metrics go to ``registry`` (a registry of its own by default)."""
+    """The app on ``deps``; its metrics go to ``registry`` (a registry of its own by default), and
+    ``flusher`` (a gunicorn worker's) flushes the HTTP metrics' tally."""
     registry = CollectorRegistry() if registry is None else registry
     limiter: RequestLimiter
     if deps.redis is not None:
@@ -45,8 +47,11 @@ def create_app(
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
     middleware: list[Any] = [AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
     if deps.settings.api_metrics:
+        http_metrics = metrics.HttpMetrics(registry)
+        if flusher is not None:
+            flusher.add(http_metrics.flush)
         # First, so that it times the whole request and sees every answer, refusals included.
-        middleware.insert(0, metrics.HttpMetrics(registry))
+        middleware.insert(0, http_metrics)
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
     # Bodies are read and checked by the resources (size limit, media type, problems).
@@ -74,10 +79,21 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     atexit.register(sender.close)
     link = RedisSchedulerLink(client, settings)
     registry = CollectorRegistry()
+    flusher = None
     if settings.api_metrics:
         multiproc.ensure_directory()
-        if multiproc.directory() is None:
+        path = multiproc.directory()
+        if path is None:
             ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers
-        observe_runs(registry, settings)  # manual and webhook runs created
+            observe_runs(registry, settings)  # manual and webhook runs created
+        else:
+            # Metrics files: the tallies reach them at a flush (every second, each scrape, at exit).
+            flusher = multiproc.Flusher(path)
+            runs = metrics.RunsCreatedTally(RunMetrics(registry, workflow_labels=settings.metrics_workflow_labels))
+            flusher.add(runs.flush)
+            run_events.add(runs)
     deps = Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender)
-    return create_app(deps, registry=registry)
+    app = create_app(deps, registry=registry, flusher=flusher)
+    if flusher is not None:
+        flusher.start()
+    return app

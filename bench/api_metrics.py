@@ -1,7 +1,7 @@
 """What the API's Prometheus metrics cost: server CPU per run request, metrics on against off, in one run.
 
-    uv run python bench/api_metrics.py [--rounds 20] [--seconds 3] [--clients 2] [--threads 8]
-                                       [--scrape 1] [--rate 0] [--alternate]
+    uv run python bench/api_metrics.py [--starts 4] [--rounds 8] [--seconds 3] [--clients 2]
+                                       [--threads 8] [--scrape 1] [--rate R] [--alternate]
 
 Two API servers side by side, both ``python -m sluice_api`` (gunicorn, ``SLUICE_API_WORKERS``
 processes x ``SLUICE_API_THREADS`` threads, the same settings):
@@ -16,13 +16,18 @@ them), each from client processes of its own, at the same time, so that whatever
 runs hits both alike (``--alternate``: one after the other, the first alternating). A round reads
 the CPU time (user + system) of each server's processes, the gunicorn master and its workers,
 before and after, and divides it by the requests that server answered: CPU is what metrics spend,
-and it moves far less with the machine's other load than throughput does. ``--rate`` paces each
-server's clients to a fixed rate instead of as fast as answered.
+and it moves far less with the machine's other load than throughput does. The clients send at a
+fixed rate, the same for both, 60 % of what the two reach in the first warm-up loaded as fast as
+they answer (``--rate``: another rate; 0: as fast as answered, noisier: a server that gets less
+of the machine answers fewer requests and spends more CPU on each). Two server processes can
+differ by a percent or two for as long as they live, so the rounds are spread over ``--starts``
+pairs started afresh, the two databases swapped between sides at each start.
 
 Prints every round, then each side's CPU ms per request (all rounds' CPU over all their requests),
-the ratio on/off (target <= 1.03: metrics cost at most 3 %) with a 95 % bootstrap interval over
-the rounds, throughput for context, and what one scrape costs on its own. At the end the ``on``
-server's ``sluice_http_requests_total`` must count every run request it answered (none lost).
+the ratio on/off (target <= 1.03: metrics cost at most 3 %) with a 95 % bootstrap interval (over
+the starts and their rounds), throughput for context, and what one scrape costs on its own. At the
+end of each start the ``on`` server's ``sluice_http_requests_total`` must count every run request
+it answered (none lost, none late: a scrape has every worker flush first).
 
 Uses SLUICE_TEST_DATABASE_URL / SLUICE_TEST_REDIS_URL when set, else the embedded servers, in
 databases and a Redis namespace of its own, removed afterwards.
@@ -53,6 +58,10 @@ from api import THREADS, WORKERS, _client, free_port, serve, stop, wait_ready
 from common import BenchServers, bench_servers, bench_user_and_workflow
 
 SIDES = ("off", "on")
+DATABASES = ("a", "b")  # each start swaps which side has which
+# The default pace, as a share of what both servers reach loaded together as fast as they answer:
+# below saturation, so that both answer the same rate (the CPU a request costs moves with the rate).
+AUTO_RATE = 0.6
 RUN_ROUTE = "/api/workflows/{workflow_id:uuid}/run"
 
 
@@ -130,15 +139,27 @@ def counted_run_requests(server: Server) -> float:
     return total
 
 
+Database = tuple[str, str, str]  # URL, API token, workflow id
+
+
+def prepare_databases(servers: BenchServers) -> list[Database]:
+    """The two databases, migrated, each with the bench user and workflow."""
+    made = []
+    for name in DATABASES:
+        url = servers.databases[name]
+        migrate(url)
+        made.append((url, *bench_user_and_workflow(url)))
+    return made
+
+
 def start_servers(
-    servers: BenchServers, clean: dict[str, str]
+    servers: BenchServers, clean: dict[str, str], databases: list[Database], swap: bool
 ) -> tuple[dict[str, Server], list[subprocess.Popen[bytes]]]:
+    """A fresh ``off`` and ``on`` server, on the first and second database (``swap``: the other way)."""
     started: dict[str, Server] = {}
     procs: list[subprocess.Popen[bytes]] = []
-    for side in SIDES:
-        url = servers.databases[side]
-        migrate(url)
-        token, workflow_id = bench_user_and_workflow(url)
+    for k, side in enumerate(SIDES):
+        url, token, workflow_id = databases[k ^ swap]
         port = free_port()
         env = clean | {
             "DATABASE_URL": url,
@@ -226,27 +247,43 @@ def scrape_cost(on: Server, off: Server, scrapes: int = 10) -> float:
     return (on_spent - off_spent) / scrapes
 
 
-def ratio_of_totals(pairs: list[tuple[dict[str, float], dict[str, float]]]) -> float:
+Pair = tuple[dict[str, float], dict[str, float]]  # one round: off's figures, on's
+
+
+def ratio_of_totals(pairs: list[Pair]) -> float:
     off_cpu = sum(p[0]["cpu"] for p in pairs) / sum(p[0]["requests"] for p in pairs)
     on_cpu = sum(p[1]["cpu"] for p in pairs) / sum(p[1]["requests"] for p in pairs)
     return on_cpu / off_cpu
 
 
-def bootstrap(pairs: list[tuple[dict[str, float], dict[str, float]]], n: int = 4000) -> tuple[float, float]:
-    """95 % interval of the ratio of totals, resampling whole rounds (an off and an on load each)."""
+def bootstrap(starts: list[list[Pair]], n: int = 4000) -> tuple[float, float]:
+    """95 % interval of the ratio of totals, resampling the starts, then the rounds of each: a pair
+    of server processes can differ by a percent or two for as long as they live, which only other
+    starts show."""
     rng = random.Random(1)  # noqa: S311 - a bench's resampling, not a secret
-    ratios = sorted(ratio_of_totals(rng.choices(pairs, k=len(pairs))) for _ in range(n))
+    ratios = sorted(
+        ratio_of_totals(
+            [pair for start in rng.choices(starts, k=len(starts)) for pair in rng.choices(start, k=len(start))]
+        )
+        for _ in range(n)
+    )
     return ratios[int(0.025 * n)], ratios[int(0.975 * n) - 1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=20, help="rounds; each loads both servers once")
+    parser.add_argument("--starts", type=int, default=4, help="server pairs started afresh, one after the other")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per start; each loads both servers")
     parser.add_argument("--seconds", type=float, default=3.0, help="load time per server per round")
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--scrape", type=float, default=1.0, help="seconds between scrapes of 'on' (0: none)")
-    parser.add_argument("--rate", type=float, default=0, help="requests/s per server (0: as fast as answered)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="requests/s per server (0: as fast as answered; default: 60 %% of what the first warm-up reaches)",
+    )
     parser.add_argument(
         "--alternate",
         dest="together",
@@ -260,47 +297,66 @@ def main() -> None:
         for k, v in os.environ.items()
         if not k.startswith(("SLUICE_", "DATABASE_URL", "REDIS_URL")) and k.upper() != "PROMETHEUS_MULTIPROC_DIR"
     }
-    pairs: list[tuple[dict[str, float], dict[str, float]]] = []
-    with bench_servers(*SIDES) as servers:
-        started, procs = start_servers(servers, clean)
-        try:
-            if started["off"].get("/metrics")[0] != 404:
-                raise SystemExit("the 'off' server serves /metrics")
-            warm = argparse.Namespace(**{**vars(args), "seconds": 2.0})
-            measured([started["off"], started["on"]], warm, 0)  # connections, caches, the metrics' files
-            for i in range(args.rounds):
-                off, on = one_round(started["off"], started["on"], args, i)
-                pairs.append((off, on))
-                print(
-                    f"round {i + 1:2}: CPU ms/request off {off['cpu'] / off['requests'] * 1000:.3f} "
-                    f"on {on['cpu'] / on['requests'] * 1000:.3f} ratio "
-                    f"{(on['cpu'] / on['requests']) / (off['cpu'] / off['requests']):.3f}; "
-                    f"requests/s off {off['rps']:.0f} on {on['rps']:.0f}",
-                    flush=True,
-                )
-            scrape = scrape_cost(started["on"], started["off"])
-            counted = counted_run_requests(started["on"])
-        finally:
-            for proc in procs:
-                stop(proc)
-    if counted != started["on"].requests:
-        raise SystemExit(f"/metrics counts {counted:.0f} run requests, the server answered {started['on'].requests}")
+    starts: list[list[Pair]] = []
+    auto = args.rate is None
+    warm_rps = 0.0
+    counted = scrape = 0.0
+    with bench_servers(*DATABASES) as servers:
+        databases = prepare_databases(servers)
+        for k in range(args.starts):
+            started, procs = start_servers(servers, clean, databases, swap=k % 2 == 1)
+            try:
+                if started["off"].get("/metrics")[0] != 404:
+                    raise SystemExit("the 'off' server serves /metrics")
+                # Connections, caches, the metrics' files; then, once, how fast both go as fast as they can.
+                closed_loop = argparse.Namespace(**{**vars(args), "seconds": 2.0, "rate": 0})
+                measured(list(started.values()), closed_loop, 0)
+                if args.rate is None:
+                    closed_loop.seconds = 3.0
+                    warm_rps = min(w["rps"] for w in measured(list(started.values()), closed_loop, 0))
+                    args.rate = max(10.0, round(AUTO_RATE * warm_rps, -1))
+                pairs: list[Pair] = []
+                for i in range(args.rounds):
+                    off, on = one_round(started["off"], started["on"], args, i)
+                    pairs.append((off, on))
+                    print(
+                        f"start {k + 1} round {i + 1:2}: CPU ms/request off {off['cpu'] / off['requests'] * 1000:.3f} "
+                        f"on {on['cpu'] / on['requests'] * 1000:.3f} ratio "
+                        f"{(on['cpu'] / on['requests']) / (off['cpu'] / off['requests']):.3f}; "
+                        f"requests/s off {off['rps']:.0f} on {on['rps']:.0f}",
+                        flush=True,
+                    )
+                starts.append(pairs)
+                # A scrape has every worker flush first: it counts every request answered.
+                answered = counted_run_requests(started["on"])
+                if answered != started["on"].requests:
+                    raise SystemExit(f"/metrics counts {answered:.0f} run requests, {started['on'].requests} answered")
+                counted += answered
+                if k == args.starts - 1:
+                    scrape = scrape_cost(started["on"], started["off"])
+            finally:
+                for proc in procs:
+                    stop(proc)
 
+    everything = [pair for pairs in starts for pair in pairs]
     cpu = {
-        side: sum(p[k]["cpu"] for p in pairs) / sum(p[k]["requests"] for p in pairs) * 1000
+        side: sum(p[k]["cpu"] for p in everything) / sum(p[k]["requests"] for p in everything) * 1000
         for k, side in enumerate(SIDES)
     }
-    rps = {side: statistics.median(p[k]["rps"] for p in pairs) for k, side in enumerate(SIDES)}
-    ratios = sorted((p[1]["cpu"] / p[1]["requests"]) / (p[0]["cpu"] / p[0]["requests"]) for p in pairs)
-    low, high = bootstrap(pairs)
+    rps = {side: statistics.median(p[k]["rps"] for p in everything) for k, side in enumerate(SIDES)}
+    ratios = sorted((p[1]["cpu"] / p[1]["requests"]) / (p[0]["cpu"] / p[0]["requests"]) for p in everything)
+    low, high = bootstrap(starts)
     scraped = f"/metrics scraped every {args.scrape:g} s" if args.scrape > 0 else "/metrics not scraped"
     how = "both loaded at once" if args.together else "loaded in turn"
-    pace = f"{args.rate:g} requests/s each" if args.rate else "closed loop"
+    pace = f"{args.rate:g} requests/s each" if args.rate else "as fast as answered"
+    if auto:
+        pace += f" ({AUTO_RATE:.0%} of the first warm-up's {warm_rps:.0f})"
     print(
-        f"\nAPI metrics: {args.rounds} rounds of {args.seconds:g} s, off and on {how}, {pace}, "
+        f"\nAPI metrics: {args.starts} starts x {args.rounds} rounds of {args.seconds:g} s, off and on {how}, {pace}, "
         f"{args.clients} client processes x {args.threads} threads each, gunicorn {WORKERS} workers x {THREADS} "
         f"threads; on: {scraped}; {counted:.0f} run requests counted by /metrics, as answered"
     )
+    print(f"ratio per start: {', '.join(f'{ratio_of_totals(pairs):.3f}' for pairs in starts)}")
     print(f"ratio per round (sorted): {', '.join(f'{r:.3f}' for r in ratios)}")
     print(f"{'':32}{'off':>10}{'on':>10}{'ratio':>8}  target")
     print(

@@ -19,7 +19,6 @@ value per request.
 from __future__ import annotations
 
 import bisect
-import logging
 import math
 import threading
 import time
@@ -37,8 +36,6 @@ from sluice_api.deps import Dependencies
 from sluice_common.metrics import QueueDepthCollector, RunMetrics, expired_leases
 from sluice_common.observe import BaseRunObserver, RunCreated, RunEnded, RunStarted, StepEnded, StepStarted
 from sluice_common.runs import QueueStats, get_queue_stats
-
-log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BOUNDS = (*(float(b) for b in LATENCY_BUCKETS), math.inf)  # a histogram's buckets end with +Inf

@@ -152,7 +152,7 @@ class Flusher:
         for flush in self._flushes:
             try:
                 flush()
-            except Exception:  # the others still flush; this one keeps its tally for the next time
+            except Exception:  # logged; the others still flush
                 log.exception("metrics: flush %r failed", flush)
 
     def start(self) -> None:

@@ -62,10 +62,11 @@ fmt: sync ## Format and autofix
 	$(UV) run --no-sync ruff format .
 	$(UV) run --no-sync ruff check --fix .
 
-bench: sync ## Benchmarks next to baselines measured in the same run: pipeline, engine, API, slow clients
+bench: sync ## Benchmarks next to baselines measured in the same run: pipeline, engine, API, API metrics, slow clients
 	$(UV) run --no-sync python bench/pipeline.py --metrics --tracing $(BENCH_ARGS)
 	$(UV) run --no-sync python bench/engine.py $(ENGINE_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api.py $(API_BENCH_ARGS)
+	$(UV) run --no-sync python bench/api_metrics.py $(API_METRICS_BENCH_ARGS)
 	$(UV) run --no-sync python bench/slow_clients.py $(SLOW_BENCH_ARGS)
 
 clean: ## Stop the embedded servers of ./.sluice and remove caches (keeps the data)

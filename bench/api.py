@@ -66,7 +66,11 @@ def wait_ready(port: int, path: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("server did not start")
 
 
-def _client(port: int, path: str, headers: dict[str, str], threads: int, seconds: float, out: Any) -> None:
+def _client(
+    port: int, path: str, headers: dict[str, str], threads: int, seconds: float, out: Any, pace: float = 0.0
+) -> None:
+    """``threads`` keep-alive connections sending run requests for ``seconds``: as fast as they are
+    answered, or each one every ``pace`` seconds when it is set (an open loop: a fixed rate)."""
     stop_at = time.monotonic() + seconds
     lock = threading.Lock()
     counts = {"ok": 0, "bad": 0}
@@ -76,7 +80,12 @@ def _client(port: int, path: str, headers: dict[str, str], threads: int, seconds
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         mine: list[float] = []
         ok = bad = 0
+        next_at = time.monotonic() + pace * n / threads  # spread the threads over the period
         while time.monotonic() < stop_at:
+            if pace:
+                # Late by more than a period (a stall): start again from now rather than burst.
+                next_at = max(next_at + pace, time.monotonic() - pace)
+                time.sleep(max(0.0, next_at - time.monotonic()))
             body = json.dumps({"triggerData": {"n": n, "t": time.time()}})
             start = time.perf_counter()
             conn.request("POST", path, body=body, headers={**headers, "Content-Type": "application/json"})
@@ -116,7 +125,7 @@ def load(port: int, path: str, headers: dict[str, str], clients: int, threads: i
     lat = [x for r in results for x in r[2]]
     if bad:
         raise SystemExit(f"{bad} requests failed against {path}")
-    return {"rps": ok / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99)}
+    return {"rps": ok / seconds, "p50": pct(lat, 0.5), "p99": pct(lat, 0.99), "requests": ok}
 
 
 def serve(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import falcon
 import falcon.testing
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from sluice_api import multiproc
-from sluice_api.metrics import HttpMetrics
+from sluice_api.app import Dependencies, create_app
+from sluice_api.metrics import LATENCY_BUCKETS, HttpMetrics, MetricsResource, RunsCreatedTally
 from sluice_common import runstate
 from sluice_common.metrics import QueueDepthCollector, RunMetrics, observe_runs
 from sluice_common.observe import (
     BaseRunObserver,
+    RunCancelled,
     RunCreated,
     RunEnded,
     RunEvents,
@@ -313,6 +318,220 @@ def test_http_metrics_by_route_template_and_status() -> None:
     assert value(registry, "sluice_http_requests_total", method="GET", route="unmatched", status="404") == 1
     assert value(registry, "sluice_http_request_duration_seconds_count", method="GET", route="/things/{thing_id}") == 3
     assert value(registry, "sluice_http_requests_in_flight") == 0
+
+
+class Clock:
+    """``perf_counter`` for HttpMetrics: every request starts at 0 and takes the next duration."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self._times = iter([t for d in durations for t in (0.0, d)])
+
+    def __call__(self) -> float:
+        return next(self._times)
+
+
+# Bucket bounds themselves (a bound counts in its own bucket), between them, past the last.
+DURATIONS = [0.0, 0.0005, 0.001, 0.0011, 0.0025, 0.003, 0.049, 0.05, 1.0, 9.99, 10.0, 10.5, 60.0]
+
+
+def test_http_latency_tally_is_what_observe_would_record() -> None:
+    registry = CollectorRegistry()
+    app = falcon.App(middleware=[HttpMetrics(registry, clock=Clock(DURATIONS))])
+    app.add_route("/things/{thing_id}", Thing())
+    client = falcon.testing.TestClient(app)
+    for i in range(len(DURATIONS)):
+        client.simulate_get(f"/things/{i}")
+    reference = CollectorRegistry()
+    histogram = Histogram(
+        "sluice_http_request_duration_seconds", "", ("method", "route"), buckets=LATENCY_BUCKETS, registry=reference
+    )
+    for d in DURATIONS:
+        histogram.labels("GET", "/things/{thing_id}").observe(d)
+
+    def samples(r: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for m in r.collect()
+            if m.name == "sluice_http_request_duration_seconds"
+            for s in m.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples(registry) == samples(reference)
+    assert value(registry, "sluice_http_requests_total", method="GET", route="/things/{thing_id}", status="200") == len(
+        DURATIONS
+    )
+
+
+@pytest.fixture
+def multiprocess_dir(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Prometheus multiprocess mode in this process, as a gunicorn worker has it, in ``tmp_path``."""
+    monkeypatch.setenv(multiproc.ENV, str(tmp_path))
+    monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
+    return str(tmp_path)
+
+
+def from_files(path: str, name: str, **labels: str) -> float | None:
+    """What a scrape reads: the values every process wrote to ``path``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return registry.get_sample_value(name, labels)
+
+
+def test_http_metrics_reach_the_multiprocess_files_at_a_flush(multiprocess_dir: str) -> None:
+    metrics = HttpMetrics(CollectorRegistry())
+    app = falcon.App(middleware=[metrics])
+    app.add_route("/things/{thing_id}", Thing())
+    client = falcon.testing.TestClient(app)
+    for path in ("/things/1", "/things/2", "/things/missing"):
+        client.simulate_get(path)
+    route = {"method": "GET", "route": "/things/{thing_id}"}
+    assert from_files(multiprocess_dir, "sluice_http_requests_total", **route, status="200") is None
+    metrics.flush()
+    assert from_files(multiprocess_dir, "sluice_http_requests_total", **route, status="200") == 2
+    assert from_files(multiprocess_dir, "sluice_http_requests_total", **route, status="404") == 1
+    assert from_files(multiprocess_dir, "sluice_http_request_duration_seconds_count", **route) == 3
+    assert from_files(multiprocess_dir, "sluice_http_requests_in_flight") == 0
+    client.simulate_get("/things/3")
+    metrics.flush()
+    metrics.flush()  # an empty tally adds nothing
+    assert from_files(multiprocess_dir, "sluice_http_requests_total", **route, status="200") == 3
+    assert from_files(multiprocess_dir, "sluice_http_request_duration_seconds_count", **route) == 4
+
+    # A worker's flusher does it every so often on its own.
+    flusher = multiproc.Flusher(multiprocess_dir, seconds=0.05)
+    flusher.add(metrics.flush)
+    flusher.start()
+    try:
+        client.simulate_get("/things/4")
+        deadline = time.monotonic() + 10
+        while from_files(multiprocess_dir, "sluice_http_requests_total", **route, status="200") != 4:
+            assert time.monotonic() < deadline, "the flusher did not flush"
+            time.sleep(0.05)
+    finally:
+        flusher.close()
+
+
+class Created(BaseRunObserver):
+    def __init__(self) -> None:
+        self.events: list[Any] = []
+
+    def run_created(self, event: RunCreated) -> None:
+        self.events.append(event)
+
+
+def test_a_scrape_has_every_worker_flush_first(multiprocess_dir: str) -> None:
+    registry = CollectorRegistry()
+    flusher = multiproc.Flusher(multiprocess_dir, seconds=3600)  # no flush but the ones asked for
+    http = HttpMetrics(registry)
+    runs = RunsCreatedTally(registry)
+    flusher.add(http.flush)
+    flusher.add(runs.flush)
+    app = falcon.App(middleware=[http])
+    app.add_route("/things/{thing_id}", Thing())
+    app.add_route("/metrics", MetricsResource(registry, QueueDepthCollector(stats)))
+    flusher.start()
+    try:
+        assert os.path.exists(os.path.join(multiprocess_dir, f"flush_{os.getpid()}.sock"))
+        client = falcon.testing.TestClient(app)
+        client.simulate_get("/things/1")
+        runs.run_created(RunCreated("r1", "w1", "manual"))
+        runs.run_created(RunCreated("r2", "w1", "webhook"))
+        runs.run_created(RunCreated("r3", "w2", "manual"))
+        assert from_files(multiprocess_dir, "sluice_runs_created_total", trigger="manual") is None
+        scrape = client.simulate_get("/metrics").text
+        assert 'sluice_http_requests_total{method="GET",route="/things/{thing_id}",status="200"} 1.0' in scrape
+        assert 'sluice_runs_created_total{trigger="manual"} 2.0' in scrape
+        assert 'sluice_runs_created_total{trigger="webhook"} 1.0' in scrape
+        assert "sluice_queue_waiting 3.0" in scrape
+        assert multiproc.request_flush(multiprocess_dir) == 1
+    finally:
+        flusher.close()
+    assert not os.path.exists(os.path.join(multiprocess_dir, f"flush_{os.getpid()}.sock"))
+    # The scrape itself, answered after its own flush, shows at the next one.
+    assert from_files(multiprocess_dir, "sluice_http_requests_total", method="GET", route="/metrics", status="200") == 1
+
+
+def test_the_runs_created_tally_forwards_the_other_events() -> None:
+    registry = CollectorRegistry()
+    runs = RunsCreatedTally(registry, workflow_labels=True)
+    runs.run_created(RunCreated("r1", "w1", "manual"))
+    runs.run_started(RunStarted("r1", "w1", "manual", 1, 0.5))
+    runs.run_ended(RunEnded("r1", "w1", "manual", 1, "succeeded", 1.0))
+    runs.step_ended(StepEnded("r1", "w1", "s", "http", "succeeded", 0.1))
+    runs.rate_limited(10)
+    runs.run_cancelled(RunCancelled("r2", "w1", "manual"))
+    assert value(registry, "sluice_runs_cancelled_total", trigger="manual", workflow="w1") == 1
+    assert value(registry, "sluice_runs_created_total", trigger="manual", workflow="w1") is None
+    assert value(registry, "sluice_runs_started_total", trigger="manual", workflow="w1") == 1
+    assert value(registry, "sluice_runs_succeeded_total", trigger="manual", workflow="w1") == 1
+    assert value(registry, "sluice_step_duration_seconds_count", type="http", status="succeeded") == 1
+    assert value(registry, "sluice_rate_limited_wakeups_total") == 1
+    runs.flush()
+    assert value(registry, "sluice_runs_created_total", trigger="manual", workflow="w1") == 1
+
+
+def test_a_dead_workers_flush_socket_is_removed(tmp_path: Any) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"flush_{gone.pid}.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.bind(str(stale))  # closed without listening: connections are refused
+    (tmp_path / "counter_1.db").write_bytes(b"")
+    assert multiproc.request_flush(str(tmp_path)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counter_1.db"]
+    stale.write_bytes(b"")
+    multiproc.prepare_directory({multiproc.ENV: str(tmp_path)})
+    assert list(tmp_path.iterdir()) == []
+
+
+EXITING_WORKER = """
+import sys
+import falcon, falcon.testing
+from prometheus_client import CollectorRegistry
+from sluice_api.metrics import HttpMetrics
+from sluice_api.multiproc import Flusher
+
+metrics = HttpMetrics(CollectorRegistry())
+flusher = Flusher(sys.argv[1], seconds=3600)  # no periodic flush before the exit
+flusher.add(metrics.flush)
+flusher.start()
+client = falcon.testing.TestClient(falcon.App(middleware=[metrics]))
+for _ in range(5):
+    client.simulate_get("/anything")
+"""
+
+
+def test_a_worker_that_exits_flushes_what_it_counted(tmp_path: Any) -> None:
+    env = {k: v for k, v in os.environ.items() if k.upper() != multiproc.ENV} | {multiproc.ENV: str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", EXITING_WORKER, str(tmp_path)], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    labels = {"method": "GET", "route": "unmatched"}
+    assert from_files(str(tmp_path), "sluice_http_requests_total", **labels, status="404") == 5
+    assert from_files(str(tmp_path), "sluice_http_request_duration_seconds_count", **labels) == 5
+    assert not list(tmp_path.glob("*.sock"))
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_api_metrics_setting_turns_the_middleware_and_the_endpoint_on_or_off(on: bool) -> None:
+    settings = load_settings({"SLUICE_API_METRICS": str(on).lower()})
+    # Nothing here reaches the pool or the broker: /api/health is public, /metrics says the queue is down.
+    deps = Dependencies(settings, cast(Any, None), None, cast(Any, None), cast(Any, None))
+    registry = CollectorRegistry()
+    client = falcon.testing.TestClient(create_app(deps, registry=registry))
+    assert client.simulate_get("/api/health").status_code == 200
+    scrape = client.simulate_get("/metrics")
+    counted = value(registry, "sluice_http_requests_total", method="GET", route="/api/health", status="200")
+    if on:
+        assert scrape.status_code == 200
+        assert counted == 1
+        assert "sluice_queue_stats_up 0.0" in scrape.text
+    else:
+        assert scrape.status_code == 404
+        assert counted is None
+        assert not list(registry.collect())
 
 
 def test_prepare_directory_makes_or_empties_it(tmp_path: Any) -> None:

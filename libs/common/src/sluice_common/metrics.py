@@ -101,14 +101,15 @@ class RunMetrics(BaseRunObserver):
             registry=registry,
         )
 
-    def _labels(self, trigger: str, workflow: str) -> tuple[str, ...]:
+    def label_values(self, trigger: str, workflow: str) -> tuple[str, ...]:
+        """The run metrics' label values for a run of ``trigger`` type and ``workflow``."""
         return (trigger, workflow) if self.workflow_labels else (trigger,)
 
     def run_created(self, event: RunCreated) -> None:
-        self.created.labels(*self._labels(event.trigger_type, event.workflow_id)).inc()
+        self.created.labels(*self.label_values(event.trigger_type, event.workflow_id)).inc()
 
     def run_started(self, event: RunStarted) -> None:
-        labels = self._labels(event.trigger_type, event.workflow_id)
+        labels = self.label_values(event.trigger_type, event.workflow_id)
         self.started.labels(*labels).inc()
         if event.queue_wait_seconds is not None:
             self.queue_wait.labels(*labels).observe(max(0.0, event.queue_wait_seconds))
@@ -117,14 +118,14 @@ class RunMetrics(BaseRunObserver):
         self.step_duration.labels(event.step_type, event.status).observe(max(0.0, event.duration_seconds))
 
     def run_ended(self, event: RunEnded) -> None:
-        labels = self._labels(event.trigger_type, event.workflow_id)
+        labels = self.label_values(event.trigger_type, event.workflow_id)
         counter = self.ended.get(_ENDED_COUNTERS.get(event.outcome, ""))
         if counter is not None:
             counter.labels(*labels).inc()
         self.duration.labels(*labels, event.outcome).observe(max(0.0, event.duration_seconds))
 
     def run_cancelled(self, event: RunCancelled) -> None:
-        self.ended["cancelled"].labels(*self._labels(event.trigger_type, event.workflow_id)).inc()
+        self.ended["cancelled"].labels(*self.label_values(event.trigger_type, event.workflow_id)).inc()
 
     def rate_limited(self, wait_ms: int) -> None:
         self.rate_limited_wakeups.inc()

@@ -121,6 +121,8 @@ class Settings(BaseSettings):
     alert_interval_seconds: Annotated[
         float, Field(ge=1, le=3600, validation_alias=_env("SLUICE_ALERT_INTERVAL_SECONDS"))
     ] = 15.0
+    # The API's own metrics: its HTTP middleware, the runs it creates and ``GET /metrics`` (off: none).
+    api_metrics: Annotated[bool, Field(validation_alias=_env("SLUICE_API_METRICS"))] = True
 
     @field_validator("metrics_port", mode="before")
     @classmethod

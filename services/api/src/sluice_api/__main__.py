@@ -77,8 +77,9 @@ def _raise_open_files_limit(wanted: int) -> None:
 def _serve(settings: Settings) -> None:
     # Room for the connections plus the pools, pipes and log files of a worker.
     _raise_open_files_limit(settings.api_max_connections + 256)
-    # Before the fork: every worker writes its metrics where the scrape reads them all.
-    multiproc.prepare_directory()
+    if settings.api_metrics:
+        # Before the fork: every worker writes its metrics where the scrape reads them all.
+        multiproc.prepare_directory()
     _Gunicorn(
         {
             "bind": settings.api_bind,

@@ -2,7 +2,8 @@
 
 ``create_app`` adds the middleware (the request id of :mod:`sluice_api.requestid` first) and mounts
 the routes of ``sluice_api.routes``, and ``/metrics`` (:mod:`sluice_api.metrics`; the HTTP metrics
-are a middleware, the run metrics an observer of the run events that ``get_app`` adds).
+are a middleware, the run metrics an observer of the run events that ``get_app`` adds). With
+``SLUICE_API_METRICS=false`` there is none of the three.
 
 Nothing here opens a pool or a connection at import time: gunicorn calls ``get_app`` in each
 worker process after the fork.
@@ -28,6 +29,7 @@ from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.cron import RedisSchedulerLink
 from sluice_common.db import open_pool
 from sluice_common.metrics import observe_runs
+from sluice_common.observe import run_events
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.settings import load_settings, server_urls
 from sluice_common.tracing import configure_tracing, shutdown_tracing
@@ -36,9 +38,10 @@ __all__ = ["Dependencies", "create_app", "get_app"]
 
 
 def create_app(
-    deps: Dependencies, *, registry: CollectorRegistry | None = None
+    deps: Dependencies, *, registry: CollectorRegistry | None = None, flusher: multiproc.Flusher | None = None
 ) -> falcon.App[falcon.Request, falcon.Response]:
-    """The app on ``deps``; its metrics go to ``registry`` (a registry of its own by default)."""
+    """The app on ``deps``; its metrics go to ``registry`` (a registry of its own by default), and
+    ``flusher`` (a gunicorn worker's) flushes the HTTP metrics' tally."""
     registry = CollectorRegistry() if registry is None else registry
     limiter: RequestLimiter
     if deps.redis is not None:
@@ -47,12 +50,12 @@ def create_app(
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
     # The request id first, so that every line logged for a request names it; then the metrics, so
     # that they time the whole request and see every answer, refusals included.
-    middleware: list[Any] = [
-        RequestIdMiddleware(),
-        metrics.HttpMetrics(registry),
-        AuthMiddleware(deps.pool, limiter),
-        KnownParamsMiddleware(),
-    ]
+    middleware: list[Any] = [RequestIdMiddleware(), AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    if deps.settings.api_metrics:
+        http_metrics = metrics.HttpMetrics(registry)
+        if flusher is not None:
+            flusher.add(http_metrics.flush)
+        middleware.insert(1, http_metrics)
     tracing.instrument_falcon()  # before the app is built: the instrumented class replaces falcon.App
     app = falcon.App(middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = True
@@ -60,7 +63,8 @@ def create_app(
     app.req_options.auto_parse_form_urlencoded = False
     problems.install(app)
     mount(app, Context(deps, limiter, ROUTES))
-    metrics.install(app, deps, registry)
+    if deps.settings.api_metrics:
+        metrics.install(app, deps, registry)
     return app
 
 
@@ -82,10 +86,22 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     atexit.register(broker.close)
     atexit.register(sender.close)
     link = RedisSchedulerLink(client, settings)
-    multiproc.ensure_directory()
     registry = CollectorRegistry()
-    if multiproc.directory() is None:
-        ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers
-    observe_runs(registry, settings)  # manual and webhook runs created
+    flusher = None
+    if settings.api_metrics:
+        multiproc.ensure_directory()
+        path = multiproc.directory()
+        if path is None:
+            ProcessCollector(registry=registry)  # per-process figures mean nothing summed over workers
+            observe_runs(registry, settings)  # manual and webhook runs created
+        else:
+            # Metrics files: the tallies reach them at a flush (every second, each scrape, at exit).
+            flusher = multiproc.Flusher(path)
+            runs = metrics.RunsCreatedTally(registry, workflow_labels=settings.metrics_workflow_labels)
+            flusher.add(runs.flush)
+            run_events.add(runs)
     deps = Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender)
-    return create_app(deps, registry=registry)
+    app = create_app(deps, registry=registry, flusher=flusher)
+    if flusher is not None:
+        flusher.start()
+    return app

@@ -263,11 +263,13 @@ def _dev_metrics_env(port: int | None) -> dict[str, str]:
 
 def _dev_metrics_note(settings: Settings, ports: dict[str, int]) -> str:
     host, port = settings.api_bind.rsplit(":", 1)
-    note = f"Metrics: http://{host}:{port}/metrics (API"
+    api = [f"http://{host}:{port}/metrics (API)"] if settings.api_metrics else []
     if not ports:
-        return note + "); set SLUICE_METRICS_PORT for the worker's and the scheduler's."
+        if not api:
+            return "Metrics: off (SLUICE_API_METRICS=false, SLUICE_METRICS_PORT unset)."
+        return f"Metrics: {api[0]}; set SLUICE_METRICS_PORT for the worker's and the scheduler's."
     listen = settings.metrics_host
-    return note + "), " + ", ".join(f"http://{listen}:{p}/metrics ({name})" for name, p in ports.items()) + "."
+    return "Metrics: " + ", ".join(api + [f"http://{listen}:{p}/metrics ({name})" for name, p in ports.items()]) + "."
 
 
 @main.command("dev")

@@ -78,7 +78,8 @@ def serve(app: Standalone, stopping: threading.Event) -> None:
     """Serve the API on ``SLUICE_API_BIND`` until ``stopping`` is set."""
     host, port = app.settings.api_bind.rsplit(":", 1)
     registry = CollectorRegistry()
-    observe_runs(registry, app.settings)  # the run metrics join the API's on its /metrics
+    if app.settings.api_metrics:
+        observe_runs(registry, app.settings)  # the run metrics join the API's on its /metrics
     deps = Dependencies(app.settings, app.pool, None, app.broker, app.limiter, scheduler=app.scheduler_link)
     wsgi = create_app(deps, registry=registry)
     server = make_server(host.strip("[]"), int(port), wsgi, _ThreadingWSGIServer, _QuietHandler)

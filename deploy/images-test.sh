@@ -113,13 +113,17 @@ EOF
 # --- the three images ----------------------------------------------------------------------------
 
 build_images() {
-  local engine="$1" start service revision
+  local engine="$1" start service revision version source
   shift
   revision="$(git rev-parse HEAD 2>/dev/null || echo unknown)"
+  version="${VERSION:-$(git describe --tags --always --dirty 2>/dev/null || echo dev)}"
+  # The origin's address as https, without any user or token in it.
+  source="$(git remote get-url origin 2>/dev/null \
+    | sed -E 's#^git@([^:]+):#https://\1/#; s#//[^/@]*@#//#; s#\.git$##' || true)"
   for service in "${SERVICES[@]}"; do
     start="$(now)"
     local args=(build -f deploy/Dockerfile --target "$service" -t "sluice-$service:$IMAGE_TAG"
-      --build-arg "VERSION=$IMAGE_TAG" --build-arg "REVISION=$revision")
+      --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "SOURCE=$source")
     if [ -n "${PYTHON_IMAGE:-}" ]; then args+=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"); fi
     # podman: the docker format keeps HEALTHCHECK (the OCI format has no field for it).
     if [ "$engine" = podman ]; then args+=(--format docker); fi
@@ -309,6 +313,16 @@ for service in "${SERVICES[@]}"; do
   podman healthcheck run "$(name "$service")" >/dev/null || die "the $service image's HEALTHCHECK failed"
 done
 log "each image's HEALTHCHECK passes"
+
+# `sluice <service>` execs the service: PID 1 is the service itself, which gets the SIGTERM.
+for service in "${SERVICES[@]}"; do
+  pid1="$(podman exec "$(name "$service")" cat /proc/1/cmdline | tr '\0' ' ')"
+  log "$service: PID 1 is: $pid1"
+  case "$pid1" in
+    *"-m sluice_$service"*) ;;
+    *) die "PID 1 of the $service container is not the service: $pid1" ;;
+  esac
+done
 
 for service in "${SERVICES[@]}"; do stop_clean "$(name "$service")"; done
 

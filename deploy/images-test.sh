@@ -124,7 +124,12 @@ build_images() {
     start="$(now)"
     local args=(build -f deploy/Dockerfile --target "$service" -t "sluice-$service:$IMAGE_TAG"
       --build-arg "VERSION=$version" --build-arg "REVISION=$revision" --build-arg "SOURCE=$source")
-    if [ -n "${PYTHON_IMAGE:-}" ]; then args+=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE"); fi
+    if [ -n "${PYTHON_IMAGE:-}" ]; then
+      args+=(--build-arg "PYTHON_IMAGE=$PYTHON_IMAGE")
+    elif [ "$engine" = podman ]; then
+      # The Dockerfile's default, spelt in full: podman may refuse a short name without a terminal.
+      args+=(--build-arg "PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm")
+    fi
     # podman: the docker format keeps HEALTHCHECK (the OCI format has no field for it).
     if [ "$engine" = podman ]; then args+=(--format docker); fi
     "$engine" "${args[@]}" "$@" . >&2

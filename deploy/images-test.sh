@@ -239,8 +239,8 @@ start() {
 name() { echo "sluice-images-$RUN_ID-$1"; }
 
 wait_ready() {
-  local url="$1" container="$2" i
-  for i in $(seq 1 120); do
+  local url="$1" container="$2" _
+  for _ in $(seq 1 120); do
     if curl -fs -o /dev/null "$url"; then return 0; fi
     if [ "$(podman inspect -f '{{.State.Running}}' "$container")" != true ]; then
       die "$container exited before $url answered"

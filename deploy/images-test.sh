@@ -213,7 +213,9 @@ cleanup() {
   if [ "$rc" -eq 0 ]; then log "PASS"; else log "FAILED (exit $rc)"; fi
   exit "$rc"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap "exit 130" INT
+trap "exit 143" TERM
 
 psql "$PG_URL_BASE/postgres" -qAt -c "CREATE DATABASE $DB_NAME" >/dev/null
 DB_CREATED=1

@@ -7,7 +7,7 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 SYNC := $(UV) sync --all-packages --locked
 PYTEST_ARGS ?=
 
-.PHONY: help uv sync run test test-chaos test-unit test-integration test-e2e lint fmt bench clean
+.PHONY: help uv sync run test test-chaos test-unit test-integration test-e2e lint fmt bench images images-test clean
 
 help: ## List the tasks
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -68,6 +68,13 @@ bench: sync ## Benchmarks next to baselines measured in the same run: pipeline, 
 	$(UV) run --no-sync python bench/api.py $(API_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api_metrics.py $(API_METRICS_BENCH_ARGS)
 	$(UV) run --no-sync python bench/slow_clients.py $(SLOW_BENCH_ARGS)
+
+# PYTHON_IMAGE: the images' base (default python:3.11-slim-bookworm); IMAGE_TAG: their tag (latest).
+images: ## Build the api, worker and scheduler images (docker if its daemon answers, else podman)
+	bash deploy/images-test.sh build
+
+images-test: ## Build the images on a local Debian base with podman and run them on this machine's PostgreSQL and Redis
+	bash deploy/images-test.sh
 
 clean: ## Stop the embedded servers of ./.sluice and remove caches (keeps the data)
 	-$(UV) run --no-sync sluice embedded stop

@@ -9,7 +9,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
 from urllib.parse import parse_qs, urlsplit
+
+S = TypeVar("S", bound=ThreadingHTTPServer)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -77,8 +80,8 @@ class LocalServer(ThreadingHTTPServer):
 
 
 @contextmanager
-def serve() -> Iterator[LocalServer]:
-    server = LocalServer()
+def running(server: S) -> Iterator[S]:
+    """``server`` serving from a thread of its own until the block ends, then shut and closed."""
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -86,3 +89,9 @@ def serve() -> Iterator[LocalServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def serve() -> Iterator[LocalServer]:
+    with running(LocalServer()) as server:
+        yield server

@@ -20,6 +20,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+from tests.httpserver import running
+
 
 def _value(value: AnyValue) -> Any:
     kind = value.WhichOneof("value")
@@ -111,11 +113,5 @@ class OtlpReceiver(ThreadingHTTPServer):
 
 @contextmanager
 def receive() -> Iterator[OtlpReceiver]:
-    receiver = OtlpReceiver()
-    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(OtlpReceiver()) as receiver:
         yield receiver
-    finally:
-        receiver.shutdown()
-        receiver.server_close()

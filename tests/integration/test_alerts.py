@@ -24,6 +24,7 @@ from sluice_scheduler.scheduler import CronScheduler
 from sluice_scheduler.signals import RedisSignals
 from sluice_worker.executor import RunExecutor
 from tests.conftest import wait_until
+from tests.httpserver import running
 from tests.integration.conftest import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -74,14 +75,8 @@ class Receiver(ThreadingHTTPServer):
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    server = Receiver()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(Receiver()) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def evaluator(pipeline: Pipeline, receiver: Receiver, *rules: AlertRule, **options: Any) -> AlertJob:

@@ -18,6 +18,7 @@ from sluice_common.settings import load_settings
 from sluice_scheduler.alerting import AlertJob, AlertState, Change, next_state, notice_body, post_json
 from sluice_scheduler.alerts import RULES, AlertRule
 from sluice_scheduler.maintenance import maintenance_jobs
+from tests.httpserver import running
 
 T0 = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 BACKLOG = next(r for r in RULES if r.name == "SluiceQueueBacklog")
@@ -341,14 +342,8 @@ class _HookServer(ThreadingHTTPServer):
 
 @contextmanager
 def hook(status: int = 200) -> Iterator[_HookServer]:
-    server = _HookServer(status)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with running(_HookServer(status)) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_post_json_sends_json_and_basic_auth_from_the_url() -> None:

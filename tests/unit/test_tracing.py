@@ -158,6 +158,11 @@ def test_an_unsupported_exporter_or_protocol_is_a_clear_error() -> None:
             environ={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
         )
     assert not tracing.enabled()
+    with pytest.raises(ConfigError, match="OTEL_EXPORTER_OTLP_PROTOCOL"):
+        tracing.check_tracing_settings(
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+        )
+    tracing.check_tracing_settings({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"})  # fine as it is
 
 
 def test_http_requests_of_steps_carry_the_step_context(spans: tuple[TracerProvider, InMemorySpanExporter]) -> None:

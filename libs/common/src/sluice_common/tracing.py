@@ -77,19 +77,32 @@ def exporter_wanted(environ: Mapping[str, str] | None = None) -> str | None:
     return "otlp" if endpoint else None
 
 
-def _otlp_exporter(environ: Mapping[str, str]) -> Any:
+def _protocol(environ: Mapping[str, str]) -> str:
     protocol = (
         _env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ) or _env("OTEL_EXPORTER_OTLP_PROTOCOL", environ)
     ).lower() or "http/protobuf"
+    if protocol not in ("http/protobuf", "grpc"):
+        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf or grpc)")
+    return protocol
+
+
+def check_tracing_settings(environ: Mapping[str, str] | None = None) -> None:
+    """Refuse an unsupported exporter or protocol (:class:`ConfigError`) without setting anything up:
+    for a process that checks its settings before it forks (the API's gunicorn master)."""
+    environ = os.environ if environ is None else environ
+    if exporter_wanted(environ) == "otlp":
+        _protocol(environ)
+
+
+def _otlp_exporter(environ: Mapping[str, str]) -> Any:
+    protocol = _protocol(environ)
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
         return OTLPSpanExporter()
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcSpanExporter
 
-        return GrpcSpanExporter()
-    raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported (http/protobuf or grpc)")
+    return GrpcSpanExporter()
 
 
 def configure_tracing(

@@ -19,6 +19,7 @@ from sluice_api.http_worker import buffering_worker
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
 from sluice_common.settings import Settings, load_settings, server_urls
+from sluice_common.tracing import check_tracing_settings
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -59,6 +60,7 @@ def main() -> None:
         # Checked before gunicorn forks: every worker reads the same URLs from the environment
         # (``sluice api`` sets them to the embedded servers', which outlive every worker, when unset).
         server_urls(settings)
+        check_tracing_settings()  # each worker sets tracing up after the fork; a bad value stops here
     except SluiceError as exc:
         raise SystemExit(f"api: {exc}") from None
     configure_logging(settings.log_level, "api", settings.log_format)

@@ -119,7 +119,7 @@ def test_one_trace_from_the_request_to_every_step_and_call(
             f"/api/workflows/{traced_wf}/run", json={}, headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"}
         )
         assert started.status_code == 202, started.text
-        run_id = started.json()["runId"] if "runId" in started.json() else started.json()["id"]
+        run_id = started.json()["runId"]
 
         # Lose the wake-up before any worker runs: the reconciler (in the scheduler) sends another.
         queue = redis.Redis.from_url(servers.redis_url)

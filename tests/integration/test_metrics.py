@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -62,41 +63,43 @@ def test_the_executor_tells_its_observers_each_claim_step_and_end(pipeline: Pipe
     assert 0 <= waited < 30
 
 
-def test_runs_created_are_counted_after_commit(pipeline: Pipeline) -> None:
+@pytest.fixture
+def counted() -> Iterator[CollectorRegistry]:
+    """Run metrics on a registry of their own, observing the process's run events during the test."""
     registry = CollectorRegistry()
     metrics = RunMetrics(registry)
     run_events.add(metrics)
     try:
-        owner = pipeline.user()
-        wf = pipeline.workflow(owner, NOOP)
-        pipeline.enqueue(wf, owner, idempotency_key="k")
-        pipeline.enqueue(wf, owner, idempotency_key="k")  # the same run: not created again
-        pipeline.enqueue(wf, owner, delay_ms=60_000)
+        yield registry
     finally:
         run_events.remove(metrics)
-    assert registry.get_sample_value("sluice_runs_created_total", {"trigger": "manual"}) == 2
 
 
-def test_runs_cancelled_without_a_worker_are_counted_once_committed(pipeline: Pipeline) -> None:
-    registry = CollectorRegistry()
-    metrics = RunMetrics(registry)
-    run_events.add(metrics)
-    try:
-        owner = pipeline.user()
-        wf = pipeline.workflow(owner, NOOP)
-        queued = pipeline.enqueue(wf, owner).run_id
-        delayed = pipeline.enqueue(wf, owner, delay_ms=60_000).run_id
-        assert cancel_run(pipeline.pool, queued, owner) == "cancelled"
-        assert cancel_run(pipeline.pool, delayed, owner) == "cancelled"
-        with pytest.raises(ConflictError):
-            cancel_run(pipeline.pool, queued, owner)  # already over: not counted twice
-        running = pipeline.enqueue(wf, owner).run_id
-        with pipeline.pool.connection() as conn:  # a running run ends at its worker, which counts it
-            conn.execute("UPDATE runs SET status = 'running' WHERE id = %s", (running,))
-        assert cancel_run(pipeline.pool, running, owner) == "running"
-    finally:
-        run_events.remove(metrics)
-    assert registry.get_sample_value("sluice_runs_cancelled_total", {"trigger": "manual"}) == 2
+def test_runs_created_are_counted_after_commit(pipeline: Pipeline, counted: CollectorRegistry) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    pipeline.enqueue(wf, owner, idempotency_key="k")
+    pipeline.enqueue(wf, owner, idempotency_key="k")  # the same run: not created again
+    pipeline.enqueue(wf, owner, delay_ms=60_000)
+    assert counted.get_sample_value("sluice_runs_created_total", {"trigger": "manual"}) == 2
+
+
+def test_runs_cancelled_without_a_worker_are_counted_once_committed(
+    pipeline: Pipeline, counted: CollectorRegistry
+) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    queued = pipeline.enqueue(wf, owner).run_id
+    delayed = pipeline.enqueue(wf, owner, delay_ms=60_000).run_id
+    assert cancel_run(pipeline.pool, queued, owner) == "cancelled"
+    assert cancel_run(pipeline.pool, delayed, owner) == "cancelled"
+    with pytest.raises(ConflictError):
+        cancel_run(pipeline.pool, queued, owner)  # already over: not counted twice
+    running = pipeline.enqueue(wf, owner).run_id
+    with pipeline.pool.connection() as conn:  # a running run ends at its worker, which counts it
+        conn.execute("UPDATE runs SET status = 'running' WHERE id = %s", (running,))
+    assert cancel_run(pipeline.pool, running, owner) == "running"
+    assert counted.get_sample_value("sluice_runs_cancelled_total", {"trigger": "manual"}) == 2
 
 
 def test_queue_gauges_are_the_stats_endpoints_numbers(pipeline: Pipeline) -> None:

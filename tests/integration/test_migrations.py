@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from sluice_common.db import migrate
+from sluice_common.db import migrate, pending_migrations
 from tests.conftest import Servers, with_database
 
 MIGRATIONS = resources.files("sluice_common") / "migrations"
@@ -58,7 +58,43 @@ def test_parallel_migrate_processes_on_an_empty_database(empty_database: str, se
 
 def test_migrate_again_applies_nothing(database_url: str) -> None:
     assert migrate(database_url) == []
-    assert tables(database_url) >= EXPECTED_TABLES
+
+
+def test_check_and_wait_apply_nothing_and_end_once_the_migrations_are_in(
+    empty_database: str, service_env: dict[str, str]
+) -> None:
+    env = {**service_env, "DATABASE_URL": empty_database}
+    names = sorted(f.name.removesuffix(".sql") for f in MIGRATIONS.iterdir() if f.name.endswith(".sql"))
+    assert pending_migrations(empty_database) == names
+
+    check = subprocess.run(
+        [sys.executable, "-m", "sluice_cli", "migrate", "--check"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert check.returncode == 1, check.stderr
+    assert f"migrations pending: {', '.join(names)}" in check.stderr
+    assert tables(empty_database) == set()  # the check wrote nothing, not even yoyo's own tables
+
+    # A new pod's init container: it waits while the migration job has not run, and ends once it has.
+    waiter = subprocess.Popen(
+        [sys.executable, "-m", "sluice_cli", "migrate", "--wait", "60"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert waiter.stdout is not None
+        seen = ""
+        while "waiting for migrations" not in seen and waiter.poll() is None:
+            seen += waiter.stdout.readline()
+        assert waiter.poll() is None, seen
+        assert migrate(empty_database) == names
+        out = seen + waiter.communicate(timeout=30)[0]
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 0, out
+    assert "migrations: up to date" in out
+    assert pending_migrations(empty_database) == []
 
 
 def make_run(conn: psycopg.Connection[tuple[object, ...]], **overrides: object) -> None:

@@ -5,6 +5,8 @@ Pools are opened by a service after start-up (never at import). Migrations are S
 PostgreSQL advisory lock, because yoyo's own lock table is created without one and two first
 runs at once can collide on it. After the migrations it installs the run state machine's SQL
 functions (the claim, the dispatch rule) from :mod:`sluice_common.runstate`, where they live.
+:func:`pending_migrations` tells, without writing anything, which migrations a database lacks
+(``sluice migrate --check`` / ``--wait``: new pods wait for the migration job).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 from psycopg_pool.base import AttemptWithBackoff
@@ -72,6 +75,32 @@ def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", ma
 def _yoyo_uri(database_url: str) -> str:
     parts = urlsplit(database_url)
     return urlunsplit(("postgresql+psycopg", *parts[1:]))
+
+
+def _migration_ids() -> list[str]:
+    folder = resources.files("sluice_common") / "migrations"
+    return sorted(f.name.removesuffix(".sql") for f in folder.iterdir() if f.name.endswith(".sql"))
+
+
+def pending_migrations(database_url: str) -> list[str]:
+    """The ids of this version's migrations that the database has not applied, oldest first.
+
+    Reads yoyo's record of applied migrations directly: yoyo's own API creates its tables on first
+    use, and a check (run by every new pod) must write nothing.
+    """
+    from yoyo.migrations import default_migration_table
+
+    table = sql.Identifier(default_migration_table)
+    try:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            if conn.execute("SELECT to_regclass(%s)", (default_migration_table,)).fetchone() == (None,):
+                applied: set[str] = set()
+            else:
+                rows = conn.execute(sql.SQL("SELECT migration_id FROM {}").format(table)).fetchall()
+                applied = {row[0] for row in rows}
+    except psycopg.OperationalError as exc:
+        raise InfrastructureError(f"cannot connect to PostgreSQL: {exc}") from exc
+    return [m for m in _migration_ids() if m not in applied]
 
 
 def migrate(database_url: str) -> list[str]:

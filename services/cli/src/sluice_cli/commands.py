@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -25,7 +26,7 @@ import psycopg
 from sluice_cli.servers import Endpoints, resolve_endpoints
 from sluice_cli.supervisor import Child, Supervisor
 from sluice_common import users
-from sluice_common.db import migrate
+from sluice_common.db import migrate, pending_migrations
 from sluice_common.errors import SluiceError
 from sluice_common.logs import LogFormat, configure_logging
 from sluice_common.settings import Settings, load_settings
@@ -73,15 +74,51 @@ def main() -> None:
 
 
 @main.command("migrate")
-def migrate_cmd() -> None:
+@click.option("--check", is_flag=True, help="Apply nothing; exit 1 when a migration is pending.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Apply nothing; wait until no migration is pending (the migration job's work), at most SECONDS.",
+)
+def migrate_cmd(check: bool, wait: float | None) -> None:
     """Apply pending database migrations (safe to run from several processes at once)."""
     settings = _settings()
     with _endpoints(settings, need_redis=False) as endpoints:
         try:
+            if check or wait is not None:
+                _await_migrations(endpoints.database_url, wait or 0.0)
+                return
             applied = migrate(endpoints.database_url)
         except SluiceError as exc:
             raise click.ClickException(str(exc)) from None
     click.echo(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else ""))
+
+
+def _await_migrations(database_url: str, seconds: float) -> None:
+    """Return once no migration is pending; exit 1 naming them when ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    told = False
+    while True:
+        try:
+            pending = pending_migrations(database_url)
+        except SluiceError as exc:
+            # A database that is still starting is something to wait for too.
+            if time.monotonic() >= deadline:
+                raise
+            pending, reason = [], str(exc)
+        else:
+            reason = ""
+        if not pending and not reason:
+            click.echo("migrations: up to date")
+            return
+        if time.monotonic() >= deadline:
+            click.echo(f"migrations pending: {', '.join(pending)}", err=True)
+            sys.exit(1)
+        if not told:
+            click.echo(f"waiting for migrations: {reason or ', '.join(pending)}", err=True)
+            told = True
+        time.sleep(1.0)
 
 
 # users ---------------------------------------------------------------------------------------

@@ -44,12 +44,13 @@ test-integration: sync ## Run the integration tests (real PostgreSQL and Redis)
 test-e2e: sync ## Run the end-to-end tests (services as processes)
 	$(call run_pytest,tests/e2e)
 
-lint: sync ## ruff, mypy --strict on src, import contracts, hadolint, promtool on the alert rules
+lint: sync ## ruff, mypy --strict on src, import contracts, hadolint, compose and Kubernetes files, promtool
 	$(UV) run --no-sync ruff check .
 	$(UV) run --no-sync ruff format --check .
 	$(UV) run --no-sync mypy libs/common/src services/api/src services/worker/src services/scheduler/src services/standalone/src services/cli/src
 	$(UV) run --no-sync lint-imports
 	$(UV) run --no-sync hadolint deploy/Dockerfile
+	$(UV) run --no-sync python deploy/validate.py
 	@if command -v promtool >/dev/null; then \
 		promtool check rules deploy/prometheus/alerts.yaml && \
 		promtool test rules deploy/prometheus/alerts.test.yaml && \

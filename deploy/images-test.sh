@@ -263,7 +263,16 @@ stop_clean() {
   log "$container stopped on SIGTERM in $took s, exit code 0"
 }
 
-run_once "sluice-api:$IMAGE_TAG" sluice migrate >&2
+# The Kubernetes init containers' check, as they run it (read-only root): pending first, then in.
+if run_once --read-only --tmpfs /tmp "sluice-worker:$IMAGE_TAG" sluice migrate --check >&2; then
+  die "sluice migrate --check passed on a database that was never migrated"
+fi
+run_once --read-only --tmpfs /tmp "sluice-api:$IMAGE_TAG" sluice migrate >&2
+for service in api worker scheduler; do
+  run_once --read-only --tmpfs /tmp "sluice-$service:$IMAGE_TAG" sluice migrate --wait 30 >&2 \
+    || die "sluice migrate --wait failed in the $service image after the migration"
+done
+log "migrated; each image's migrate --wait (the pods' init container) sees it"
 TOKEN="$(run_once "sluice-api:$IMAGE_TAG" sluice users create "images-$RUN_ID" | tail -n 1)"
 [ -n "$TOKEN" ] || die "no token from sluice users create"
 

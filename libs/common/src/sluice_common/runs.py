@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -364,3 +365,56 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
         redis=redis,
         extra={"waitingOnSubWorkflows": int(done["parked"])},
     )
+
+
+@dataclass(frozen=True)
+class QueueMinute:
+    """One minute of the queue's recent history (all users: aggregate counts, like the stats)."""
+
+    at: datetime  # the minute's end
+    depth: int  # runs due and not started at that moment
+    succeeded: int  # runs that ended in the minute, by outcome
+    failed: int
+    cancelled: int
+
+
+def queue_history(pool: Pool, minutes: int = 60) -> list[QueueMinute]:
+    """The last ``minutes`` minutes of throughput and queue depth, oldest first.
+
+    Both come from the runs themselves, so every API process draws the same chart without
+    sampling anything: the depth at a moment counts the runs due by then (queued, or delayed
+    until before then) and not yet started or ended. The rows read are the unfinished runs and
+    those that ended in the window, both through indexes.
+    """
+    with pool.connection() as conn:
+        rows = conn.execute(
+            """
+            WITH bounds AS (
+                SELECT date_trunc('minute', now()) + interval '1 minute' AS stop
+            ), minutes AS (
+                SELECT stop - make_interval(mins => n) AS at
+                FROM bounds, generate_series(0, %(minutes)s - 1) AS n
+            ), recent AS (
+                SELECT greatest(queued_at, coalesce(not_before, queued_at)) AS due,
+                       coalesce(started_at, finished_at) AS left_at, status, finished_at
+                FROM runs
+                WHERE status IN ('queued', 'delayed', 'running', 'waiting')
+                   OR (status IN ('succeeded', 'failed', 'cancelled')
+                       AND finished_at > (SELECT stop FROM bounds) - make_interval(mins => %(minutes)s + 1))
+            )
+            SELECT m.at,
+                   count(r.*) FILTER (WHERE r.due <= m.at AND (r.left_at IS NULL OR r.left_at > m.at)) AS depth,
+                   count(r.*) FILTER (WHERE r.status = 'succeeded' AND r.finished_at > m.at - interval '1 minute'
+                                      AND r.finished_at <= m.at) AS succeeded,
+                   count(r.*) FILTER (WHERE r.status = 'failed' AND r.finished_at > m.at - interval '1 minute'
+                                      AND r.finished_at <= m.at) AS failed,
+                   count(r.*) FILTER (WHERE r.status = 'cancelled' AND r.finished_at > m.at - interval '1 minute'
+                                      AND r.finished_at <= m.at) AS cancelled
+            FROM minutes m LEFT JOIN recent r ON true
+            GROUP BY m.at ORDER BY m.at
+            """,
+            {"minutes": minutes},
+        ).fetchall()
+    return [
+        QueueMinute(r["at"], int(r["depth"]), int(r["succeeded"]), int(r["failed"]), int(r["cancelled"])) for r in rows
+    ]

@@ -6,9 +6,12 @@ Pure functions of the data the queries return, so that they are tested without a
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from importlib import resources
 from typing import Any
 
 from cron_descriptor import Options, get_description
@@ -17,13 +20,15 @@ from sluice_common.cron import Schedule
 from sluice_common.runs import QueueMinute
 from sluice_common.workflow import CronConfig
 
-STATIC_VERSION = "1"  # bump when a static file changes, so that browsers fetch it again
 FINISHED = frozenset({"succeeded", "failed", "cancelled"})
 CANCELLABLE = frozenset({"queued", "delayed", "running", "waiting"})
 
 
+@functools.cache
 def static_url(name: str) -> str:
-    return f"/static/{name}?v={STATIC_VERSION}"
+    """A static file's URL with its content's hash: a changed file is a new URL, fetched again."""
+    digest = hashlib.sha256((resources.files("sluice_api.dashboard") / "static" / name).read_bytes()).hexdigest()
+    return f"/static/{name}?v={digest[:12]}"
 
 
 def when(at: datetime | None) -> str:

@@ -163,9 +163,12 @@ def main() -> None:
                 + "&until="
                 + (datetime.now(UTC) - timedelta(days=2)).strftime("%Y-%m-%dT%H:%M"),
                 "runs, none queued": "/runs?status=queued",
+                "runs, no retry trigger": "/runs?trigger=retry",
+                "runs, 2 filters, no match": f"/runs?workflow={flows[0]}&status=queued",
                 "run page": f"/runs/{run_id}",
                 "run page, live part": f"/runs/{run_id}/live",
                 "workflows": "/",
+                "queue": "/queue",
             }
             print(f"{args.runs} runs; {args.requests} requests a page, in process (app, queries, templates)")
             print(f"{'page':28} {'median ms':>10} {'p95 ms':>8}  target < {TARGET_MS:.0f} ms at the median")

@@ -161,6 +161,7 @@ class SessionMiddleware:
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any) -> None:
         if not isinstance(resource, Page):
             return
+        req.context.page = True  # its errors are HTML pages (install_error_pages)
         resp.set_header("Content-Security-Policy", _CSP)
         resp.set_header("X-Content-Type-Options", "nosniff")
         resp.set_header("Referrer-Policy", "same-origin")
@@ -187,10 +188,17 @@ class SessionMiddleware:
 
 
 def install_error_pages(app: falcon.App[falcon.Request, falcon.Response], templates: jinja2.Environment) -> None:
-    """Errors on dashboard paths become HTML pages; those under ``/api`` and ``/metrics`` stay problems."""
+    """Errors of the pages (and unknown paths outside ``/api`` and ``/metrics``) become HTML pages;
+    the API's stay problems."""
 
-    def on_api(path: str) -> bool:
-        return path.startswith("/api/") or path in ("/api", "/metrics")
+    def on_api(req: falcon.Request, exc: Exception | None = None) -> bool:
+        """Whether the problem+json handlers answer: anything but a page, or a path no route
+        matched under ``/api`` and ``/metrics``."""
+        if getattr(req.context, "page", False):
+            return False
+        if isinstance(exc, falcon.HTTPRouteNotFound):
+            return req.path.startswith("/api/") or req.path in ("/api", "/metrics")
+        return True
 
     def page(req: falcon.Request, resp: falcon.Response, status: int, title: str, detail: str) -> None:
         resp.status = status
@@ -209,7 +217,7 @@ def install_error_pages(app: falcon.App[falcon.Request, falcon.Response], templa
         )
 
     def sluice_error(req: falcon.Request, resp: falcon.Response, exc: SluiceError, params: dict[str, Any]) -> None:
-        if on_api(req.path):
+        if on_api(req):
             problems.handle_sluice_error(req, resp, exc, params)
             return
         for cls, status, title in (
@@ -228,7 +236,7 @@ def install_error_pages(app: falcon.App[falcon.Request, falcon.Response], templa
         unexpected(req, resp, exc, params)
 
     def http_error(req: falcon.Request, resp: falcon.Response, exc: falcon.HTTPError, params: dict[str, Any]) -> None:
-        if on_api(req.path):
+        if on_api(req, exc):
             problems.handle_http_error(req, resp, exc, params)
             return
         if exc.headers:
@@ -236,7 +244,7 @@ def install_error_pages(app: falcon.App[falcon.Request, falcon.Response], templa
         page(req, resp, exc.status_code, exc.title or str(exc.status_code), exc.description or "")
 
     def unavailable(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
-        if on_api(req.path):
+        if on_api(req):
             problems.handle_unavailable(req, resp, exc, params)
             return
         log.warning("%s %s: backing service unavailable: %s", req.method, req.path, type(exc).__name__)
@@ -244,7 +252,7 @@ def install_error_pages(app: falcon.App[falcon.Request, falcon.Response], templa
         page(req, resp, 503, "Unavailable", "PostgreSQL or Redis does not answer; try again in a moment.")
 
     def unexpected(req: falcon.Request, resp: falcon.Response, exc: Exception, params: dict[str, Any]) -> None:
-        if on_api(req.path):
+        if on_api(req):
             problems.handle_unexpected(req, resp, exc, params)
         elif isinstance(exc, falcon.HTTPError):
             http_error(req, resp, exc, params)

@@ -10,6 +10,7 @@ import html
 import re
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 import falcon.testing
@@ -19,6 +20,7 @@ from sluice_api.app import Dependencies, create_app
 from sluice_api.dashboard.account import LOGIN_CSRF_COOKIE
 from sluice_api.dashboard.sessions import SESSION_COOKIE
 from sluice_common import users
+from sluice_common.runs import queue_history
 from tests.integration.conftest import Pipeline
 
 CSRF_INPUT = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -270,3 +272,60 @@ def test_the_run_form_checks_its_fields_like_the_api(dash: Dash) -> None:
     assert refused.status_code == 303
     assert "paused" in browser.get(refused.headers["location"]).text.lower()
     assert browser.get("/runs").text.count('class="badge s-') == 0
+
+
+def test_the_queue_history_counts_each_minutes_depth_and_endings(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "a", "type": "transform", "config": {"value": 1}}])
+    with pipeline.pool.connection() as conn:
+        row = conn.execute("SELECT now() AS now").fetchone()
+        assert row is not None
+        now = row["now"]
+
+    def ago(minutes: float | None) -> Any:
+        return None if minutes is None else now - timedelta(minutes=minutes)
+
+    # (status, queued, not before, started, finished), in minutes before now.
+    runs = [
+        ("succeeded", 10, None, 5, 4.5),
+        ("queued", 3, None, None, None),
+        ("delayed", 20, 2, None, None),
+        ("failed", 30, None, 29.5, 29),
+        ("cancelled", 8, 1, None, 6),  # a delayed run cancelled before it was due: never waited
+        ("running", 50, None, 45, None),
+        ("succeeded", 200, None, 199, 198),  # long before the window
+    ]
+    with pipeline.pool.connection() as conn:
+        for status, queued, not_before, started, finished in runs:
+            conn.execute(
+                "INSERT INTO runs (workflow_id, owner_id, workflow_version, trigger_type, status, max_attempts, "
+                "queued_at, not_before, started_at, finished_at) VALUES (%s, %s, 1, 'manual', %s, 1, %s, %s, %s, %s)",
+                (wf, owner, status, ago(queued), ago(not_before), ago(started), ago(finished)),
+            )
+    history = queue_history(pipeline.pool, 60)
+    assert len(history) == 60
+    assert history[-1].at >= now > history[-2].at
+    # The oracle: a run waits from when it is due until it starts or ends.
+    for minute in history:
+        waiting = 0
+        for _, queued, not_before, started, finished in runs:
+            due = max(ago(queued), ago(not_before) or ago(queued))
+            left = ago(started) if started is not None else ago(finished)
+            waiting += due <= minute.at and (left is None or left > minute.at)
+        assert minute.depth == waiting, minute
+
+        def ended(status: str, at: datetime = minute.at) -> int:
+            return sum(
+                1
+                for s, _, _, _, finished in runs
+                if s == status and finished is not None and at - timedelta(minutes=1) < ago(finished) <= at
+            )
+
+        assert (minute.succeeded, minute.failed, minute.cancelled) == (
+            ended("succeeded"),
+            ended("failed"),
+            ended("cancelled"),
+        ), minute
+    assert max(m.depth for m in history) == 2
+    assert sum(m.succeeded for m in history) == 1
+    assert sum(m.cancelled for m in history) == 1

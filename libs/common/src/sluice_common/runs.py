@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -382,39 +382,67 @@ def queue_history(pool: Pool, minutes: int = 60) -> list[QueueMinute]:
     """The last ``minutes`` minutes of throughput and queue depth, oldest first.
 
     Both come from the runs themselves, so every API process draws the same chart without
-    sampling anything: the depth at a moment counts the runs due by then (queued, or delayed
-    until before then) and not yet started or ended. The rows read are the unfinished runs and
-    those that ended in the window, both through indexes.
+    sampling anything: the depth at a minute's end counts the runs due by then (queued, or
+    delayed until before then) and not yet started or ended. The rows read are the unfinished runs
+    and those that ended in the window, each set through its index; the database counts them
+    once into per-minute arrivals, departures and endings (the depth is the running difference),
+    so the cost grows with the runs of the hour, not with the minutes times the runs.
     """
     with pool.connection() as conn:
+        first_row = conn.execute(
+            "SELECT date_trunc('minute', now()) + make_interval(mins => %s) AS first", (2 - minutes,)
+        ).fetchone()
+        assert first_row is not None
+        first: datetime = first_row["first"]  # the end of the oldest minute
+        last = first + timedelta(minutes=minutes - 1)
         rows = conn.execute(
             """
-            WITH bounds AS (
-                SELECT date_trunc('minute', now()) + interval '1 minute' AS stop
-            ), minutes AS (
-                SELECT stop - make_interval(mins => n) AS at
-                FROM bounds, generate_series(0, %(minutes)s - 1) AS n
-            ), recent AS (
+            WITH recent AS (
                 SELECT greatest(queued_at, coalesce(not_before, queued_at)) AS due,
                        coalesce(started_at, finished_at) AS left_at, status, finished_at
-                FROM runs
-                WHERE status IN ('queued', 'delayed', 'running', 'waiting')
-                   OR (status IN ('succeeded', 'failed', 'cancelled')
-                       AND finished_at > (SELECT stop FROM bounds) - make_interval(mins => %(minutes)s + 1))
+                FROM runs WHERE status IN ('queued', 'delayed', 'running')
+                UNION ALL
+                SELECT greatest(queued_at, coalesce(not_before, queued_at)), coalesce(started_at, finished_at),
+                       status, finished_at
+                FROM runs WHERE status = 'waiting'
+                UNION ALL
+                SELECT greatest(queued_at, coalesce(not_before, queued_at)), coalesce(started_at, finished_at),
+                       status, finished_at
+                FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > %(since)s
             )
-            SELECT m.at,
-                   count(r.*) FILTER (WHERE r.due <= m.at AND (r.left_at IS NULL OR r.left_at > m.at)) AS depth,
-                   count(r.*) FILTER (WHERE r.status = 'succeeded' AND r.finished_at > m.at - interval '1 minute'
-                                      AND r.finished_at <= m.at) AS succeeded,
-                   count(r.*) FILTER (WHERE r.status = 'failed' AND r.finished_at > m.at - interval '1 minute'
-                                      AND r.finished_at <= m.at) AS failed,
-                   count(r.*) FILTER (WHERE r.status = 'cancelled' AND r.finished_at > m.at - interval '1 minute'
-                                      AND r.finished_at <= m.at) AS cancelled
-            FROM minutes m LEFT JOIN recent r ON true
-            GROUP BY m.at ORDER BY m.at
+            SELECT 'in' AS kind, greatest(ceil(extract(epoch FROM due - %(first)s) / 60), 0)::int AS k,
+                   NULL::text AS status, count(*) AS n
+            FROM recent WHERE due <= %(last)s AND (left_at IS NULL OR left_at > due) GROUP BY 2
+            UNION ALL
+            SELECT 'out', greatest(ceil(extract(epoch FROM left_at - %(first)s) / 60), 0)::int, NULL, count(*)
+            FROM recent WHERE due <= %(last)s AND left_at > due AND left_at <= %(last)s GROUP BY 2
+            UNION ALL
+            SELECT 'ended', ceil(extract(epoch FROM finished_at - %(first)s) / 60)::int, status::text, count(*)
+            FROM recent
+            WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > %(since)s
+              AND finished_at <= %(last)s
+            GROUP BY 2, 3
             """,
-            {"minutes": minutes},
+            {"first": first, "last": last, "since": first - timedelta(minutes=1)},
         ).fetchall()
-    return [
-        QueueMinute(r["at"], int(r["depth"]), int(r["succeeded"]), int(r["failed"]), int(r["cancelled"])) for r in rows
-    ]
+    arrived, left = [0] * minutes, [0] * minutes
+    ended: dict[str, list[int]] = {s: [0] * minutes for s in ("succeeded", "failed", "cancelled")}
+    for row in rows:
+        k, n = int(row["k"]), int(row["n"])
+        if not 0 <= k < minutes:
+            continue
+        if row["kind"] == "in":
+            arrived[k] += n
+        elif row["kind"] == "out":
+            left[k] += n
+        else:
+            ended[row["status"]][k] += n
+    history, depth = [], 0
+    for k in range(minutes):
+        depth += arrived[k] - left[k]
+        history.append(
+            QueueMinute(
+                first + timedelta(minutes=k), depth, ended["succeeded"][k], ended["failed"][k], ended["cancelled"][k]
+            )
+        )
+    return history

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -329,3 +330,25 @@ def test_the_queue_history_counts_each_minutes_depth_and_endings(pipeline: Pipel
     assert max(m.depth for m in history) == 2
     assert sum(m.succeeded for m in history) == 1
     assert sum(m.cancelled for m in history) == 1
+
+
+def test_pages_and_api_calls_of_one_token_share_its_request_limit(pipeline_factory: Any) -> None:
+    pipeline = pipeline_factory(SLUICE_API_RATE_LIMIT_PER_MINUTE="6")
+    deps = Dependencies(pipeline.settings, pipeline.pool, pipeline.redis, pipeline.broker, pipeline.limiter)
+    dash = Dash(create_app(deps), pipeline)
+    while time.time() % 60 > 50:  # the limit counts in minute windows: stay inside one
+        time.sleep(1)
+    token, browser = dash.user()  # signing in is no page of a session: not counted
+    api = falcon.testing.TestClient(dash.app)
+    bearer = {"Authorization": f"Bearer {token}"}
+    answers = [browser.get("/runs").status_code for _ in range(3)]
+    answers += [api.simulate_get("/api/runs", headers=bearer).status_code for _ in range(3)]
+    assert answers == [200] * 6
+    refused = browser.get("/runs")
+    assert refused.status_code == 429
+    assert "Retry-After" in refused.headers
+    assert "text/html" in refused.headers["content-type"]
+    assert api.simulate_get("/api/runs", headers=bearer).status_code == 429
+    # Another token has its own budget.
+    _, other = dash.user()
+    assert other.get("/runs").status_code == 200

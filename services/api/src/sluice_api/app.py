@@ -54,7 +54,7 @@ def create_app(
     middleware: list[Any] = [
         RequestIdMiddleware(),
         AuthMiddleware(deps.pool, limiter),
-        dashboard.SessionMiddleware(deps),
+        dashboard.SessionMiddleware(deps, limiter),
         KnownParamsMiddleware(),
     ]
     if deps.settings.api_metrics:

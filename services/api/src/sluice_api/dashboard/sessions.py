@@ -30,6 +30,9 @@ class Session:
     id: str
     user_id: UUID
     user_name: str
+    # What the per-token request limit counts by: the key of the token it was opened with, so
+    # that the pages and the API calls of one token share one budget.
+    limit_key: str
 
     @property
     def csrf(self) -> str:
@@ -38,6 +41,10 @@ class Session:
 
 def _hash(session_id: str) -> bytes:
     return hashlib.sha256(session_id.encode()).digest()
+
+
+def limit_key(token_hash: bytes) -> str:
+    return token_hash[:12].hex()  # as sluice_api.auth keys a bearer token
 
 
 def csrf_token(session_id: str) -> str:
@@ -55,7 +62,7 @@ def open_session(pool: Pool, token: str, hours: float) -> Session:
             "SELECT %s, user_id, id, now() + make_interval(secs => %s) FROM api_tokens WHERE token_hash = %s",
             (_hash(session_id), hours * 3600, hash_token(token)),
         )
-    return Session(session_id, UUID(str(user.id)), user.name)
+    return Session(session_id, UUID(str(user.id)), user.name, limit_key(hash_token(token)))
 
 
 def find_session(pool: Pool, session_id: str) -> Session | None:
@@ -64,14 +71,14 @@ def find_session(pool: Pool, session_id: str) -> Session | None:
         return None
     with pool.connection() as conn:
         row = conn.execute(
-            "SELECT u.id, u.name FROM dashboard_sessions s "
+            "SELECT u.id, u.name, t.token_hash FROM dashboard_sessions s "
             "JOIN api_tokens t ON t.id = s.token_id JOIN users u ON u.id = s.user_id "
             f"WHERE s.id_hash = %s AND s.expires_at > now() AND {LIVE_TOKEN_SQL}",
             (_hash(session_id),),
         ).fetchone()
     if row is None:
         return None
-    return Session(session_id, row["id"], row["name"])
+    return Session(session_id, row["id"], row["name"], limit_key(bytes(row["token_hash"])))
 
 
 def close_session(pool: Pool, session_id: str) -> None:

@@ -24,7 +24,7 @@ import psycopg_pool
 import redis
 
 from sluice_api import problems
-from sluice_api.auth import Caller
+from sluice_api.auth import Caller, RequestLimiter, too_many
 from sluice_api.dashboard import sessions, views
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import media_type, read_body
@@ -153,10 +153,12 @@ def safe_next(target: str | None) -> str:
 
 
 class SessionMiddleware:
-    """Finds the page's session, sends the signed-out to the sign-in page, checks CSRF on POST."""
+    """Finds the page's session, sends the signed-out to the sign-in page, counts the request in
+    its token's request limit, checks CSRF on POST."""
 
-    def __init__(self, deps: Dependencies) -> None:
+    def __init__(self, deps: Dependencies, limiter: RequestLimiter) -> None:
         self._deps = deps
+        self._limiter = limiter
 
     def process_resource(self, req: falcon.Request, resp: falcon.Response, resource: Any, params: Any) -> None:
         if not isinstance(resource, Page):
@@ -170,7 +172,10 @@ class SessionMiddleware:
         session = sessions.find_session(self._deps.pool, cookie) if cookie else None
         req.context.session = session
         if session is not None:
-            req.context.caller = Caller(session.user_id, session.user_name, f"session:{session.user_id}")
+            req.context.caller = Caller(session.user_id, session.user_name, session.limit_key)
+            wait = self._limiter.hit(session.limit_key)
+            if wait is not None:
+                raise too_many(wait)
         if req.method == "POST":
             req.context.form = _read_form(req, self._deps.settings.api_max_body_bytes)
         if not resource.signed_in:

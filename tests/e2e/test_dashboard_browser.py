@@ -217,7 +217,8 @@ def test_cancel_a_delayed_run_and_retry_a_failed_one(page: Page, dev: Dev) -> No
 
 
 def test_filter_the_runs_list(page: Page, dev: Dev) -> None:
-    sign_in(page, dev, dev.new_user())
+    token = dev.new_user()
+    sign_in(page, dev, token)
     ok = create(page, dev, manual("fine", '[{"id": "a", "type": "transform", "config": {"value": 1}}]'))
     bad = create(
         page, dev, manual("bad", '[{"id": "b", "type": "fail", "config": {"message": "no"}}]', '{"maxAttempts": 1}')
@@ -230,17 +231,30 @@ def test_filter_the_runs_list(page: Page, dev: Dev) -> None:
     page.goto(f"{dev.base}/runs")
     rows = page.locator("#runs-table tbody tr")
     expect(rows).to_have_count(3)
+    # The first page follows new runs live.
+    mark_no_reload(page)
+    with dev.api(token) as api:
+        api.post(f"/api/workflows/{ok.rsplit('/', 1)[1]}/run", json={"delay": 600_000})
+    expect(rows).to_have_count(4)
+    expect(rows.first).to_contain_text("delayed")
+    assert_no_reload(page)
     page.get_by_label("Status", exact=True).select_option("failed")
     page.get_by_role("button", name="Filter").click()
     expect(page).to_have_url(re.compile(r"status=failed"))
     expect(rows).to_have_count(1)
     expect(rows.first).to_contain_text("bad")
+    expect(rows.first).to_contain_text("failed")
     page.get_by_label("Status", exact=True).select_option("")
     page.get_by_label("Workflow", exact=True).select_option(label="fine")
     page.get_by_role("button", name="Filter").click()
-    expect(rows).to_have_count(2)
-    for i in range(2):
-        expect(rows.nth(i)).to_contain_text("succeeded")
+    expect(rows).to_have_count(3)
+    expect(rows.filter(has_text="succeeded")).to_have_count(2)
+    expect(rows.filter(has_text="delayed")).to_have_count(1)
+    # Bulk: cancel everything this filter selects (the one delayed run of "fine").
+    page.get_by_role("button", name="Cancel all").click()
+    expect(page.locator(".flash")).to_have_text("Cancelled 1 run(s).")
+    expect(rows.filter(has_text="cancelled")).to_have_count(1)
+    expect(rows.filter(has_text="succeeded")).to_have_count(2)
 
 
 def test_the_queue_numbers_move_without_a_reload(page: Page, dev: Dev) -> None:

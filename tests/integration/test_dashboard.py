@@ -352,3 +352,27 @@ def test_pages_and_api_calls_of_one_token_share_its_request_limit(pipeline_facto
     # Another token has its own budget.
     _, other = dash.user()
     assert other.get("/runs").status_code == 200
+
+
+def test_bulk_retry_queues_the_failed_runs_of_the_selection_again(dash: Dash) -> None:
+    token, browser = dash.user()
+    url = create_workflow(browser, GOOD).headers["location"]
+    wf = url.rsplit("/", 1)[1]
+    with dash.pipeline.pool.connection() as conn:
+        owner = users.authenticate(conn, token).id
+        for status in ("failed", "failed", "succeeded"):
+            conn.execute(
+                "INSERT INTO runs (workflow_id, owner_id, workflow_version, trigger_type, status, attempt, "
+                "max_attempts, started_at, finished_at, error) "
+                "VALUES (%s, %s, 1, 'manual', %s, 1, 1, now(), now(), %s)",
+                (wf, owner, status, "boom" if status == "failed" else None),
+            )
+    done = browser.post("/runs/bulk", {"csrf_token": browser.csrf(), "action": "retry", "workflow": wf})
+    assert done.status_code == 303
+    assert "Retried 2 run(s)." in browser.get(done.headers["location"]).text
+    with dash.pipeline.pool.connection() as conn:
+        rows = conn.execute("SELECT status::text AS s FROM runs WHERE workflow_id = %s ORDER BY 1", (wf,)).fetchall()
+    assert [r["s"] for r in rows] == ["queued", "queued", "succeeded"]
+    # Nothing is left to retry: a second go does nothing.
+    again = browser.post("/runs/bulk", {"csrf_token": browser.csrf(), "action": "retry", "workflow": wf})
+    assert "Retried 0 run(s)." in browser.get(again.headers["location"]).text

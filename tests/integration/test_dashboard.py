@@ -376,3 +376,17 @@ def test_bulk_retry_queues_the_failed_runs_of_the_selection_again(dash: Dash) ->
     # Nothing is left to retry: a second go does nothing.
     again = browser.post("/runs/bulk", {"csrf_token": browser.csrf(), "action": "retry", "workflow": wf})
     assert "Retried 0 run(s)." in browser.get(again.headers["location"]).text
+
+
+def test_deleting_a_workflow_cancels_its_waiting_runs_and_keeps_them_readable(dash: Dash) -> None:
+    _, browser = dash.user()
+    url = create_workflow(browser, GOOD).headers["location"]
+    run_url = browser.post(f"{url}/run", {"csrf_token": browser.csrf(), "delay": "600000"}).headers["location"]
+    deleted = browser.post(f"{url}/delete", {"csrf_token": browser.csrf()})
+    assert deleted.status_code == 303
+    assert "Workflow deleted." in browser.get(deleted.headers["location"]).text
+    assert browser.get(url).status_code == 404
+    run = browser.get(run_url)
+    assert run.status_code == 200
+    assert 'class="badge s-cancelled"' in run.text
+    assert "a deleted workflow" in run.text

@@ -57,6 +57,12 @@ def replace_workflow(deps: Dependencies, owner: UUID, workflow_id: UUID, data: A
     return Saved(row, secret)
 
 
+def delete_workflow(deps: Dependencies, owner: UUID, workflow_id: UUID) -> None:
+    """Delete the workflow (its runs stay readable), cancel its unfinished runs, tell the scheduler."""
+    row = queries.delete_workflow(deps.pool, owner, workflow_id)
+    notify_scheduler(deps, row)
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7396 JSON merge patch."""
     if not isinstance(patch, dict):

@@ -114,7 +114,7 @@ class BulkRunsPage(Page):
         filters = RunFilters.read(form.get)
         query = filters.query()
         # Only runs the action can apply to: a status filter outside those selects nothing.
-        applicable = views.CANCELLABLE if action == "cancel" else frozenset({"failed"})
+        applicable = views.CANCELLABLE if action == "cancel" else views.RETRYABLE
         statuses = [filters.status] if filters.status else sorted(applicable)
         done = refused = seen = 0
         more = False
@@ -162,7 +162,7 @@ def _run_context(pool: Any, owner: UUID, run_id: UUID) -> dict[str, Any]:
         "bars": views.timeline(run["steps"], run["started_at"]),
         "live": run["status"] not in views.FINISHED,
         "cancellable": run["status"] in views.CANCELLABLE,
-        "retryable": run["status"] == "failed",
+        "retryable": run["status"] in views.RETRYABLE,
     }
 
 

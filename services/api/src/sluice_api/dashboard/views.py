@@ -16,12 +16,15 @@ from typing import Any
 
 from cron_descriptor import Options, get_description
 
+from sluice_common import runstate
 from sluice_common.cron import Schedule
 from sluice_common.runs import QueueMinute
 from sluice_common.workflow import CronConfig
 
-FINISHED = frozenset({"succeeded", "failed", "cancelled"})
-CANCELLABLE = frozenset({"queued", "delayed", "running", "waiting"})
+# What a run page offers: the run state machine's own sets (a cancel stops any unfinished run).
+FINISHED = runstate.TERMINAL
+CANCELLABLE = runstate.UNFINISHED
+RETRYABLE = frozenset({runstate.RunStatus.FAILED})
 
 
 @functools.cache

@@ -252,8 +252,7 @@ class WorkflowDeletePage(Page):
     """``POST /workflows/{id}/delete``: delete it and cancel its unfinished runs (as the API does)."""
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        row = queries.delete_workflow(self._deps.pool, caller_of_page(req).user_id, workflow_id)
-        commands.notify_scheduler(self._deps, row)
+        commands.delete_workflow(self._deps, caller_of_page(req).user_id, workflow_id)
         self.redirect(resp, "/", "Workflow deleted.")
 
 

@@ -170,8 +170,7 @@ class WorkflowResource(Resource):
         self._answer(req, resp, saved)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        row = queries.delete_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
-        commands.notify_scheduler(self._deps, row)
+        commands.delete_workflow(self._deps, caller_of(req).user_id, workflow_id)
         resp.status = falcon.HTTP_204
 
 

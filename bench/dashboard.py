@@ -133,7 +133,12 @@ def main() -> None:
         migrate(url)
         token, flows, run_id = load(url, args.runs)
         settings = load_settings(
-            {"DATABASE_URL": url, "REDIS_URL": servers.redis_url, "SLUICE_REDIS_PREFIX": servers.prefix}
+            {
+                "DATABASE_URL": url,
+                "REDIS_URL": servers.redis_url,
+                "SLUICE_REDIS_PREFIX": servers.prefix,
+                "SLUICE_API_RATE_LIMIT_PER_MINUTE": "0",  # this many requests would hit the token's limit
+            }
         )
         pool = open_pool(settings, url, name="bench")
         client_redis = redis.Redis.from_url(servers.redis_url)

@@ -325,6 +325,13 @@ has_metrics "http://127.0.0.1:$WORKER_METRICS/metrics"
 has_metrics "http://127.0.0.1:$SCHEDULER_METRICS/metrics"
 log "/metrics served by the api, the worker and the scheduler"
 
+# The dashboard's templates and static files are in the api image (package data of the wheel).
+page="$(curl -fsS "$API/login")" || die "the api image serves no sign-in page at /login"
+grep -q 'name="token"' <<<"$page" || die "the api image's /login has no token field"
+script="$(curl -fsS "$API/static/vendor/htmx-2.0.11.min.js")" || die "the api image serves no htmx"
+grep -q 'htmx' <<<"$script" || die "the api image's htmx is not htmx"
+log "the dashboard's sign-in page and static files served by the api"
+
 for service in "${SERVICES[@]}"; do
   podman healthcheck run "$(name "$service")" >/dev/null || die "the $service image's HEALTHCHECK failed"
 done

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -364,3 +365,84 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
         redis=redis,
         extra={"waitingOnSubWorkflows": int(done["parked"])},
     )
+
+
+@dataclass(frozen=True)
+class QueueMinute:
+    """One minute of the queue's recent history (all users: aggregate counts, like the stats)."""
+
+    at: datetime  # the minute's end
+    depth: int  # runs due and not started at that moment
+    succeeded: int  # runs that ended in the minute, by outcome
+    failed: int
+    cancelled: int
+
+
+def queue_history(pool: Pool, minutes: int = 60) -> list[QueueMinute]:
+    """The last ``minutes`` minutes of throughput and queue depth, oldest first.
+
+    Both come from the runs themselves, so every API process draws the same chart without
+    sampling anything: the depth at a minute's end counts the runs due by then (queued, or
+    delayed until before then) and not yet started or ended. The rows read are the unfinished runs
+    and those that ended in the window, each set through its index; the database counts them
+    once into per-minute arrivals, departures and endings (the depth is the running difference),
+    so the cost grows with the runs of the hour, not with the minutes times the runs.
+    """
+    with pool.connection() as conn:
+        first_row = conn.execute(
+            "SELECT date_trunc('minute', now()) + make_interval(mins => %s) AS first", (2 - minutes,)
+        ).fetchone()
+        assert first_row is not None
+        first: datetime = first_row["first"]  # the end of the oldest minute
+        last = first + timedelta(minutes=minutes - 1)
+        rows = conn.execute(
+            """
+            WITH recent AS (
+                SELECT greatest(queued_at, coalesce(not_before, queued_at)) AS due,
+                       coalesce(started_at, finished_at) AS left_at, status, finished_at
+                FROM runs WHERE status IN ('queued', 'delayed', 'running')
+                UNION ALL
+                SELECT greatest(queued_at, coalesce(not_before, queued_at)), coalesce(started_at, finished_at),
+                       status, finished_at
+                FROM runs WHERE status = 'waiting'
+                UNION ALL
+                SELECT greatest(queued_at, coalesce(not_before, queued_at)), coalesce(started_at, finished_at),
+                       status, finished_at
+                FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > %(since)s
+            )
+            SELECT 'in' AS kind, greatest(ceil(extract(epoch FROM due - %(first)s) / 60), 0)::int AS k,
+                   NULL::text AS status, count(*) AS n
+            FROM recent WHERE due <= %(last)s AND (left_at IS NULL OR left_at > due) GROUP BY 2
+            UNION ALL
+            SELECT 'out', greatest(ceil(extract(epoch FROM left_at - %(first)s) / 60), 0)::int, NULL, count(*)
+            FROM recent WHERE due <= %(last)s AND left_at > due AND left_at <= %(last)s GROUP BY 2
+            UNION ALL
+            SELECT 'ended', ceil(extract(epoch FROM finished_at - %(first)s) / 60)::int, status::text, count(*)
+            FROM recent
+            WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > %(since)s
+              AND finished_at <= %(last)s
+            GROUP BY 2, 3
+            """,
+            {"first": first, "last": last, "since": first - timedelta(minutes=1)},
+        ).fetchall()
+    arrived, left = [0] * minutes, [0] * minutes
+    ended: dict[str, list[int]] = {s: [0] * minutes for s in ("succeeded", "failed", "cancelled")}
+    for row in rows:
+        k, n = int(row["k"]), int(row["n"])
+        if not 0 <= k < minutes:
+            continue
+        if row["kind"] == "in":
+            arrived[k] += n
+        elif row["kind"] == "out":
+            left[k] += n
+        else:
+            ended[row["status"]][k] += n
+    history, depth = [], 0
+    for k in range(minutes):
+        depth += arrived[k] - left[k]
+        history.append(
+            QueueMinute(
+                first + timedelta(minutes=k), depth, ended["succeeded"][k], ended["failed"][k], ended["cancelled"][k]
+            )
+        )
+    return history

@@ -121,6 +121,12 @@ class Settings(BaseSettings):
     alert_interval_seconds: Annotated[
         float, Field(ge=1, le=3600, validation_alias=_env("SLUICE_ALERT_INTERVAL_SECONDS"))
     ] = 15.0
+    # The dashboard's session cookie: sent only over HTTPS when true (set it behind a TLS proxy),
+    # and how long a sign-in lasts.
+    dashboard_secure_cookie: Annotated[bool, Field(validation_alias=_env("SLUICE_DASHBOARD_SECURE_COOKIE"))] = False
+    dashboard_session_hours: Annotated[
+        float, Field(gt=0, le=24 * 90, validation_alias=_env("SLUICE_DASHBOARD_SESSION_HOURS"))
+    ] = 12.0
     # The API's own metrics: its HTTP middleware, the runs it creates and ``GET /metrics`` (off: none).
     api_metrics: Annotated[bool, Field(validation_alias=_env("SLUICE_API_METRICS"))] = True
 

@@ -28,6 +28,9 @@ from sluice_common.errors import (
 TOKEN_PREFIX = "slc_"  # noqa: S105 - a marker, not a secret
 TOKEN_CHARS = len(TOKEN_PREFIX) + 43  # secrets.token_urlsafe(32)
 PREFIX_CHARS = len(TOKEN_PREFIX) + 6  # stored in clear, to tell tokens apart
+# A token that still opens anything, in a query joining api_tokens ``t`` and users ``u``: the
+# API's bearer check and the dashboard's sessions (opened with a token) both use it.
+LIVE_TOKEN_SQL = "t.revoked_at IS NULL AND u.disabled_at IS NULL"  # noqa: S105 - SQL, not a secret
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -145,7 +148,7 @@ def authenticate(conn: psycopg.Connection[Any], token: str) -> User:
         raise AuthError("malformed token")
     row = conn.execute(
         "SELECT u.id, u.name FROM api_tokens t JOIN users u ON u.id = t.user_id "
-        "WHERE t.token_hash = %s AND t.revoked_at IS NULL AND u.disabled_at IS NULL",
+        f"WHERE t.token_hash = %s AND {LIVE_TOKEN_SQL}",
         (hash_token(token),),
     ).fetchone()
     if row is None:

@@ -1,9 +1,10 @@
 """The API app factory. ``create_app`` takes its dependencies; ``get_app`` builds them for gunicorn.
 
 ``create_app`` adds the middleware (the request id of :mod:`sluice_api.requestid` first) and mounts
-the routes of ``sluice_api.routes``, and ``/metrics`` (:mod:`sluice_api.metrics`; the HTTP metrics
-are a middleware, the run metrics an observer of the run events that ``get_app`` adds). With
-``SLUICE_API_METRICS=false`` there is none of the three.
+the routes of ``sluice_api.routes``, the dashboard's pages (:mod:`sluice_api.dashboard`), and
+``/metrics`` (:mod:`sluice_api.metrics`; the HTTP metrics are a middleware, the run metrics an
+observer of the run events that ``get_app`` adds). With ``SLUICE_API_METRICS=false`` there is
+none of the three.
 
 Nothing here opens a pool or a connection at import time: gunicorn calls ``get_app`` in each
 worker process after the fork.
@@ -18,7 +19,7 @@ import falcon
 import redis
 from prometheus_client import CollectorRegistry, ProcessCollector
 
-from sluice_api import metrics, multiproc, problems, tracing
+from sluice_api import dashboard, metrics, multiproc, problems, tracing
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import KnownParamsMiddleware
@@ -50,7 +51,12 @@ def create_app(
         limiter = LocalRequestLimiter(deps.settings.api_rate_limit_per_minute)
     # The request id first, so that every line logged for a request names it; then the metrics, so
     # that they time the whole request and see every answer, refusals included.
-    middleware: list[Any] = [RequestIdMiddleware(), AuthMiddleware(deps.pool, limiter), KnownParamsMiddleware()]
+    middleware: list[Any] = [
+        RequestIdMiddleware(),
+        AuthMiddleware(deps.pool, limiter),
+        dashboard.SessionMiddleware(deps, limiter),
+        KnownParamsMiddleware(),
+    ]
     if deps.settings.api_metrics:
         http_metrics = metrics.HttpMetrics(registry)
         if flusher is not None:
@@ -63,6 +69,7 @@ def create_app(
     app.req_options.auto_parse_form_urlencoded = False
     problems.install(app)
     mount(app, Context(deps, limiter, ROUTES))
+    dashboard.install(app, deps)
     if deps.settings.api_metrics:
         metrics.install(app, deps, registry)
     return app

@@ -126,6 +126,7 @@ def list_workflows(
     after: tuple[datetime, UUID] | None,
     status: str | None,
     trigger_type: str | None,
+    name_contains: str | None = None,
 ) -> list[dict[str, Any]]:
     """Up to ``limit + 1`` workflows, newest first (the extra row tells there is a next page)."""
     with pool.connection() as conn:
@@ -135,6 +136,7 @@ def list_workflows(
             WHERE owner_id = %(owner)s AND deleted_at IS NULL
               AND (%(status)s::text IS NULL OR status = %(status)s)
               AND (%(trigger)s::text IS NULL OR trigger_type = %(trigger)s)
+              AND (%(name)s::text IS NULL OR strpos(lower(name), lower(%(name)s)) > 0)
               AND (%(at)s::timestamptz IS NULL OR (created_at, id) < (%(at)s, %(id)s::uuid))
             ORDER BY created_at DESC, id DESC LIMIT %(limit)s
             """,
@@ -142,6 +144,7 @@ def list_workflows(
                 "owner": owner,
                 "status": status,
                 "trigger": trigger_type,
+                "name": name_contains,
                 "at": after[0] if after else None,
                 "id": after[1] if after else None,
                 "limit": limit + 1,
@@ -306,8 +309,9 @@ def list_runs(
     status: str | None,
     since: datetime | None,
     until: datetime | None,
+    trigger_type: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to ``limit + 1`` runs, newest first."""
+    """Up to ``limit + 1`` runs, newest first (by the owner index, or the owner and status one)."""
     with pool.connection() as conn:
         return conn.execute(
             f"""
@@ -315,6 +319,7 @@ def list_runs(
             WHERE owner_id = %(owner)s
               AND (%(wf)s::uuid IS NULL OR workflow_id = %(wf)s)
               AND (%(status)s::run_status IS NULL OR status = %(status)s::run_status)
+              AND (%(trigger)s::run_trigger IS NULL OR trigger_type = %(trigger)s::run_trigger)
               AND (%(since)s::timestamptz IS NULL OR queued_at >= %(since)s)
               AND (%(until)s::timestamptz IS NULL OR queued_at < %(until)s)
               AND (%(at)s::timestamptz IS NULL OR (queued_at, id) < (%(at)s, %(id)s::uuid))
@@ -324,6 +329,7 @@ def list_runs(
                 "owner": owner,
                 "wf": workflow_id,
                 "status": status,
+                "trigger": trigger_type,
                 "since": since,
                 "until": until,
                 "at": after[0] if after else None,
@@ -331,6 +337,26 @@ def list_runs(
                 "limit": limit + 1,
             },
         ).fetchall()
+
+
+def last_runs(pool: Pool, owner: UUID, workflow_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+    """The newest run of each of these workflows (one index probe each), by workflow id."""
+    if not workflow_ids:
+        return {}
+    with pool.connection() as conn:
+        rows = conn.execute(
+            """
+            SELECT w.id AS workflow_id, r.id, r.status, r.queued_at, r.finished_at
+            FROM unnest(%(ids)s::uuid[]) AS w(id)
+            CROSS JOIN LATERAL (
+                SELECT id, status, queued_at, finished_at FROM runs
+                WHERE workflow_id = w.id AND owner_id = %(owner)s
+                ORDER BY queued_at DESC, id DESC LIMIT 1
+            ) r
+            """,
+            {"ids": workflow_ids, "owner": owner},
+        ).fetchall()
+    return {row["workflow_id"]: row for row in rows}
 
 
 def retry_run(pool: Pool, broker: dramatiq.Broker, settings: Settings, owner: UUID, run_id: UUID) -> str:

@@ -329,8 +329,8 @@ def dev_cmd() -> None:
         _ensure_dev_token(endpoints, token_file)
         host, port = settings.api_bind.rsplit(":", 1)
         click.echo(
-            f"Sluice is starting on http://{host}:{port} (try /api/ready).\n"
-            f"The dev user's API token is in {token_file}; send it as\n"
+            f"Sluice is starting: open http://{host}:{port}/ in a browser and sign in with the dev user's\n"
+            f"API token, in {token_file}. The JSON API is under /api (try /api/ready); send the token as\n"
             f'  -H "Authorization: Bearer $(cat {token_file})"\n'
             f"{_dev_metrics_note(settings, metrics)}\n"
             "Press Ctrl-C to stop.",

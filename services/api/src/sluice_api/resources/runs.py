@@ -7,7 +7,7 @@ from uuid import UUID
 
 import falcon
 
-from sluice_api import queries, schemas
+from sluice_api import commands, queries, schemas
 from sluice_api.auth import caller_of
 from sluice_api.inputs import choice_param, query, read_json, time_param, uuid_param, validate
 from sluice_api.openapi import (
@@ -24,7 +24,7 @@ from sluice_api.openapi import (
     response,
 )
 from sluice_api.resources.base import Resource, accepted, dump, idempotency_key, page, page_params, traceparent
-from sluice_common.runs import cancel_run, enqueue_run
+from sluice_common.runs import cancel_run
 
 
 class RunWorkflowResource(Resource):
@@ -46,19 +46,15 @@ class RunWorkflowResource(Resource):
     def on_post(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         caller = caller_of(req)
         body = validate(schemas.RunRequest, read_json(req, self._deps.settings.api_max_body_bytes, required=False))
-        run = enqueue_run(
-            self._deps.pool,
-            self._deps.broker,
-            self._deps.settings,
-            workflow_id=workflow_id,
-            owner_id=caller.user_id,
-            trigger_type="manual",
+        run = commands.run_workflow(
+            self._deps,
+            caller.user_id,
+            workflow_id,
             trigger_data=body.trigger_data,
             priority=body.priority,
             delay_ms=body.delay,
             idempotency_key=idempotency_key(req),
             traceparent=traceparent(req),
-            sender=self._deps.sender,
         )
         accepted(resp, run.run_id, run.status)
 

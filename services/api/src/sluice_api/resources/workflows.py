@@ -7,7 +7,7 @@ from uuid import UUID
 
 import falcon
 
-from sluice_api import queries, schemas
+from sluice_api import commands, queries, schemas
 from sluice_api.auth import caller_of
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import (
@@ -31,8 +31,8 @@ from sluice_api.openapi import (
 )
 from sluice_api.resources.base import PAGE_DEFAULT, Resource, dump, page, page_params
 from sluice_common.cron import PREVIEW_MAX, ScheduleSummary, schedule_preview
-from sluice_common.errors import ConflictError, FieldProblem, ValidationFailed
-from sluice_common.workflow import WorkflowDefinition, validate_workflow
+from sluice_common.errors import FieldProblem, ValidationFailed
+from sluice_common.workflow import WorkflowDefinition
 
 _DEFINITION = json_body(ref(WorkflowDefinition))
 
@@ -40,18 +40,9 @@ _DEFINITION = json_body(ref(WorkflowDefinition))
 def workflow_view(req: falcon.Request, deps: Dependencies, row: dict[str, Any], secret: str | None = None) -> Any:
     webhook = None
     if row["trigger_type"] == "webhook":
-        url = None
-        if secret is not None:
-            base = deps.settings.public_url.rstrip("/") if deps.settings.public_url else req.prefix
-            url = f"{base}/api/hooks/{secret}"
+        url = None if secret is None else commands.webhook_url(deps, req.prefix, secret)
         webhook = schemas.Webhook(enabled=bool(row["has_webhook"]), url=url)
     return dump(schemas.Workflow.model_validate({**row, "webhook": webhook}))
-
-
-def _notify(deps: Dependencies, *rows: dict[str, Any]) -> None:
-    """Tell the scheduler about a change that involves a cron trigger (before or after)."""
-    if deps.scheduler is not None and any(r["trigger_type"] == "cron" for r in rows):
-        deps.scheduler.trigger_changed(str(rows[0]["id"]))
 
 
 class WorkflowsResource(Resource):
@@ -82,12 +73,12 @@ class WorkflowsResource(Resource):
 
     def on_post(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
-        definition = validate_workflow(read_json(req, self._deps.settings.api_max_body_bytes))
-        row, secret = queries.create_workflow(self._deps.pool, caller.user_id, definition)
-        _notify(self._deps, row)
+        saved = commands.create_workflow(
+            self._deps, caller.user_id, read_json(req, self._deps.settings.api_max_body_bytes)
+        )
         resp.status = falcon.HTTP_201
-        resp.location = f"/api/workflows/{row['id']}"
-        resp.media = workflow_view(req, self._deps, row, secret)
+        resp.location = f"/api/workflows/{saved.row['id']}"
+        resp.media = workflow_view(req, self._deps, saved.row, saved.secret)
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
         caller = caller_of(req)
@@ -103,19 +94,6 @@ class WorkflowsResource(Resource):
         )
         rows, cursor = page(rows, limit, "created_at")
         resp.media = {"items": [workflow_view(req, self._deps, r) for r in rows], "nextCursor": cursor}
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7396 JSON merge patch."""
-    if not isinstance(patch, dict):
-        return patch
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge_patch(out.get(key), value)
-    return out
 
 
 def _expected_version(req: falcon.Request) -> int | None:
@@ -175,46 +153,24 @@ class WorkflowResource(Resource):
         resp.etag = f'"{row["version"]}"'
         resp.media = workflow_view(req, self._deps, row)
 
-    def _replace(
-        self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID, data: Any, version: int | None
-    ) -> None:
-        definition = validate_workflow(data)
-        old, row, secret = queries.update_workflow(
-            self._deps.pool, caller_of(req).user_id, workflow_id, definition, expected_version=version
-        )
-        _notify(self._deps, row, old)
-        resp.etag = f'"{row["version"]}"'
-        resp.media = workflow_view(req, self._deps, row, secret)
+    def _answer(self, req: falcon.Request, resp: falcon.Response, saved: commands.Saved) -> None:
+        resp.etag = f'"{saved.row["version"]}"'
+        resp.media = workflow_view(req, self._deps, saved.row, saved.secret)
 
     def on_put(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         data = read_json(req, self._deps.settings.api_max_body_bytes)
-        self._replace(req, resp, workflow_id, data, _expected_version(req))
+        saved = commands.replace_workflow(self._deps, caller_of(req).user_id, workflow_id, data, _expected_version(req))
+        self._answer(req, resp, saved)
 
     def on_patch(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
         patch = read_json(req, self._deps.settings.api_max_body_bytes)
         if not isinstance(patch, dict):
             raise ValidationFailed([FieldProblem("$", "a merge patch must be a JSON object")])
-        expected = _expected_version(req)
-        for tries_left in range(4, -1, -1):
-            current = queries.get_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
-            if expected is not None and current["version"] != expected:
-                raise ConflictError(
-                    f"the workflow is at version {current['version']}, not {expected}; fetch it and try again"
-                )
-            try:
-                # Applied to the version read just now: a concurrent update in between is not
-                # overwritten but makes this patch apply again to the newer version.
-                self._replace(
-                    req, resp, workflow_id, _merge_patch(queries.definition_of(current), patch), current["version"]
-                )
-                return
-            except ConflictError:
-                if expected is not None or tries_left == 0:
-                    raise
+        saved = commands.patch_workflow(self._deps, caller_of(req).user_id, workflow_id, patch, _expected_version(req))
+        self._answer(req, resp, saved)
 
     def on_delete(self, req: falcon.Request, resp: falcon.Response, workflow_id: UUID) -> None:
-        row = queries.delete_workflow(self._deps.pool, caller_of(req).user_id, workflow_id)
-        _notify(self._deps, row)
+        commands.delete_workflow(self._deps, caller_of(req).user_id, workflow_id)
         resp.status = falcon.HTTP_204
 
 

@@ -68,6 +68,9 @@ THREADS = "4"  # gunicorn threads per worker
 CONCURRENCY = 10  # worker threads
 CLIENTS, CONNECTIONS = 2, 4  # client processes x keep-alive connections each: 8 connections
 TICK = os.sysconf("SC_CLK_TCK")
+# Per run, epochs of: the request sent (client's clock), the row inserted, the run started and finished.
+Timings = list[tuple[float, float, float, float]]
+SENT, INSERTED, STARTED, FINISHED = range(4)
 
 
 # CPU and memory from /proc ----------------------------------------------------------------------
@@ -154,15 +157,14 @@ class Stack:
         row = self.db().execute(self.count_sql, (phase,)).fetchone()
         return int(row[0]) if row else 0
 
-    def latencies(self, phase: str) -> tuple[list[float], list[float], float, float]:
-        """Request -> finished and enqueue -> start, in ms, and the first request's and last finish's epochs."""
+    def timings(self, phase: str) -> Timings:
         rows = self.db().execute(self.latency_sql, (phase,)).fetchall()
-        return (
-            [float(r[0]) for r in rows],
-            [float(r[1]) for r in rows],
-            min(float(r[2]) for r in rows),
-            max(float(r[3]) for r in rows),
-        )
+        return [(float(a), float(b), float(c), float(d)) for a, b, c, d in rows]
+
+
+def spans(timings: Timings, start: int, end: int) -> list[float]:
+    """Milliseconds from one of the four moments to a later one, per run."""
+    return [1000 * (t[end] - t[start]) for t in timings]
 
 
 # Load -------------------------------------------------------------------------------------------
@@ -257,9 +259,8 @@ def start_baseline(url: str, redis_url: str, namespace: str, clean: dict[str, st
     stack.groups["worker"] = [serve([sys.executable, str(Path(__file__).parent / "baseline_worker.py")], env)]
     stack.count_sql = "SELECT count(done_at) FROM bench_items WHERE data ->> 'p' = %s"
     stack.latency_sql = (
-        "SELECT extract(epoch FROM done_at) * 1000 - (data ->> 't')::float8 * 1000, "
-        "extract(epoch FROM done_at - at) * 1000, (data ->> 't')::float8, extract(epoch FROM done_at) "
-        "FROM bench_items WHERE data ->> 'p' = %s"
+        "SELECT (data ->> 't')::float8, extract(epoch FROM at), extract(epoch FROM done_at), "
+        "extract(epoch FROM done_at) FROM bench_items WHERE data ->> 'p' = %s"
     )
     wait_ready(port, "/nothing", stack.groups["api"][0])
     return stack
@@ -297,8 +298,7 @@ def start_sluice(url: str, redis_url: str, prefix: str, clean: dict[str, str]) -
     stack.groups["scheduler"] = [serve([sys.executable, "-m", "sluice_scheduler"], env)]
     stack.count_sql = "SELECT count(*) FROM runs WHERE status = 'succeeded' AND trigger_data ->> 'p' = %s"
     stack.latency_sql = (
-        "SELECT extract(epoch FROM finished_at) * 1000 - (trigger_data ->> 't')::float8 * 1000, "
-        "extract(epoch FROM started_at - queued_at) * 1000, (trigger_data ->> 't')::float8, "
+        "SELECT (trigger_data ->> 't')::float8, extract(epoch FROM queued_at), extract(epoch FROM started_at), "
         "extract(epoch FROM finished_at) FROM runs WHERE trigger_data ->> 'p' = %s"
     )
     wait_ready(port, "/api/health", stack.groups["api"][0])
@@ -361,15 +361,15 @@ def throughput_round(stack: Stack, stacks: list[Stack], servers: Servers, phase:
     sent = load(stack, phase, seconds)
     wait_finished(stack, phase, sent)
     after = sample(stacks, servers)
-    _, _, first, last = stack.latencies(phase)
+    timings = stack.timings(phase)
+    first, last = min(t[SENT] for t in timings), max(t[FINISHED] for t in timings)
     return Round(sent / (last - first), sent, phase_cpu(stack, before, after, sent))
 
 
-def latency_phase(stack: Stack, phase: str, rate: float, seconds: float) -> tuple[list[float], list[float]]:
+def latency_phase(stack: Stack, phase: str, rate: float, seconds: float) -> Timings:
     sent = load(stack, phase, seconds, rate)
     wait_finished(stack, phase, sent)
-    finished, started, _, _ = stack.latencies(phase)
-    return finished, started
+    return stack.timings(phase)
 
 
 def idle(stacks: list[Stack], seconds: float) -> dict[str, dict[str, float]]:
@@ -398,7 +398,7 @@ def median_round(rounds: list[tuple[Round, Round]]) -> tuple[Round, Round, list[
 def report(
     args: argparse.Namespace,
     rounds: list[tuple[Round, Round]],
-    latency: dict[tuple[str, float], tuple[list[float], list[float]]],
+    latency: dict[tuple[str, float], Timings],
     rest: dict[str, dict[str, float]],
     embedded: bool,
 ) -> None:
@@ -413,8 +413,9 @@ def report(
     print(f"{'':34}{'baseline':>10}{'sluice':>10}{'ratio':>8}  target")
     print(f"{'runs/s, median round':34}{base.rate:10.0f}{ours.rate:10.0f}{ours.rate / base.rate:8.2f}  >= 0.80")
     for rate in (5.0, 100.0):
-        b_fin, b_start = latency[("baseline", rate)]
-        o_fin, o_start = latency[("sluice", rate)]
+        b_times, o_times = latency[("baseline", rate)], latency[("sluice", rate)]
+        b_fin, o_fin = spans(b_times, SENT, FINISHED), spans(o_times, SENT, FINISHED)
+        b_start, o_start = spans(b_times, INSERTED, STARTED), spans(o_times, INSERTED, STARTED)
         target = "  <= 15" if rate == 5.0 else ""
         print(f"{f'request -> finished p50 at {rate:.0f}/s (ms)':34}{pct(b_fin, 0.5):10.1f}{pct(o_fin, 0.5):10.1f}")
         print(
@@ -425,6 +426,16 @@ def report(
             print(
                 f"{f'enqueue -> start p99 at {rate:.0f}/s (ms)':34}{pct(b_start, 0.99):10.1f}"
                 f"{pct(o_start, 0.99):10.1f}{'':8}  <= 25"
+            )
+        for what, start, end in (
+            ("request -> row inserted", SENT, INSERTED),
+            ("row inserted -> started", INSERTED, STARTED),
+            ("started -> finished", STARTED, FINISHED),
+        ):
+            b_span, o_span = spans(b_times, start, end), spans(o_times, start, end)
+            print(
+                f"{f'  {what} p50/p99':34}{pct(b_span, 0.5):5.1f}/{pct(b_span, 0.99):<5.1f}"
+                f"{pct(o_span, 0.5):5.1f}/{pct(o_span, 0.99):.1f}"
             )
     print("CPU ms per run, median round (/proc utime+stime, reaped children included):")
     for group in ("api", "worker", "scheduler", "postgres", "postgres cluster", "redis"):

@@ -26,7 +26,7 @@ Both: gunicorn with the same workers and threads, worker concurrency 10, 8 clien
   and of their reaped children): api (gunicorn master and workers), worker, scheduler,
   PostgreSQL (the backends connected to the side's own database, by pg_stat_activity; and the
   whole cluster's processes, which include everything else using the server), Redis (the whole
-  server, shared with anything else using it); the median round's;
+  server, shared with anything else using it); over all rounds (their CPU over their runs);
 - idle: a worker process's CPU over ``--idle-seconds`` (target <= 2 % of a core) and the idle
   stack's memory, RSS and PSS (target <= 400 MB).
 
@@ -389,6 +389,12 @@ def idle(stacks: list[Stack], seconds: float) -> dict[str, dict[str, float]]:
     return out
 
 
+def all_rounds(rounds: list[Round]) -> dict[str, float]:
+    """CPU milliseconds per run of each group over all the rounds of one side."""
+    runs = sum(r.sent for r in rounds)
+    return {g: sum(r.cpu[g] * r.sent for r in rounds) / runs for g in rounds[0].cpu}
+
+
 def median_round(rounds: list[tuple[Round, Round]]) -> tuple[Round, Round, list[float]]:
     ratios = [o.rate / b.rate for b, o in rounds]
     middle = sorted(range(len(rounds)), key=lambda k: ratios[k])[len(rounds) // 2]
@@ -437,18 +443,20 @@ def report(
                 f"{f'  {what} p50/p99':34}{pct(b_span, 0.5):5.1f}/{pct(b_span, 0.99):<5.1f}"
                 f"{pct(o_span, 0.5):5.1f}/{pct(o_span, 0.99):.1f}"
             )
-    print("CPU ms per run, median round (/proc utime+stime, reaped children included):")
+    # Over all rounds (their CPU over their runs): one round's figure moves with the machine's other load.
+    b_cpu, o_cpu = all_rounds([b for b, _ in rounds]), all_rounds([o for _, o in rounds])
+    print("CPU ms per run, all rounds (/proc utime+stime, reaped children included):")
     for group in ("api", "worker", "scheduler", "postgres", "postgres cluster", "redis"):
         label = {
             "postgres": "PostgreSQL, the side's backends",
             "postgres cluster": "PostgreSQL, whole cluster",
             "redis": "Redis, whole server",
         }.get(group, group)
-        cells = [base.cpu.get(group), ours.cpu.get(group)]
+        cells = [b_cpu.get(group), o_cpu.get(group)]
         print(f"  {label:32}" + "".join(f"{'':10}" if c is None else f"{c:10.3f}" for c in cells))
     own = ("api", "worker", "scheduler", "postgres")
-    b_sum = sum(base.cpu.get(g, 0.0) for g in own)
-    o_sum = sum(ours.cpu.get(g, 0.0) for g in own)
+    b_sum = sum(b_cpu.get(g, 0.0) for g in own)
+    o_sum = sum(o_cpu.get(g, 0.0) for g in own)
     print(f"  {'sum (services + own backends)':32}{b_sum:10.3f}{o_sum:10.3f}{o_sum / b_sum:8.2f}")
     b_idle, o_idle = rest["baseline"], rest["sluice"]
     print(f"idle, over {args.idle_seconds:.0f} s:")

@@ -133,8 +133,12 @@ class Stack:
     path: str
     groups: dict[str, list[subprocess.Popen[bytes]]] = field(default_factory=dict)
     # The phase's runs: finished count; (request -> finished ms, enqueue -> start ms) per run.
+    # A phase's runs are counted from a mark taken before it starts (phases follow one another),
+    # through an index: polling with a scan of every run would load the machine under test.
+    mark_sql: str = ""
     count_sql: str = ""
     latency_sql: str = ""
+    marks: dict[str, Any] = field(default_factory=dict)
     conn: psycopg.Connection[Any] | None = None
     backends: set[int] = field(default_factory=set)
 
@@ -153,8 +157,13 @@ class Stack:
         self.backends |= {int(r[0]) for r in rows}
         return sorted(self.backends)
 
+    def begin(self, phase: str) -> None:
+        row = self.db().execute(self.mark_sql).fetchone()
+        assert row is not None
+        self.marks[phase] = row[0]
+
     def finished(self, phase: str) -> int:
-        row = self.db().execute(self.count_sql, (phase,)).fetchone()
+        row = self.db().execute(self.count_sql, (self.marks[phase],)).fetchone()
         return int(row[0]) if row else 0
 
     def timings(self, phase: str) -> Timings:
@@ -209,6 +218,7 @@ def load(stack: Stack, phase: str, seconds: float, rate: float = 0.0) -> int:
     """Send the phase's requests (closed loop, or ``rate`` per second in all) and return how many were accepted."""
     connections = CLIENTS * CONNECTIONS
     pace = connections / rate if rate else 0.0
+    stack.begin(phase)
     queue: Any = multiprocessing.Queue()
     procs = [
         multiprocessing.Process(target=_client, args=(stack.port, stack.path, phase, CONNECTIONS, seconds, pace, queue))
@@ -257,7 +267,8 @@ def start_baseline(url: str, redis_url: str, namespace: str, clean: dict[str, st
     stack = Stack("baseline", url, port, "/hooks")
     stack.groups["api"] = [serve([sys.executable, "-m", "gunicorn", *gunicorn, "bench.baseline_api:create()"], env)]
     stack.groups["worker"] = [serve([sys.executable, str(Path(__file__).parent / "baseline_worker.py")], env)]
-    stack.count_sql = "SELECT count(done_at) FROM bench_items WHERE data ->> 'p' = %s"
+    stack.mark_sql = "SELECT coalesce(max(id), 0) FROM bench_items"
+    stack.count_sql = "SELECT count(done_at) FROM bench_items WHERE id > %s"
     stack.latency_sql = (
         "SELECT (data ->> 't')::float8, extract(epoch FROM at), extract(epoch FROM done_at), "
         "extract(epoch FROM done_at) FROM bench_items WHERE data ->> 'p' = %s"
@@ -296,7 +307,8 @@ def start_sluice(url: str, redis_url: str, prefix: str, clean: dict[str, str]) -
     stack.groups["api"] = [serve([sys.executable, "-m", "sluice_api"], env)]
     stack.groups["worker"] = [serve([sys.executable, "-m", "sluice_worker"], env)]
     stack.groups["scheduler"] = [serve([sys.executable, "-m", "sluice_scheduler"], env)]
-    stack.count_sql = "SELECT count(*) FROM runs WHERE status = 'succeeded' AND trigger_data ->> 'p' = %s"
+    stack.mark_sql = "SELECT now()"
+    stack.count_sql = "SELECT count(*) FROM runs WHERE status = 'succeeded' AND finished_at >= %s"
     stack.latency_sql = (
         "SELECT (trigger_data ->> 't')::float8, extract(epoch FROM queued_at), extract(epoch FROM started_at), "
         "extract(epoch FROM finished_at) FROM runs WHERE trigger_data ->> 'p' = %s"

@@ -21,7 +21,8 @@ Both: gunicorn with the same workers and threads, worker concurrency 10, 8 clien
   target ratio >= 0.8);
 - request -> finished p50/p99 (from the client sending the request to the run's finish on the
   database's clock) at a steady 5/s and 100/s (target p99 <= 15 ms at 5/s), and enqueue -> start
-  p99 at 100/s (the run row's insert to its claim; target <= 25 ms);
+  p99 at 100/s (the run row's insert to its claim; target <= 25 ms), and at both rates each
+  run's time split into request -> row inserted -> started -> finished;
 - CPU milliseconds per run of each process group, from /proc (utime + stime of the processes
   and of their reaped children): api (gunicorn master and workers), worker, scheduler,
   PostgreSQL (the backends connected to the side's own database, by pg_stat_activity; and the

@@ -7,10 +7,12 @@ import threading
 import time
 
 import httpx
+import pytest
 import redis
 
 from sluice_api.resources.queue import queue_stats_body
 from sluice_common.broker import send_run_message
+from sluice_common.errors import NotFoundError
 from sluice_common.ratelimit import RedisRateLimiter
 from sluice_common.runs import (
     cancel_run,
@@ -218,6 +220,22 @@ def test_idempotency_key_returns_the_same_run(pipeline: Pipeline) -> None:
     assert not again.created
     assert again.run_id == first.run_id
     assert other.run_id != first.run_id
+
+
+def test_a_webhook_run_is_refused_once_its_secret_changed(pipeline: Pipeline) -> None:
+    """The API serves a webhook from the workflow it remembers for the secret: the insert itself
+    must refuse a secret that was rotated since, with or without an idempotency key."""
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, NOOP)
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE workflows SET webhook_secret_hash = %s WHERE id = %s", (b"old", wf))
+    assert pipeline.enqueue(wf, owner, trigger_type="webhook", webhook_secret_hash=b"old").created
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE workflows SET webhook_secret_hash = %s WHERE id = %s", (b"new", wf))
+    for key in (None, "k"):
+        with pytest.raises(NotFoundError):
+            pipeline.enqueue(wf, owner, trigger_type="webhook", webhook_secret_hash=b"old", idempotency_key=key)
+    assert pipeline.enqueue(wf, owner, trigger_type="webhook", webhook_secret_hash=b"new").created
 
 
 def test_reconciler_restores_runs_after_redis_loses_everything(pipeline: Pipeline) -> None:

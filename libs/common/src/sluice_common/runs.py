@@ -68,9 +68,12 @@ def insert_run(
     idempotency_key: str | None = None,
     traceparent: str | None = None,
     parent_run_id: UUID | str | None = None,
+    webhook_secret_hash: bytes | None = None,
 ) -> EnqueuedRun:
     """Insert one run row on the caller's connection: the workflow check and the insert are one
-    statement. An idempotency hit returns the earlier run (``created`` false).
+    statement. An idempotency hit returns the earlier run (``created`` false). With
+    ``webhook_secret_hash`` the workflow must also still have that webhook secret (else
+    NotFoundError, as for a workflow that is not there).
 
     :func:`enqueue_run` runs it in autocommit; the scheduler runs it in the transaction that
     claims a cron fire, commits, then sends the wake-up with
@@ -90,6 +93,7 @@ def insert_run(
         # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first)
         # the key of the owner's manual runs, nor the other way round.
         "key": f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None,
+        "hook": webhook_secret_hash,
     }
     # Plain tuples: the hot path of every accepted run skips building a dict per row.
     with conn.cursor(row_factory=tuple_row) as cur, tracing.creating(traceparent) as creation:
@@ -127,6 +131,7 @@ def enqueue_run(
     traceparent: str | None = None,
     parent_run_id: UUID | str | None = None,
     sender: WakeupSender | None = None,
+    webhook_secret_hash: bytes | None = None,
 ) -> EnqueuedRun:
     """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name."""
     with pool.connection() as conn:
@@ -143,6 +148,7 @@ def enqueue_run(
             idempotency_key=idempotency_key,
             traceparent=traceparent,
             parent_run_id=parent_run_id,
+            webhook_secret_hash=webhook_secret_hash,
         )
     if not run.created:
         return run

@@ -209,11 +209,14 @@ def install_functions(conn: psycopg.Connection[Any]) -> None:
 # Creating ---------------------------------------------------------------------------------------
 
 # The workflow check and the insert in one statement. The run is pinned to the workflow's current
-# version (what it executes on every attempt); an idempotency hit inserts nothing.
+# version (what it executes on every attempt); an idempotency hit inserts nothing. A webhook's run
+# also checks the hook's secret (``hook``, its hash) here, so that its request needs no lookup of
+# its own once the API knows which workflow the secret named: a secret rotated since finds none.
 INSERT_RUN = """
 WITH wf AS (
     SELECT id, version, status, settings FROM workflows
     WHERE id = %(wf)s AND owner_id = %(owner)s AND deleted_at IS NULL
+      AND (%(hook)s::bytea IS NULL OR webhook_secret_hash = %(hook)s::bytea)
 ), ins AS (
     INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
                       status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)

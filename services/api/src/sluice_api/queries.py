@@ -254,14 +254,18 @@ def rotate_webhook(pool: Pool, owner: UUID, workflow_id: UUID) -> tuple[dict[str
     return row, secret
 
 
-def webhook_target(pool: Pool, secret: str) -> tuple[UUID, UUID]:
-    """(workflow id, owner id) of a webhook secret, or NotFoundError."""
+def webhook_hash(secret: str) -> bytes:
+    """The stored hash of a webhook secret, or NotFoundError for what cannot be one."""
     if not secret.startswith(WEBHOOK_PREFIX) or len(secret) > 200:
         raise NotFoundError("no such webhook")
+    return hash_secret(secret)
+
+
+def webhook_target(pool: Pool, digest: bytes) -> tuple[UUID, UUID]:
+    """(workflow id, owner id) of a webhook secret's hash, or NotFoundError."""
     with pool.connection() as conn:
         row = conn.execute(
-            "SELECT id, owner_id FROM workflows WHERE webhook_secret_hash = %s AND deleted_at IS NULL",
-            (hash_secret(secret),),
+            "SELECT id, owner_id FROM workflows WHERE webhook_secret_hash = %s AND deleted_at IS NULL", (digest,)
         ).fetchone()
     if row is None:
         raise NotFoundError("no such webhook")

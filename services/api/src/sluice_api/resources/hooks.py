@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 from urllib.parse import parse_qsl
+from uuid import UUID
 
 import falcon
 
@@ -12,7 +13,11 @@ from sluice_api.auth import too_many
 from sluice_api.inputs import check_storable, media_type, parse_json, read_body
 from sluice_api.openapi import IDEMPOTENCY_HEADER, Operations, errors, ref, response
 from sluice_api.resources.base import Context, Resource, accepted, idempotency_key, traceparent
+from sluice_common.errors import NotFoundError
 from sluice_common.runs import enqueue_run
+
+# Webhooks whose workflow a process remembers (see HookResource); past this many it starts over.
+KNOWN_HOOKS = 10_000
 
 
 def _webhook_data(req: falcon.Request, limit: int) -> Any:
@@ -59,23 +64,39 @@ class HookResource(Resource):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._limiter = ctx.limiter
+        # Secret hash -> (workflow id, owner id) of hooks this process has served. Only a hint: the
+        # run's insert checks the secret again, so an entry made stale by a rotation or a delete
+        # is refused there (404, as before) and dropped.
+        self._targets: dict[bytes, tuple[UUID, UUID]] = {}
 
     def on_post(self, req: falcon.Request, resp: falcon.Response, secret: str) -> None:
-        workflow_id, owner = queries.webhook_target(self._deps.pool, secret)
+        digest = queries.webhook_hash(secret)
+        target = self._targets.get(digest)
+        if target is None:
+            target = queries.webhook_target(self._deps.pool, digest)
+            if len(self._targets) >= KNOWN_HOOKS:
+                self._targets.clear()
+            self._targets[digest] = target
+        workflow_id, owner = target
         wait = self._limiter.hit(f"hook:{workflow_id}")
         if wait is not None:
             raise too_many(wait)
         data = _webhook_data(req, self._deps.settings.api_max_body_bytes)
-        run = enqueue_run(
-            self._deps.pool,
-            self._deps.broker,
-            self._deps.settings,
-            workflow_id=workflow_id,
-            owner_id=owner,
-            trigger_type="webhook",
-            trigger_data=data,
-            idempotency_key=idempotency_key(req),
-            traceparent=traceparent(req),
-            sender=self._deps.sender,
-        )
+        try:
+            run = enqueue_run(
+                self._deps.pool,
+                self._deps.broker,
+                self._deps.settings,
+                workflow_id=workflow_id,
+                owner_id=owner,
+                trigger_type="webhook",
+                trigger_data=data,
+                idempotency_key=idempotency_key(req),
+                traceparent=traceparent(req),
+                sender=self._deps.sender,
+                webhook_secret_hash=digest,
+            )
+        except NotFoundError:
+            self._targets.pop(digest, None)
+            raise NotFoundError("no such webhook") from None
         accepted(resp, run.run_id, run.status)

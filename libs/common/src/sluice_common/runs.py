@@ -305,6 +305,33 @@ class Recovery:
 
 # Queue stats -----------------------------------------------------------------------------------
 
+# The windows of the stats' finished counts: ``completed`` counts the runs that succeeded in the
+# last 24 hours, ``failed`` those that failed in the last 7 days. The retention job keeps the
+# per-minute counts (``run_finish_counts``, migration 0014) of the longest one.
+FINISHED_WINDOWS: dict[str, int] = {"succeeded": 86_400, "failed": 7 * 86_400}
+
+# The finished counts: the whole minutes inside each window from ``run_finish_counts`` (at most a
+# window's minutes, whatever the size of the history), and the runs of the window's first minute,
+# which it covers only in part, from ``runs_finished_idx`` (at most a minute of finishes). Both in
+# one snapshot, and the counts move in the transactions that move the runs: exact. With them, the
+# runs parked on a sub-workflow run (``waiting``).
+FINISHED_COUNTS = """
+WITH edge AS (
+    SELECT status, now() - make_interval(secs => secs) AS since,
+           sluice_finish_minute(now() - make_interval(secs => secs)) AS first_minute
+    FROM (VALUES ('succeeded'::run_status, %(succeeded)s::float8), ('failed'::run_status, %(failed)s::float8))
+         AS w (status, secs)
+)
+SELECT e.status,
+       (SELECT coalesce(sum(c.n), 0) FROM run_finish_counts c
+         WHERE c.status = e.status AND c.minute > e.first_minute)
+       + (SELECT count(*) FROM runs r WHERE r.status = e.status AND r.finished_at > e.since
+            AND r.finished_at < e.first_minute + interval '1 minute') AS n
+FROM edge e
+UNION ALL
+SELECT 'waiting', count(*) FROM runs WHERE status = 'waiting'
+"""
+
 # A run waiting for a worker: queued, or delayed and due. The stats' (and the queue gauge's)
 # ``waiting``, and what the scheduler's backlog alert counts (``sluice_scheduler.alerts``).
 READY_TO_START = "status IN ('queued', 'delayed') AND coalesce(not_before, '-infinity') <= now()"
@@ -330,7 +357,8 @@ class QueueStats:
 
 
 def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, redis: bool) -> QueueStats:
-    """Exact counts from two index-only queries (unfinished runs, recent finished ones)."""
+    """Exact counts from index reads of the unfinished runs and from the per-minute finished
+    counts: neither grows with the history."""
     with pool.connection() as conn:
         live = conn.execute(
             f"""
@@ -341,26 +369,17 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
             FROM runs WHERE status IN ('queued', 'delayed', 'running') GROUP BY priority
             """
         ).fetchall()
-        done = conn.execute(
-            """
-            SELECT (SELECT count(*) FROM runs WHERE status = 'succeeded'
-                      AND finished_at > now() - interval '24 hours') AS completed,
-                   (SELECT count(*) FROM runs WHERE status = 'failed'
-                      AND finished_at > now() - interval '7 days') AS failed,
-                   (SELECT count(*) FROM runs WHERE status = 'waiting') AS parked
-            """
-        ).fetchone()
-    assert done is not None
+        counts = {str(r["status"]): int(r["n"]) for r in conn.execute(FINISHED_COUNTS, FINISHED_WINDOWS).fetchall()}
     return QueueStats(
         waiting=sum(r["waiting"] for r in live),
         active=sum(r["active"] for r in live),
-        completed=int(done["completed"]),
-        failed=int(done["failed"]),
+        completed=counts["succeeded"],
+        failed=counts["failed"],
         delayed=sum(r["delayed"] for r in live),
         waiting_by_priority={int(r["priority"]): int(r["waiting"]) for r in live if r["waiting"]},
         concurrency=settings.concurrency,
         rate_limit_per_minute=limiter.limit(),
         rate_used=limiter.used(),
         redis=redis,
-        extra={"waitingOnSubWorkflows": int(done["parked"])},
+        extra={"waitingOnSubWorkflows": counts["waiting"]},
     )

@@ -62,12 +62,13 @@ fmt: sync ## Format and autofix
 	$(UV) run --no-sync ruff format .
 	$(UV) run --no-sync ruff check --fix .
 
-bench: sync ## Benchmarks next to baselines measured in the same run: pipeline, engine, API, API metrics, slow clients
+bench: sync ## Benchmarks next to baselines measured in the same run: pipeline, engine, API, API metrics, slow clients, scale
 	$(UV) run --no-sync python bench/pipeline.py --metrics --tracing $(BENCH_ARGS)
 	$(UV) run --no-sync python bench/engine.py $(ENGINE_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api.py $(API_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api_metrics.py $(API_METRICS_BENCH_ARGS)
 	$(UV) run --no-sync python bench/slow_clients.py $(SLOW_BENCH_ARGS)
+	$(UV) run --no-sync python bench/scale.py $(SCALE_BENCH_ARGS)
 
 # PYTHON_IMAGE: the images' base (default python:3.11-slim-bookworm); IMAGE_TAG: their tag (latest).
 images: ## Build the api, worker and scheduler images (docker if its daemon answers, else podman)

@@ -15,7 +15,9 @@ and cron fires) to each size in turn, and at each size measures, ``--reps`` time
 - prune: one batch of 1,000 runs of the retention job (``prune_history``), per batch.
 
 Prints each figure's median and p99 in milliseconds, and the ratio of each median to the one at
-the first size (target: flat within 20 %, a ratio of at most 1.2). ``--ten-million`` adds the
+the first size (target: flat within 20 %, a ratio of at most 1.2). Then the write cost of the
+finished counts under contention: ``--threads`` connections finishing runs at once, runs per
+second with the counting trigger on and, as the baseline, off. ``--ten-million`` adds the
 10M step (the load alone takes long on a small machine). Uses SLUICE_TEST_DATABASE_URL /
 SLUICE_TEST_REDIS_URL when set, else the embedded servers, in a database of its own, removed
 afterwards.
@@ -26,9 +28,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import threading
 import time
-from datetime import UTC, datetime
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +56,14 @@ from tests.scaledata import HISTORY_DAYS, Fleet, add_history, make_fleet  # noqa
 FIGURES = ("claim", "finish", "stats", "list", "filtered", "delete", "prune")
 
 
-def timed(action: Callable[[], Any]) -> float:
+def timed(action: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
-    action()
-    return (time.perf_counter() - start) * 1000
+    result = action()
+    return (time.perf_counter() - start) * 1000, result
+
+
+def ms(action: Callable[[], Any]) -> float:
+    return timed(action)[0]
 
 
 def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) -> dict[str, list[float]]:
@@ -71,9 +78,8 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
     quiet_wf, _ = fleet.quiet
     with pool.connection() as conn:
         for _ in range(reps):
-            rows: list[Any] = []
-            out["claim"].append(timed(lambda: rows.append(conn.execute(runstate.CLAIM, claim).fetchone())))
-            row = rows[0]
+            took, row = timed(lambda: conn.execute(runstate.CLAIM, claim).fetchone())
+            out["claim"].append(took)
             assert row is not None
             finish = {
                 "id": row["id"],
@@ -89,18 +95,18 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
                 "output": None,
                 "started": datetime.now(UTC),
             }
-            out["finish"].append(timed(lambda: conn.execute(runstate.FINISH_ENDED, finish).fetchone()))
+            out["finish"].append(ms(lambda f=finish: conn.execute(runstate.FINISH_ENDED, f).fetchone()))
     for _ in range(reps):
-        out["stats"].append(timed(lambda: get_queue_stats(pool, settings, limiter, redis=False)))
+        out["stats"].append(ms(lambda: get_queue_stats(pool, settings, limiter, redis=False)))
         out["list"].append(
-            timed(
+            ms(
                 lambda: queries.list_runs(
                     pool, busy_owner, limit=50, after=None, workflow_id=None, status=None, since=None, until=None
                 )
             )
         )
         out["filtered"].append(
-            timed(
+            ms(
                 lambda: queries.list_runs(
                     pool,
                     busy_owner,
@@ -117,7 +123,7 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
         for _ in range(max(5, reps // 20)):
             with conn.transaction(force_rollback=True):
                 out["delete"].append(
-                    timed(lambda: conn.execute(runstate.CANCEL_WORKFLOW_RUNS, {"wf": busy_wf}).fetchall())
+                    ms(lambda: conn.execute(runstate.CANCEL_WORKFLOW_RUNS, {"wf": busy_wf}).fetchall())
                 )
     # About 3,000 of the oldest runs are past a retention this long.
     retention = HISTORY_DAYS * (1 - 3000 / size)
@@ -128,9 +134,70 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
     elapsed = (time.perf_counter() - start) * 1000
     with pool.connection() as conn:
         after = conn.execute("SELECT count(*) AS n FROM runs").fetchone()
-    assert before is not None and after is not None
+    assert before is not None
+    assert after is not None
     out["prune"].append(elapsed / max(1, (before["n"] - after["n"]) / 1000))
     return out
+
+
+def finishes_per_second(pool: Pool, settings: Settings, fleet: Fleet, *, threads: int, each: int) -> float:
+    """Runs finished per second by ``threads`` connections finishing claimed runs at once."""
+    wf, owner = fleet.workflows[3]
+    claim = {"worker": "bench", "lease": 60.0, "user_cap": 100_000, "exclusive": False}
+    claimed = []
+    with pool.connection() as conn:
+        for _ in range(threads * each):
+            insert_run(conn, settings, workflow_id=wf, owner_id=owner, trigger_type="manual")
+            claimed.append(conn.execute(runstate.CLAIM, claim).fetchone())
+
+    def finish(rows: list[Any]) -> None:
+        with pool.connection() as conn:
+            for row in rows:
+                conn.execute(
+                    runstate.FINISH_ENDED,
+                    {
+                        "id": row["id"],
+                        "claim": row["claim_id"],
+                        "attempt": row["attempt"],
+                        "status": "succeeded",
+                        "attempt_status": "succeeded",
+                        "error": None,
+                        "owner": row["owner_id"],
+                        "user_cap": 100_000,
+                        "step": "a",
+                        "pos": 0,
+                        "output": None,
+                        "started": datetime.now(UTC),
+                    },
+                ).fetchone()
+
+    workers = [threading.Thread(target=finish, args=(claimed[i::threads],)) for i in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return len(claimed) / (time.perf_counter() - start)
+
+
+def finish_contention(pool: Pool, settings: Settings, fleet: Fleet, rounds: int, threads: int) -> None:
+    """Concurrent finishes with the per-minute finished counts kept (every finish of a minute
+    updates the same counter row) and, as the baseline in the same run, with their trigger off."""
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(rounds):
+        for counting in (True, False):
+            with pool.connection() as conn:
+                conn.execute(f"ALTER TABLE runs {'ENABLE' if counting else 'DISABLE'} TRIGGER runs_count_finished")
+            rates[counting].append(finishes_per_second(pool, settings, fleet, threads=threads, each=100))
+    with pool.connection() as conn:
+        conn.execute("ALTER TABLE runs ENABLE TRIGGER runs_count_finished")
+    with_counts, without = statistics.median(rates[True]), statistics.median(rates[False])
+    print(
+        f"\n{threads} connections finishing at once: {with_counts:.0f} runs/s with the finished counts, "
+        f"{without:.0f} without (ratio {with_counts / without:.2f}; rounds: "
+        + ", ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(rates[True], rates[False], strict=True))
+        + ")"
+    )
 
 
 def report(results: dict[int, dict[str, list[float]]]) -> None:
@@ -153,13 +220,15 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="finished runs at each step")
     parser.add_argument("--ten-million", action="store_true", help="add the 10,000,000 step")
     parser.add_argument("--reps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=8, help="connections finishing at once (contention)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of the contention figure")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")] + ([10_000_000] if args.ten_million else [])
     with bench_servers("scale") as srv:
         url = srv.databases["scale"]
         migrate(url)
         settings = load_settings({"DATABASE_URL": url, "SLUICE_LOG_LEVEL": "WARNING"})
-        pool = open_pool(settings, url)
+        pool = open_pool(settings, url, max_size=args.threads + 2)
         results: dict[int, dict[str, list[float]]] = {}
         try:
             with psycopg.connect(url) as conn:
@@ -176,6 +245,7 @@ def main() -> None:
                         row = cur.execute("SELECT count(*) FROM runs").fetchone()
                     assert row is not None
                     loaded = int(row[0])
+            finish_contention(pool, settings, fleet, args.rounds, args.threads)
         finally:
             pool.close()
         report(results)

@@ -18,6 +18,8 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from sluice_common.runs import FOLD_FINISH_EVENTS
+
 HISTORY_DAYS = 30
 USERS = 20
 WORKFLOWS_PER_USER = 10
@@ -84,7 +86,7 @@ def _pick(rng: random.Random, fleet: Fleet) -> tuple[str, str]:
 
 def add_history(conn: psycopg.Connection[Any], fleet: Fleet, count: int, *, seed: int = 0) -> None:
     """Append ``count`` finished runs (with an attempt and a step each; a tenth of them started
-    by a cron fire, and their per-minute finished counts) in batches of COPY, and ANALYZE."""
+    by a cron fire, and their finished counts) in batches of COPY, and ANALYZE."""
     rng = random.Random(seed)
     now = datetime.now(UTC)
     span = HISTORY_DAYS * 86400.0
@@ -121,7 +123,8 @@ def add_history(conn: psycopg.Connection[Any], fleet: Fleet, count: int, *, seed
             steps.append(f"{run_id}\ta\t0\t{'succeeded' if status == 'succeeded' else 'failed'}\t1\t{q}\t{f}\n")
         with conn.cursor() as cur:
             # The per-row trigger that counts finished runs would cost more than the COPY: it is
-            # off for this transaction only, and the batch's counts are added in one statement.
+            # off for this transaction only, and the batch's counts are added as one event a
+            # minute, folded at the end.
             cur.execute("ALTER TABLE runs DISABLE TRIGGER runs_count_inserted")
             with cur.copy(
                 "COPY runs (id, workflow_id, owner_id, workflow_version, trigger_type, priority, status, attempt,"
@@ -129,16 +132,8 @@ def add_history(conn: psycopg.Connection[Any], fleet: Fleet, count: int, *, seed
             ) as copy:
                 copy.write("".join(runs))
             cur.execute("ALTER TABLE runs ENABLE TRIGGER runs_count_inserted")
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS scale_counts (status run_status, minute timestamptz, n bigint)"
-            )
-            cur.execute("TRUNCATE scale_counts")
-            with cur.copy("COPY scale_counts (status, minute, n) FROM STDIN") as copy:
+            with cur.copy("COPY run_finish_events (status, minute, n) FROM STDIN") as copy:
                 copy.write("".join(f"{st}\t{minute}\t{n}\n" for (st, minute), n in counts.items()))
-            cur.execute(
-                "INSERT INTO run_finish_counts AS c (status, minute, n) SELECT status, minute, n FROM scale_counts "
-                "ON CONFLICT (status, minute) DO UPDATE SET n = c.n + excluded.n"
-            )
             with cur.copy("COPY run_attempts (run_id, attempt, status, started_at, finished_at) FROM STDIN") as copy:
                 copy.write("".join(attempts))
             with cur.copy(
@@ -158,6 +153,7 @@ def add_history(conn: psycopg.Connection[Any], fleet: Fleet, count: int, *, seed
             )
         conn.commit()
         done += n
+    conn.execute(FOLD_FINISH_EVENTS)
     conn.execute("ANALYZE runs")
     conn.execute("ANALYZE run_attempts")
     conn.execute("ANALYZE run_steps")

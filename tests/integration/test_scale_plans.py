@@ -38,6 +38,7 @@ from sluice_common.runs import (
     FINISHED_COUNTS,
     FINISHED_WINDOWS,
     change_rate_limit,
+    fold_finish_events,
     get_queue_stats,
     insert_run,
     reconcile,
@@ -45,7 +46,7 @@ from sluice_common.runs import (
 )
 from sluice_common.settings import Settings, load_settings
 from sluice_scheduler import alerts, firing
-from sluice_scheduler.maintenance import prune_history
+from sluice_scheduler.maintenance import fold_finished, prune_history
 from sluice_worker.executor import RunExecutor
 from sluice_worker.subruns import CHILD_STATE_SQL, DEPTH_SQL
 from tests.scaledata import Fleet, add_history, make_fleet
@@ -361,6 +362,7 @@ def _services(big: Big) -> dict[str, Callable[[], object]]:
         "scheduler: reconcile": lambda: reconcile(pool, broker, settings),
         "scheduler: recover": lambda: recover_expired(pool, broker, 0.0),
         "scheduler: retention": lambda: prune_history(pool, 29.0),
+        "scheduler: fold": lambda: fold_finished(pool),
         "metrics: expired leases": lambda: expired_leases(pool),
     }
 
@@ -378,29 +380,40 @@ def test_the_services_statements_are_index_bound(big: Big) -> None:
 
 
 def test_the_finished_counts_are_exact(big: Big) -> None:
-    """The per-minute counts the queue stats read agree with counting the runs themselves,
-    through finishes, a retry, a delete and runs right at the edge of a window."""
+    """The counts the queue stats read agree with counting the runs themselves, through finishes
+    right at the edge of a window, a retry and deletes, folded or not."""
     exact = """
         SELECT status, count(*) AS n FROM runs
         WHERE (status = 'succeeded' AND finished_at > now() - make_interval(secs => %(succeeded)s))
            OR (status = 'failed' AND finished_at > now() - make_interval(secs => %(failed)s))
         GROUP BY status
     """
+
+    def check(conn: DictConnection) -> None:
+        with conn.transaction():  # one now() for both
+            counted = {r["status"]: r["n"] for r in conn.execute(FINISHED_COUNTS, FINISHED_WINDOWS)}
+            truth = {r["status"]: r["n"] for r in conn.execute(exact, FINISHED_WINDOWS)}
+        assert counted["succeeded"] == truth["succeeded"] > 0
+        assert counted["failed"] == truth["failed"] > 0
+
     with psycopg.connect(big.url, autocommit=True, row_factory=dict_row) as conn:
-        edge = datetime.now(UTC) - timedelta(seconds=FINISHED_WINDOWS["succeeded"] - 20)
-        conn.execute(
-            "UPDATE runs SET finished_at = %s + (random() * interval '40 seconds') WHERE id IN "
-            "(SELECT id FROM runs WHERE status = 'succeeded' LIMIT 500)",
-            (edge,),
-        )
+        fold_finish_events(conn)
+        check(conn)
+        for window in FINISHED_WINDOWS.values():
+            # Finishes around the start of the window: its first minute and hour, and either side.
+            edge = datetime.now(UTC) - timedelta(seconds=window)
+            conn.execute(
+                "UPDATE runs SET finished_at = %s + (random() - 0.5) * interval '2 hours' WHERE id IN "
+                "(SELECT id FROM runs WHERE status IN ('succeeded', 'failed') LIMIT 2000)",
+                (edge,),
+            )
         failed = conn.execute(
             "SELECT id, owner_id FROM runs WHERE status = 'failed' AND workflow_id = %s LIMIT 1", (big.fleet.quiet[0],)
         ).fetchone()
         assert failed is not None
         runstate.retry(conn, failed["id"], failed["owner_id"], max_attempts=3, aging_step=1.0)
         conn.execute("DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE status = 'failed' LIMIT 100)")
-        with conn.transaction():  # one now() for both
-            counted = {r["status"]: r["n"] for r in conn.execute(FINISHED_COUNTS, FINISHED_WINDOWS)}
-            truth = {r["status"]: r["n"] for r in conn.execute(exact, FINISHED_WINDOWS)}
-        assert counted["succeeded"] == truth["succeeded"] > 0
-        assert counted["failed"] == truth["failed"] > 0
+        check(conn)  # with the events not folded yet
+        fold_finish_events(conn)
+        assert conn.execute("SELECT count(*) AS n FROM run_finish_events").fetchone() == {"n": 0}
+        check(conn)

@@ -9,12 +9,17 @@
 -- reads only the runs in that status, newest first, however long the history of the others. A
 -- list of every status merges one index scan per status (sluice_api.queries.list_runs), and
 -- cancelling a deleted workflow's unfinished runs reads the unfinished runs only. They replace
--- the two listing indexes, so a run's row has as many indexes to keep as before.
+-- the two listing indexes; and runs_owner_pending_idx goes, since the owner's index now finds an
+-- owner's pending runs (a finish asks for them), so a run's row has one index fewer to keep.
 --
--- run_finish_counts: runs that succeeded or failed, per status and minute of finished_at, kept
--- exact by the triggers below in the transaction that moves or deletes the run. The queue stats
--- add the whole minutes of their window from here and count only the runs of the minute at its
--- start in runs, so they cost the same at any size of history.
+-- Finished counts: runs that succeeded or failed, per status and minute (run_finish_counts) and
+-- hour (run_finish_hours) of finished_at. The triggers below only append a +1 or -1 to
+-- run_finish_events in the transaction that moves, inserts or deletes the run: an insert locks
+-- no row that another finish needs, where an upsert of the minute's counter serialised every
+-- finish of the minute until its commit. sluice_common.runs.fold_finish_events moves the events
+-- into the counts (one statement, so a reader sees every finish exactly once), and the queue
+-- stats add the whole hours, then the whole minutes of their window's first hour, the events not
+-- folded yet, and the runs of its first minute from runs: the same cost at any size of history.
 -- depends: 0013_alerts
 
 CREATE INDEX cron_fires_run_idx ON cron_fires (run_id) WHERE run_id IS NOT NULL;
@@ -22,49 +27,60 @@ CREATE INDEX cron_fires_run_idx ON cron_fires (run_id) WHERE run_id IS NOT NULL;
 -- every fire.
 CREATE INDEX cron_fires_missed_idx ON cron_fires (workflow_id) WHERE missed_slots > 0;
 
-DROP INDEX runs_owner_idx, runs_workflow_idx;
+DROP INDEX runs_owner_idx, runs_workflow_idx, runs_owner_pending_idx;
 CREATE INDEX runs_owner_status_idx ON runs (owner_id, status, queued_at DESC, id DESC);
 CREATE INDEX runs_workflow_status_idx ON runs (workflow_id, status, queued_at DESC, id DESC);
 
+CREATE TABLE run_finish_events (
+    status run_status NOT NULL,
+    minute timestamptz NOT NULL,
+    n      integer NOT NULL
+);
 CREATE TABLE run_finish_counts (
     status run_status NOT NULL,
     minute timestamptz NOT NULL,
     n      bigint NOT NULL,
     PRIMARY KEY (status, minute)
 );
+CREATE TABLE run_finish_hours (
+    status run_status NOT NULL,
+    hour   timestamptz NOT NULL,
+    n      bigint NOT NULL,
+    PRIMARY KEY (status, hour)
+);
 
--- The minute of a finish: date_bin on a fixed origin does not depend on the session's time zone.
+-- The minute and the hour of a finish: date_bin on a fixed origin does not depend on the
+-- session's time zone.
 CREATE FUNCTION sluice_finish_minute(t timestamptz) RETURNS timestamptz
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT date_bin('1 minute', t, timestamptz '2000-01-01 00:00:00+00') $$;
+CREATE FUNCTION sluice_finish_hour(t timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT date_bin('1 hour', t, timestamptz '2000-01-01 00:00:00+00') $$;
 
 CREATE FUNCTION sluice_count_finished() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
     IF TG_OP = 'UPDATE' AND OLD.status IN ('succeeded', 'failed') AND OLD.finished_at IS NOT NULL THEN
-        UPDATE run_finish_counts SET n = n - 1
-        WHERE status = OLD.status AND minute = sluice_finish_minute(OLD.finished_at);
+        INSERT INTO run_finish_events VALUES (OLD.status, sluice_finish_minute(OLD.finished_at), -1);
     END IF;
     IF NEW.status IN ('succeeded', 'failed') AND NEW.finished_at IS NOT NULL THEN
-        INSERT INTO run_finish_counts AS c (status, minute, n)
-        VALUES (NEW.status, sluice_finish_minute(NEW.finished_at), 1)
-        ON CONFLICT (status, minute) DO UPDATE SET n = c.n + 1;
+        INSERT INTO run_finish_events VALUES (NEW.status, sluice_finish_minute(NEW.finished_at), 1);
     END IF;
     RETURN NULL;
 END
 $$;
 
 -- Deleted runs (the retention job's batches, a user's deletion) are taken off per statement: one
--- grouped update rather than one per run.
+-- event per minute rather than one per run.
 CREATE FUNCTION sluice_uncount_deleted() RETURNS trigger
 LANGUAGE plpgsql
 AS $$
 BEGIN
-    UPDATE run_finish_counts c SET n = c.n - d.n
-    FROM (SELECT status, sluice_finish_minute(finished_at) AS minute, count(*) AS n FROM gone
-          WHERE status IN ('succeeded', 'failed') AND finished_at IS NOT NULL GROUP BY 1, 2) d
-    WHERE c.status = d.status AND c.minute = d.minute;
+    INSERT INTO run_finish_events
+    SELECT status, sluice_finish_minute(finished_at), -count(*) FROM gone
+    WHERE status IN ('succeeded', 'failed') AND finished_at IS NOT NULL GROUP BY 1, 2;
     RETURN NULL;
 END
 $$;
@@ -82,7 +98,7 @@ CREATE TRIGGER runs_uncount_deleted AFTER DELETE ON runs
     REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
     EXECUTE FUNCTION sluice_uncount_deleted();
 
-INSERT INTO run_finish_counts (status, minute, n)
+INSERT INTO run_finish_events
 SELECT status, sluice_finish_minute(finished_at), count(*) FROM runs
 WHERE status IN ('succeeded', 'failed') AND finished_at IS NOT NULL
 GROUP BY 1, 2;

@@ -154,8 +154,13 @@ def add_history(conn: psycopg.Connection[Any], fleet: Fleet, count: int, *, seed
         conn.commit()
         done += n
     conn.execute(FOLD_FINISH_EVENTS)
-    conn.execute("ANALYZE runs")
-    conn.execute("ANALYZE run_attempts")
-    conn.execute("ANALYZE run_steps")
-    conn.execute("ANALYZE cron_fires")
     conn.commit()
+    # A service appends a few events a second and folds them as often; a load appends a minute's
+    # worth of history at a time, and the folded ones would be left for autovacuum to find.
+    conn.autocommit = True
+    try:
+        conn.execute("VACUUM run_finish_events")
+        for table in ("runs", "run_attempts", "run_steps", "cron_fires", "run_finish_counts", "run_finish_hours"):
+            conn.execute(f"ANALYZE {table}")
+    finally:
+        conn.autocommit = False

@@ -200,19 +200,23 @@ def finish_contention(pool: Pool, settings: Settings, fleet: Fleet, rounds: int,
     )
 
 
-def report(results: dict[int, dict[str, list[float]]]) -> None:
-    sizes = sorted(results)
-    base = results[sizes[0]]
-    print("\nmilliseconds, median / p99 (ratio of the median to the one at the first size)")
-    print(f"{'runs':>10} " + " ".join(f"{name:>22}" for name in FIGURES))
-    for size in sizes:
-        cells = []
-        for name in FIGURES:
-            values = results[size][name]
-            med = statistics.median(values)
-            ratio = med / max(statistics.median(base[name]), 1e-9)
-            cells.append(f"{med:7.2f}/{pct(values, 0.99):7.2f} x{ratio:4.2f}")
-        print(f"{size:>10} " + " ".join(f"{c:>22}" for c in cells))
+def line(size: int, figures: dict[str, list[float]], base: dict[str, list[float]]) -> str:
+    """One size's line: each figure's median / p99 and the median's ratio to the first size's."""
+    cells = []
+    for name in FIGURES:
+        values = figures[name]
+        med = statistics.median(values)
+        ratio = med / max(statistics.median(base[name]), 1e-9)
+        cells.append(f"{med:7.2f}/{pct(values, 0.99):7.2f} x{ratio:4.2f}")
+    return f"{size:>10} " + " ".join(f"{c:>22}" for c in cells)
+
+
+def header() -> str:
+    return (
+        "milliseconds, median / p99 (ratio of the median to the one at the first size)\n"
+        + f"{'runs':>10} "
+        + " ".join(f"{name:>22}" for name in FIGURES)
+    )
 
 
 def main() -> None:
@@ -239,16 +243,23 @@ def main() -> None:
                     add_history(conn, fleet, size - loaded, seed=size)
                     loaded = size
                     print(f"{size:>10} runs loaded in {time.monotonic() - start:.0f} s", flush=True)
+                    if size == sizes[0]:
+                        print(header(), flush=True)
                     results[size] = measure(pool, settings, fleet, size, args.reps)
+                    # Each line as soon as it is measured: the last steps take long.
+                    print(line(size, results[size], results[sizes[0]]), flush=True)
+                    if size == sizes[0]:  # the write cost under contention does not depend on the size
+                        finish_contention(pool, settings, fleet, args.rounds, args.threads)
                     # The prune took some of the oldest runs: top up to the size at the next step.
                     with conn.cursor() as cur:
                         row = cur.execute("SELECT count(*) FROM runs").fetchone()
                     assert row is not None
                     loaded = int(row[0])
-            finish_contention(pool, settings, fleet, args.rounds, args.threads)
         finally:
             pool.close()
-        report(results)
+        print("\n" + header())
+        for size, figures in sorted(results.items()):
+            print(line(size, figures, results[sizes[0]]))
 
 
 if __name__ == "__main__":

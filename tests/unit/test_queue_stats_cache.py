@@ -1,4 +1,5 @@
-"""The queue stats are computed once per cache period per process, however many threads ask at once."""
+"""The queue stats are computed once per cache period per process, however many threads ask at once,
+and a computation stuck on the database does not hold the others longer than a pool timeout."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import pytest
 
 from sluice_api.resources import queue
+from sluice_common.errors import InfrastructureError
 from sluice_common.runs import QueueStats
 
 STATS = QueueStats(
@@ -35,7 +37,8 @@ def test_threads_that_miss_the_cache_share_one_computation(monkeypatch: pytest.M
         return STATS
 
     monkeypatch.setattr(queue, "get_queue_stats", slow_stats)
-    deps = SimpleNamespace(pool=None, settings=None, limiter=None, redis=object(), scheduler=None)
+    settings = SimpleNamespace(db_pool_timeout_seconds=5.0)
+    deps = SimpleNamespace(pool=None, settings=settings, limiter=None, redis=object(), scheduler=None)
     resource = queue.QueueStatsResource(SimpleNamespace(deps=deps))  # type: ignore[arg-type]
     bodies: list[Any] = []
 
@@ -56,3 +59,25 @@ def test_threads_that_miss_the_cache_share_one_computation(monkeypatch: pytest.M
     resource._cached = (time.monotonic() - 1, bodies[0])  # the period is over: computed again
     get()
     assert len(calls) == 2
+
+
+def test_a_thread_waits_for_a_stuck_computation_no_longer_than_a_pool_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+
+    def stuck_stats(*args: Any, **kwargs: Any) -> QueueStats:
+        release.wait(5)
+        return STATS
+
+    monkeypatch.setattr(queue, "get_queue_stats", stuck_stats)
+    settings = SimpleNamespace(db_pool_timeout_seconds=0.2)
+    deps = SimpleNamespace(pool=None, settings=settings, limiter=None, redis=object(), scheduler=None)
+    resource = queue.QueueStatsResource(SimpleNamespace(deps=deps))  # type: ignore[arg-type]
+    first = threading.Thread(target=resource.on_get, args=(None, SimpleNamespace(media=None)))
+    first.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    with pytest.raises(InfrastructureError):
+        resource.on_get(None, SimpleNamespace(media=None))  # type: ignore[arg-type]
+    assert time.monotonic() - start < 1.0
+    release.set()
+    first.join()

@@ -91,7 +91,11 @@ class QueueStatsResource(Resource):
         return cached[1] if cached is not None and cached[0] > time.monotonic() else None
 
     def _compute(self) -> dict[str, Any]:
-        with self._computing:
+        # A computation stuck on the database (an outage) holds the lock for at most a pool
+        # timeout; waiting no longer than that keeps threads from queueing one behind another.
+        if not self._computing.acquire(timeout=self._deps.settings.db_pool_timeout_seconds):
+            raise InfrastructureError("the queue stats are not available: PostgreSQL does not answer")
+        try:
             body = self._fresh()
             if body is None:
                 stats = get_queue_stats(
@@ -100,6 +104,8 @@ class QueueStatsResource(Resource):
                 body = queue_stats_body(stats, scheduler_status(self._deps))
                 self._cached = (time.monotonic() + self.CACHE_SECONDS, body)
             return body
+        finally:
+            self._computing.release()
 
 
 class SchedulerRefreshResource(Resource):

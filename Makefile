@@ -63,7 +63,7 @@ fmt: sync ## Format and autofix
 	$(UV) run --no-sync ruff format .
 	$(UV) run --no-sync ruff check --fix .
 
-bench: sync ## Benchmarks (next to baselines where there is one): pipeline, engine, API, metrics, slow clients, end to end, dashboard
+bench: sync ## Benchmarks (next to baselines where there is one): pipeline, engine, API, metrics, slow clients, end to end, dashboard, scale
 	$(UV) run --no-sync python bench/pipeline.py --metrics --tracing $(BENCH_ARGS)
 	$(UV) run --no-sync python bench/engine.py $(ENGINE_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api.py $(API_BENCH_ARGS)
@@ -71,6 +71,7 @@ bench: sync ## Benchmarks (next to baselines where there is one): pipeline, engi
 	$(UV) run --no-sync python bench/slow_clients.py $(SLOW_BENCH_ARGS)
 	$(UV) run --no-sync python bench/e2e.py $(E2E_BENCH_ARGS)
 	$(UV) run --no-sync python bench/dashboard.py $(DASHBOARD_BENCH_ARGS)
+	$(UV) run --no-sync python bench/scale.py $(SCALE_BENCH_ARGS)
 
 # PYTHON_IMAGE: the images' base (default python:3.11-slim-bookworm); IMAGE_TAG: their tag (latest).
 images: ## Build the api, worker and scheduler images (docker if its daemon answers, else podman)

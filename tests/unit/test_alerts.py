@@ -299,7 +299,7 @@ def test_the_alerts_job_runs_only_when_the_url_is_set() -> None:
     def names(env: dict[str, str]) -> list[str]:
         return [j.name for j in maintenance_jobs(load_settings(env), None, None)]  # type: ignore[arg-type]
 
-    assert names({}) == ["recover", "reconcile", "prune"]
+    assert names({}) == ["recover", "reconcile", "fold", "prune"]
     jobs = maintenance_jobs(
         load_settings({"SLUICE_ALERT_WEBHOOK_URL": "https://h.example/x", "SLUICE_ALERT_INTERVAL_SECONDS": "20"}),
         None,  # type: ignore[arg-type]

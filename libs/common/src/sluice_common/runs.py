@@ -312,6 +312,64 @@ class Recovery:
 
 # Queue stats -----------------------------------------------------------------------------------
 
+# The windows of the stats' finished counts: ``completed`` counts the runs that succeeded in the
+# last 24 hours, ``failed`` those that failed in the last 7 days. The retention job keeps the
+# finished counts (migration 0014) of the longest one.
+FINISHED_WINDOWS: dict[str, int] = {"succeeded": 86_400, "failed": 7 * 86_400}
+
+# Moves the finished runs' events (written by the triggers of migration 0014) into the per-minute
+# and per-hour counts: one statement, so every reader sees each finish exactly once. A concurrent
+# fold waits for this one and then finds those events gone.
+FOLD_FINISH_EVENTS = """
+WITH moved AS (
+    DELETE FROM run_finish_events RETURNING status, minute, n
+), minutes AS (
+    SELECT status, minute, sum(n) AS n FROM moved GROUP BY status, minute
+), by_minute AS (
+    INSERT INTO run_finish_counts AS c (status, minute, n) SELECT status, minute, n FROM minutes
+    ON CONFLICT (status, minute) DO UPDATE SET n = c.n + excluded.n
+)
+INSERT INTO run_finish_hours AS h (status, hour, n)
+SELECT status, sluice_finish_hour(minute), sum(n) FROM minutes GROUP BY 1, 2
+ON CONFLICT (status, hour) DO UPDATE SET n = h.n + excluded.n
+"""
+_FOLD_LOCK_ID = 0x51_1C_E0_00_00_00_02  # any fixed number, the same in every Sluice process
+
+# The finished counts of each window: its whole hours (at most 168 rows), the whole minutes of its
+# first hour (at most 59), the events not folded yet (the finishes since the last fold), and the
+# runs of its first minute, which the window covers only in part, from runs_finished_idx (at most
+# a minute of finishes). None of it grows with the history. With them, the runs parked on a
+# sub-workflow run (``waiting``).
+FINISHED_COUNTS = """
+WITH edge AS (
+    SELECT status, since, sluice_finish_minute(since) AS first_minute, sluice_finish_hour(since) AS first_hour
+    FROM (SELECT status, now() - make_interval(secs => secs) AS since
+          FROM (VALUES ('succeeded'::run_status, %(succeeded)s::float8), ('failed'::run_status, %(failed)s::float8))
+               AS w (status, secs)) AS w
+)
+SELECT e.status,
+       (SELECT coalesce(sum(h.n), 0) FROM run_finish_hours h WHERE h.status = e.status AND h.hour > e.first_hour)
+       + (SELECT coalesce(sum(c.n), 0) FROM run_finish_counts c
+           WHERE c.status = e.status AND c.minute > e.first_minute AND c.minute < e.first_hour + interval '1 hour')
+       + (SELECT coalesce(sum(v.n), 0) FROM run_finish_events v
+           WHERE v.status = e.status AND v.minute > e.first_minute)
+       + (SELECT count(*) FROM runs r WHERE r.status = e.status AND r.finished_at > e.since
+            AND r.finished_at < e.first_minute + interval '1 minute') AS n
+FROM edge e
+UNION ALL
+SELECT 'waiting', count(*) FROM runs WHERE status = 'waiting'
+"""
+
+
+def fold_finish_events(conn: DictConnection) -> None:
+    """Fold the finished runs' events into the counts, unless another process is folding them
+    (the stats read the events it has not folded yet anyway)."""
+    with conn.transaction():
+        row = conn.execute("SELECT pg_try_advisory_xact_lock(%s) AS mine", (_FOLD_LOCK_ID,)).fetchone()
+        if row is not None and row["mine"]:
+            conn.execute(FOLD_FINISH_EVENTS)
+
+
 # A run waiting for a worker: queued, or delayed and due. The stats' (and the queue gauge's)
 # ``waiting``, and what the scheduler's backlog alert counts (``sluice_scheduler.alerts``).
 READY_TO_START = "status IN ('queued', 'delayed') AND coalesce(not_before, '-infinity') <= now()"
@@ -337,8 +395,10 @@ class QueueStats:
 
 
 def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, redis: bool) -> QueueStats:
-    """Exact counts from two index-only queries (unfinished runs, recent finished ones)."""
+    """Exact counts from index reads of the unfinished runs and from the finished counts (folded
+    first, which keeps the events to add few): neither grows with the history."""
     with pool.connection() as conn:
+        fold_finish_events(conn)
         live = conn.execute(
             f"""
             SELECT priority,
@@ -348,28 +408,19 @@ def get_queue_stats(pool: Pool, settings: Settings, limiter: RateLimiter, *, red
             FROM runs WHERE status IN ('queued', 'delayed', 'running') GROUP BY priority
             """
         ).fetchall()
-        done = conn.execute(
-            """
-            SELECT (SELECT count(*) FROM runs WHERE status = 'succeeded'
-                      AND finished_at > now() - interval '24 hours') AS completed,
-                   (SELECT count(*) FROM runs WHERE status = 'failed'
-                      AND finished_at > now() - interval '7 days') AS failed,
-                   (SELECT count(*) FROM runs WHERE status = 'waiting') AS parked
-            """
-        ).fetchone()
-    assert done is not None
+        counts = {str(r["status"]): int(r["n"]) for r in conn.execute(FINISHED_COUNTS, FINISHED_WINDOWS).fetchall()}
     return QueueStats(
         waiting=sum(r["waiting"] for r in live),
         active=sum(r["active"] for r in live),
-        completed=int(done["completed"]),
-        failed=int(done["failed"]),
+        completed=counts["succeeded"],
+        failed=counts["failed"],
         delayed=sum(r["delayed"] for r in live),
         waiting_by_priority={int(r["priority"]): int(r["waiting"]) for r in live if r["waiting"]},
         concurrency=settings.concurrency,
         rate_limit_per_minute=limiter.limit(),
         rate_used=limiter.used(),
         redis=redis,
-        extra={"waitingOnSubWorkflows": int(done["parked"])},
+        extra={"waitingOnSubWorkflows": counts["waiting"]},
     )
 
 

@@ -27,6 +27,7 @@ from sluice_common.broker import wake
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_common.runs import report_cancelled
+from sluice_common.runstate import RunStatus
 from sluice_common.settings import Settings
 from sluice_common.tracing import trace_id_of
 from sluice_common.workflow import WorkflowDefinition
@@ -303,6 +304,20 @@ def get_run(pool: Pool, owner: UUID, run_id: UUID, *, with_definition: bool = Fa
     return run
 
 
+def _newest_per_status(select: str, where: str, status: str | None, limit: str) -> str:
+    """``select`` ... ``WHERE where``, newest first, as one index read per run status.
+
+    The run indexes that order by time lead with the status after the owner (or the workflow):
+    a query for one status reads its index in order; for every status, one branch per status is
+    merged by the outer ORDER BY, each reading at most ``limit`` entries. Status literals come
+    from the enum, never from the request, so that each branch matches its index.
+    """
+    statuses = [RunStatus(status)] if status is not None else list(RunStatus)
+    page = f"ORDER BY queued_at DESC, id DESC LIMIT {limit}"
+    branches = [f"{select} WHERE {where} AND status = '{s.value}' {page}" for s in statuses]
+    return branches[0] if len(branches) == 1 else " UNION ALL ".join(f"({b})" for b in branches) + f" {page}"
+
+
 def list_runs(
     pool: Pool,
     owner: UUID,
@@ -315,24 +330,32 @@ def list_runs(
     until: datetime | None,
     trigger_type: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Up to ``limit + 1`` runs, newest first (by the owner index, or the owner and status one)."""
+    """Up to ``limit + 1`` runs, newest first.
+
+    The listing indexes lead with the owner (or the workflow, or the owner and the trigger) and
+    the status (migrations 0014, 0015): a list of one status reads that status's runs in order,
+    and a list of every status merges one such read per status (:func:`_newest_per_status`).
+    Either way it reads about a page of index entries per status, however many runs the filters
+    pass over.
+    """
+    where = ["owner_id = %(owner)s"]
+    if workflow_id is not None:
+        where.append("workflow_id = %(wf)s")
+    if trigger_type is not None:
+        where.append("trigger_type = %(trigger)s::run_trigger")
+    if since is not None:
+        where.append("queued_at >= %(since)s")
+    if until is not None:
+        where.append("queued_at < %(until)s")
+    if after is not None:
+        where.append("(queued_at, id) < (%(at)s, %(id)s::uuid)")
+    query = _newest_per_status(f"SELECT {_RUN_COLUMNS} FROM runs", " AND ".join(where), status, "%(limit)s")
     with pool.connection() as conn:
         return conn.execute(
-            f"""
-            SELECT {_RUN_COLUMNS} FROM runs
-            WHERE owner_id = %(owner)s
-              AND (%(wf)s::uuid IS NULL OR workflow_id = %(wf)s)
-              AND (%(status)s::run_status IS NULL OR status = %(status)s::run_status)
-              AND (%(trigger)s::run_trigger IS NULL OR trigger_type = %(trigger)s::run_trigger)
-              AND (%(since)s::timestamptz IS NULL OR queued_at >= %(since)s)
-              AND (%(until)s::timestamptz IS NULL OR queued_at < %(until)s)
-              AND (%(at)s::timestamptz IS NULL OR (queued_at, id) < (%(at)s, %(id)s::uuid))
-            ORDER BY queued_at DESC, id DESC LIMIT %(limit)s
-            """,
+            query,
             {
                 "owner": owner,
                 "wf": workflow_id,
-                "status": status,
                 "trigger": trigger_type,
                 "since": since,
                 "until": until,
@@ -344,7 +367,7 @@ def list_runs(
 
 
 def last_runs(pool: Pool, owner: UUID, workflow_ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
-    """The newest run of each of these workflows (one index probe each), by workflow id."""
+    """The newest run of each of these workflows (one index probe per status each), by workflow id."""
     if not workflow_ids:
         return {}
     with pool.connection() as conn:
@@ -352,12 +375,15 @@ def last_runs(pool: Pool, owner: UUID, workflow_ids: list[UUID]) -> dict[UUID, d
             """
             SELECT w.id AS workflow_id, r.id, r.status, r.queued_at, r.finished_at
             FROM unnest(%(ids)s::uuid[]) AS w(id)
-            CROSS JOIN LATERAL (
-                SELECT id, status, queued_at, finished_at FROM runs
-                WHERE workflow_id = w.id AND owner_id = %(owner)s
-                ORDER BY queued_at DESC, id DESC LIMIT 1
-            ) r
-            """,
+            CROSS JOIN LATERAL ({newest}) r
+            """.format(
+                newest=_newest_per_status(
+                    "SELECT id, status, queued_at, finished_at FROM runs",
+                    "workflow_id = w.id AND owner_id = %(owner)s",
+                    None,
+                    "1",
+                )
+            ),
             {"ids": workflow_ids, "owner": owner},
         ).fetchall()
     return {row["workflow_id"]: row for row in rows}

@@ -1,10 +1,12 @@
 """Maintenance jobs the scheduler's leader runs on fixed schedules.
 
-- ``recover`` and ``reconcile`` every ``SLUICE_RECONCILE_SECONDS``: runs whose worker died go back
-  to the queue; runs PostgreSQL holds but Redis lost get their wake-up again.
+- ``recover``, ``reconcile`` and ``fold`` every ``SLUICE_RECONCILE_SECONDS``: runs whose worker died
+  go back to the queue; runs PostgreSQL holds but Redis lost get their wake-up again; the finished
+  runs' events are folded into the queue stats' counts.
 - ``prune`` every hour: finished runs older than ``SLUICE_RUN_RETENTION_DAYS`` (their attempts
-  and steps go with them) and old cron fires, in small batches so no long lock is held; then the
-  versions of deleted workflows that no remaining run executed, and deleted workflows without runs.
+  and steps go with them) and old cron fires, in small batches so no long lock is held, and the
+  finished counts older than the queue stats' longest window; then the versions of
+  deleted workflows that no remaining run executed, and deleted workflows without runs.
 - ``alerts`` every ``SLUICE_ALERT_INTERVAL_SECONDS``, only when ``SLUICE_ALERT_WEBHOOK_URL`` is set:
   the alert rules evaluated and their changes posted (:mod:`sluice_scheduler.alerting`).
 
@@ -24,7 +26,7 @@ import dramatiq
 
 from sluice_common import runstate
 from sluice_common.db import Pool
-from sluice_common.runs import Recovery, reconcile
+from sluice_common.runs import FINISHED_WINDOWS, Recovery, fold_finish_events, reconcile
 from sluice_common.settings import Settings
 from sluice_scheduler.alerting import AlertJob, AlertStore
 from sluice_scheduler.leadership import Lease
@@ -59,22 +61,29 @@ def prune_history(pool: Pool, retention_days: float, *, batch: int = PRUNE_BATCH
         if cur.rowcount < batch:
             break
     while True:
+        # The batch's rows by their physical address: joined back on their key, a batch the
+        # planner guessed small was matched against a sequential scan of all fires.
         with pool.connection() as conn:
             cur = conn.execute(
                 """
-                DELETE FROM cron_fires WHERE (workflow_id, scheduled_at) IN (
-                    SELECT f.workflow_id, f.scheduled_at FROM cron_fires f
+                DELETE FROM cron_fires WHERE ctid = ANY (ARRAY(
+                    SELECT f.ctid FROM cron_fires f
                     WHERE f.missed_slots = 0 AND f.outcome <> 'deferred'
                       AND f.scheduled_at < now() - make_interval(secs => %(secs)s)
                       AND f.scheduled_at < (SELECT max(g.scheduled_at) FROM cron_fires g
                                             WHERE g.workflow_id = f.workflow_id)
-                    LIMIT %(batch)s)
+                    LIMIT %(batch)s))
                 """,
                 {"secs": retention_days * 86400, "batch": batch},
             )
         fires += cur.rowcount
         if cur.rowcount < batch:
             break
+    with pool.connection() as conn:
+        # The finished counts outside every window of the queue stats.
+        keep = max(FINISHED_WINDOWS.values())
+        conn.execute("DELETE FROM run_finish_counts WHERE minute < now() - make_interval(secs => %s + 60)", (keep,))
+        conn.execute("DELETE FROM run_finish_hours WHERE hour < now() - make_interval(secs => %s + 3600)", (keep,))
     versions = prune_deleted_workflows(pool)
     if runs or fires or versions:
         log.info(
@@ -94,6 +103,10 @@ def prune_deleted_workflows(pool: Pool) -> int:
     the runs); once its last run is pruned, the workflow row goes, and its versions with it.
     """
     with pool.connection() as conn, conn.transaction():
+        # Each version is checked with an index probe of its workflow's runs that stops at the
+        # first one found: a hash anti-join would read the whole runs table for a few versions.
+        conn.execute("SET LOCAL enable_hashjoin = off")
+        conn.execute("SET LOCAL enable_mergejoin = off")
         versions = conn.execute(
             """
             DELETE FROM workflow_versions v USING workflows w
@@ -111,6 +124,13 @@ def prune_deleted_workflows(pool: Pool) -> int:
     return versions
 
 
+def fold_finished(pool: Pool) -> None:
+    """Fold the finished runs' events into the queue stats' counts (the stats fold them too, but
+    they may go unread for a long time)."""
+    with pool.connection() as conn:
+        fold_finish_events(conn)
+
+
 @dataclass
 class Job:
     name: str
@@ -123,6 +143,7 @@ def maintenance_jobs(settings: Settings, pool: Pool, broker: dramatiq.Broker) ->
     jobs = [
         Job("recover", settings.reconcile_seconds, Recovery(pool, broker, settings.lease_seconds)),
         Job("reconcile", settings.reconcile_seconds, lambda: reconcile(pool, broker, settings)),
+        Job("fold", settings.reconcile_seconds, lambda: fold_finished(pool)),
         Job("prune", PRUNE_INTERVAL_SECONDS, lambda: prune_history(pool, settings.run_retention_days)),
     ]
     if settings.alert_webhook_url:

@@ -1,14 +1,15 @@
--- The dashboard's sign-in sessions, and indexes for its runs list filtered by status or trigger.
+-- The dashboard's sign-in sessions, and an index for its runs list filtered by trigger.
 --
 -- A session is opened with an API token and lives server-side so that signing out (or revoking
 -- the token it was opened with, or disabling the user) ends it at once. The browser holds only
 -- the session id, a random 256-bit value; the table holds its SHA-256, so a copy of the table
 -- opens no session.
 --
--- runs_owner_status_idx, runs_owner_trigger_idx: the runs list filtered by status or by trigger,
--- newest first, reads only matching rows however few of a user's runs match (the owner index
--- alone would walk past all the others: a million of them for a trigger that never fired).
--- depends: 0013_alerts
+-- runs_owner_trigger_idx: the runs list filtered by trigger, newest first, reads only matching
+-- rows however few of a user's runs match (the owner and status index alone would walk past all
+-- the others: a million of them for a trigger that never fired). Like the other listing indexes
+-- (0014) it takes the status next, for the list's one read per status.
+-- depends: 0014_scale
 
 CREATE TABLE dashboard_sessions (
     id_hash    bytea PRIMARY KEY,
@@ -19,5 +20,4 @@ CREATE TABLE dashboard_sessions (
 );
 CREATE INDEX dashboard_sessions_expiry_idx ON dashboard_sessions (expires_at);
 
-CREATE INDEX runs_owner_status_idx ON runs (owner_id, status, queued_at DESC, id DESC);
-CREATE INDEX runs_owner_trigger_idx ON runs (owner_id, trigger_type, queued_at DESC, id DESC);
+CREATE INDEX runs_owner_trigger_idx ON runs (owner_id, trigger_type, status, queued_at DESC, id DESC);

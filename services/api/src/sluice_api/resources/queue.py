@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, ClassVar
 
@@ -66,7 +67,7 @@ class QueueStatsResource(Resource):
     """The seeds' queue stats: aggregate counts only, so readable without a token."""
 
     public = True
-    CACHE_SECONDS = 1.0  # public and unauthenticated: a flood of reads costs one query a second
+    CACHE_SECONDS = 1.0  # public and unauthenticated: a flood of reads costs one computation a second
     operations: ClassVar[Operations] = {
         "get": {
             "operationId": "queueStats",
@@ -78,18 +79,33 @@ class QueueStatsResource(Resource):
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
         self._cached: tuple[float, dict[str, Any]] | None = None
+        # One thread of the process computes the stats when they are stale; the others that
+        # missed the cache meanwhile wait for its result rather than each querying at once.
+        self._computing = threading.Lock()
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
+        resp.media = self._fresh() or self._compute()
+
+    def _fresh(self) -> dict[str, Any] | None:
         cached = self._cached
-        if cached is not None and cached[0] > time.monotonic():
-            resp.media = cached[1]
-            return
-        stats = get_queue_stats(
-            self._deps.pool, self._deps.settings, self._deps.limiter, redis=self._deps.redis is not None
-        )
-        body = queue_stats_body(stats, scheduler_status(self._deps))
-        self._cached = (time.monotonic() + self.CACHE_SECONDS, body)
-        resp.media = body
+        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
+
+    def _compute(self) -> dict[str, Any]:
+        # A computation stuck on the database (an outage) holds the lock for at most a pool
+        # timeout; waiting no longer than that keeps threads from queueing one behind another.
+        if not self._computing.acquire(timeout=self._deps.settings.db_pool_timeout_seconds):
+            raise InfrastructureError("the queue stats are not available: PostgreSQL does not answer")
+        try:
+            body = self._fresh()
+            if body is None:
+                stats = get_queue_stats(
+                    self._deps.pool, self._deps.settings, self._deps.limiter, redis=self._deps.redis is not None
+                )
+                body = queue_stats_body(stats, scheduler_status(self._deps))
+                self._cached = (time.monotonic() + self.CACHE_SECONDS, body)
+            return body
+        finally:
+            self._computing.release()
 
 
 class SchedulerRefreshResource(Resource):

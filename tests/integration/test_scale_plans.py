@@ -41,6 +41,7 @@ from sluice_common.runs import (
     fold_finish_events,
     get_queue_stats,
     insert_run,
+    queue_history,
     reconcile,
     recover_expired,
 )
@@ -242,6 +243,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
             "aging_step": settings.priority_aging_seconds,
             "key": f"manual:{uuid.uuid4()}",
             "traceparent": None,
+            "hook": None,
         },
         "CLAIM": {"worker": "w", "lease": 30.0, "user_cap": settings.user_concurrency, "exclusive": False},
         "CHECKPOINT": {
@@ -324,12 +326,22 @@ def _services(big: Big) -> dict[str, Callable[[], object]]:
             {"workflow_id": busy_wf},
             {"since": day, "until": datetime.now(UTC)},
             {"after": (row["queued_at"], row["id"])},
+            {"trigger_type": "webhook"},
+            {"trigger_type": "cron", "status": "failed"},
         ):
             queries.list_runs(
                 pool,
                 owner,  # type: ignore[arg-type]
                 limit=50,
-                **{"after": None, "workflow_id": None, "status": None, "since": None, "until": None, **filters},  # type: ignore[arg-type]
+                **{
+                    "after": None,
+                    "workflow_id": None,
+                    "status": None,
+                    "since": None,
+                    "until": None,
+                    "trigger_type": None,
+                    **filters,
+                },  # type: ignore[arg-type]
             )
 
     def with_conn(action: Callable[[DictConnection], object]) -> Callable[[], object]:
@@ -341,6 +353,8 @@ def _services(big: Big) -> dict[str, Callable[[], object]]:
 
     return {
         "api: run lists": lists,
+        "dashboard: last run of each workflow": lambda: queries.last_runs(pool, owner, [busy_wf, quiet_wf]),  # type: ignore[list-item,arg-type]
+        "dashboard: the queue's last hour": lambda: queue_history(pool, 60),
         "api: one run": lambda: queries.get_run(pool, owner, row["id"], with_definition=True),  # type: ignore[arg-type]
         "api: queue stats": lambda: get_queue_stats(pool, settings, LocalRateLimiter(100), redis=False),
         "api: workflows": lambda: queries.list_workflows(

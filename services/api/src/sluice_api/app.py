@@ -26,6 +26,7 @@ from sluice_api.inputs import KnownParamsMiddleware
 from sluice_api.requestid import RequestIdMiddleware
 from sluice_api.resources.base import Context
 from sluice_api.routes import ROUTES, mount
+from sluice_api.stats import QueueStatsCache
 from sluice_common.broker import WakeupSender, make_broker
 from sluice_common.cron import RedisSchedulerLink
 from sluice_common.db import open_pool
@@ -68,10 +69,11 @@ def create_app(
     # Bodies are read and checked by the resources (size limit, media type, problems).
     app.req_options.auto_parse_form_urlencoded = False
     problems.install(app)
-    mount(app, Context(deps, limiter, ROUTES))
-    dashboard.install(app, deps)
+    stats = QueueStatsCache.of(deps)
+    mount(app, Context(deps, limiter, ROUTES, stats))
+    dashboard.install(app, deps, stats)
     if deps.settings.api_metrics:
-        metrics.install(app, deps, registry)
+        metrics.install(app, deps, registry, stats)
     return app
 
 

@@ -33,9 +33,9 @@ from prometheus_client.registry import Collector
 
 from sluice_api import multiproc
 from sluice_api.deps import Dependencies
+from sluice_api.stats import QueueStatsCache
 from sluice_common.metrics import QueueDepthCollector, RunMetrics, expired_leases
 from sluice_common.observe import RunCreated
-from sluice_common.runs import QueueStats, get_queue_stats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _BOUNDS = (*(float(b) for b in LATENCY_BUCKETS), math.inf)  # a histogram's buckets end with +Inf
@@ -191,16 +191,15 @@ class MetricsResource:
         resp.content_type = CONTENT_TYPE_LATEST
 
 
-def queue_collector(deps: Dependencies) -> QueueDepthCollector:
-    def stats() -> QueueStats:
-        return get_queue_stats(deps.pool, deps.settings, deps.limiter, redis=deps.redis is not None)
-
-    return QueueDepthCollector(stats, lambda: expired_leases(deps.pool))
-
-
-def install(app: falcon.App[falcon.Request, falcon.Response], deps: Dependencies, registry: CollectorRegistry) -> None:
-    """Serve ``/metrics`` of ``registry`` (or of every worker, in multiprocess mode) on ``app``."""
-    queue = queue_collector(deps)
+def install(
+    app: falcon.App[falcon.Request, falcon.Response],
+    deps: Dependencies,
+    registry: CollectorRegistry,
+    stats: QueueStatsCache,
+) -> None:
+    """Serve ``/metrics`` of ``registry`` (or of every worker, in multiprocess mode) on ``app``; the
+    queue gauges are the numbers of ``stats``, the stats endpoint's."""
+    queue = QueueDepthCollector(stats.stats, lambda: expired_leases(deps.pool))
     if multiproc.directory() is None:
         registry.register(queue)
     app.add_route("/metrics", MetricsResource(registry, queue))

@@ -21,15 +21,16 @@ from sluice_api.dashboard.web import (
     template_environment,
 )
 from sluice_api.deps import Dependencies
+from sluice_api.stats import QueueStatsCache
 
 __all__ = ["SessionMiddleware", "install"]
 
 
-def install(app: falcon.App[falcon.Request, falcon.Response], deps: Dependencies) -> None:
+def install(app: falcon.App[falcon.Request, falcon.Response], deps: Dependencies, stats: QueueStatsCache) -> None:
     """Mount the pages, ``/static`` and the error pages (after ``problems.install``: they take over
     from its handlers on dashboard paths only)."""
     templates = template_environment()
-    dashboard = Dashboard(deps, templates)
+    dashboard = Dashboard(deps, templates, stats)
     for route in PAGES:
         app.add_route(route.template, route.page(dashboard))
     app.add_static_route("/static", static_directory())

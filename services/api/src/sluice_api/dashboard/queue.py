@@ -8,8 +8,8 @@ import falcon
 
 from sluice_api.dashboard import views
 from sluice_api.dashboard.web import Page
-from sluice_api.resources.queue import queue_stats_body, scheduler_status
-from sluice_common.runs import get_queue_stats, queue_history
+from sluice_api.resources.queue import queue_stats_body
+from sluice_common.runs import queue_history
 
 HISTORY_MINUTES = 60
 
@@ -22,11 +22,9 @@ class QueuePage(Page):
     template = "queue.html"
 
     def context(self) -> dict[str, Any]:
-        deps = self._deps
-        stats = get_queue_stats(deps.pool, deps.settings, deps.limiter, redis=deps.redis is not None)
-        history = queue_history(deps.pool, HISTORY_MINUTES)
+        history = queue_history(self._deps.pool, HISTORY_MINUTES)
         return {
-            "body": queue_stats_body(stats, scheduler_status(deps)),
+            "body": queue_stats_body(*self._dash.stats.get()),
             "throughput": views.chart(history, ["succeeded", "failed", "cancelled"]),
             "depth": views.chart(history, ["depth"]),
             "minutes": HISTORY_MINUTES,

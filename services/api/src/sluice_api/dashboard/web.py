@@ -28,6 +28,7 @@ from sluice_api.auth import Caller, RequestLimiter, too_many
 from sluice_api.dashboard import sessions, views
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import media_type, read_body
+from sluice_api.stats import QueueStatsCache
 from sluice_common.errors import AuthError, ConflictError, NotFoundError, SluiceError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Dashboard:
 
     deps: Dependencies
     templates: jinja2.Environment
+    stats: QueueStatsCache  # the stats endpoint's own (one computation a second for both)
 
 
 def template_environment() -> jinja2.Environment:

@@ -24,6 +24,7 @@ from sluice_common.errors import FieldProblem, ValidationFailed
 
 if TYPE_CHECKING:
     from sluice_api.routes import Route
+    from sluice_api.stats import QueueStatsCache
 
 PAGE_DEFAULT = 50
 IDEMPOTENCY_KEY_MAX = 200
@@ -38,6 +39,8 @@ class Context:
     limiter: RequestLimiter
     # Every route of the app: the OpenAPI resource documents them.
     routes: tuple[Route, ...]
+    # This process's queue stats, shared with the dashboard and the /metrics queue gauges.
+    stats: QueueStatsCache
 
 
 class Resource:

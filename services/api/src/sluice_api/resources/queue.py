@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any, ClassVar
 
 import falcon
 import redis
 
 from sluice_api import schemas
-from sluice_api.deps import Dependencies
 from sluice_api.openapi import AUTH, Operations, errors, ref, response
 from sluice_api.resources.base import Context, Resource
 from sluice_common.errors import InfrastructureError
-from sluice_common.runs import QueueStats, get_queue_stats
+from sluice_common.runs import QueueStats
 
 
 def queue_stats_body(stats: QueueStats, scheduler: dict[str, Any]) -> dict[str, Any]:
@@ -54,20 +51,10 @@ def queue_stats_body(stats: QueueStats, scheduler: dict[str, Any]) -> dict[str, 
     return {"queue": queue, "scheduler": scheduler, "capacity": capacity, "alerts": alerts}
 
 
-def scheduler_status(deps: Dependencies) -> dict[str, Any]:
-    if deps.scheduler is None:
-        return {"initialized": False, "scheduledWorkflows": 0}
-    try:
-        return dict(deps.scheduler.status())
-    except Exception:
-        return {"initialized": False, "scheduledWorkflows": 0}
-
-
 class QueueStatsResource(Resource):
     """The seeds' queue stats: aggregate counts only, so readable without a token."""
 
-    public = True
-    CACHE_SECONDS = 1.0  # public and unauthenticated: a flood of reads costs one computation a second
+    public = True  # aggregate counts; a flood of reads costs one computation a second (QueueStatsCache)
     operations: ClassVar[Operations] = {
         "get": {
             "operationId": "queueStats",
@@ -78,34 +65,10 @@ class QueueStatsResource(Resource):
 
     def __init__(self, ctx: Context) -> None:
         super().__init__(ctx)
-        self._cached: tuple[float, dict[str, Any]] | None = None
-        # One thread of the process computes the stats when they are stale; the others that
-        # missed the cache meanwhile wait for its result rather than each querying at once.
-        self._computing = threading.Lock()
+        self._stats = ctx.stats
 
     def on_get(self, req: falcon.Request, resp: falcon.Response) -> None:
-        resp.media = self._fresh() or self._compute()
-
-    def _fresh(self) -> dict[str, Any] | None:
-        cached = self._cached
-        return cached[1] if cached is not None and cached[0] > time.monotonic() else None
-
-    def _compute(self) -> dict[str, Any]:
-        # A computation stuck on the database (an outage) holds the lock for at most a pool
-        # timeout; waiting no longer than that keeps threads from queueing one behind another.
-        if not self._computing.acquire(timeout=self._deps.settings.db_pool_timeout_seconds):
-            raise InfrastructureError("the queue stats are not available: PostgreSQL does not answer")
-        try:
-            body = self._fresh()
-            if body is None:
-                stats = get_queue_stats(
-                    self._deps.pool, self._deps.settings, self._deps.limiter, redis=self._deps.redis is not None
-                )
-                body = queue_stats_body(stats, scheduler_status(self._deps))
-                self._cached = (time.monotonic() + self.CACHE_SECONDS, body)
-            return body
-        finally:
-            self._computing.release()
+        resp.media = queue_stats_body(*self._stats.get())
 
 
 class SchedulerRefreshResource(Resource):

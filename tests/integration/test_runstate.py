@@ -115,7 +115,15 @@ def test_runs_only_take_listed_transitions(
             {"id": "a", "type": "transform", "config": {"value": 3}},
         ],
     )
-    child = pipeline.workflow(owner, [{"id": "c", "type": "transform", "config": {"value": 2}}])
+    # The child waits a moment first: its parent has parked (running -> waiting) before it ends,
+    # however the two threads are scheduled (a child that ends first leaves its parent queued).
+    child = pipeline.workflow(
+        owner,
+        [
+            {"id": "w", "type": "delay", "config": {"seconds": 0.3}},
+            {"id": "c", "type": "transform", "config": {"value": 2}},
+        ],
+    )
     parent = pipeline.workflow(owner, [{"id": "p", "type": "workflow", "config": {"workflowId": child}}])
 
     done = [pipeline.enqueue(wf, owner).run_id for wf in (ok, flaky, failing, parked, parent)]
@@ -159,3 +167,4 @@ def test_runs_only_take_listed_transitions(
     assert observed <= allowed, observed - allowed
     # The scenario went through most of the machine (not just created and finished runs).
     assert len(observed) >= 11, observed
+    assert {("running", "waiting"), ("waiting", "queued")} <= observed, observed  # the parent parked and woke

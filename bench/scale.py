@@ -56,6 +56,24 @@ from tests.scaledata import HISTORY_DAYS, Fleet, add_history, make_fleet  # noqa
 FIGURES = ("claim", "finish", "stats", "list", "filtered", "delete", "prune")
 
 
+def finish_params(row: dict[str, Any]) -> dict[str, Any]:
+    """FINISH_ENDED's parameters for a claimed run that succeeded in one step."""
+    return {
+        "id": row["id"],
+        "claim": row["claim_id"],
+        "attempt": row["attempt"],
+        "status": "succeeded",
+        "attempt_status": "succeeded",
+        "error": None,
+        "owner": row["owner_id"],
+        "user_cap": 100_000,
+        "step": "a",
+        "pos": 0,
+        "output": None,
+        "started": datetime.now(UTC),
+    }
+
+
 def timed(action: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = action()
@@ -81,20 +99,7 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
             took, row = timed(lambda: conn.execute(runstate.CLAIM, claim).fetchone())
             out["claim"].append(took)
             assert row is not None
-            finish = {
-                "id": row["id"],
-                "claim": row["claim_id"],
-                "attempt": row["attempt"],
-                "status": "succeeded",
-                "attempt_status": "succeeded",
-                "error": None,
-                "owner": row["owner_id"],
-                "user_cap": 100_000,
-                "step": "a",
-                "pos": 0,
-                "output": None,
-                "started": datetime.now(UTC),
-            }
+            finish = finish_params(row)
             out["finish"].append(ms(lambda f=finish: conn.execute(runstate.FINISH_ENDED, f).fetchone()))
     for _ in range(reps):
         out["stats"].append(ms(lambda: get_queue_stats(pool, settings, limiter, redis=False)))
@@ -153,23 +158,7 @@ def finishes_per_second(pool: Pool, settings: Settings, fleet: Fleet, *, threads
     def finish(rows: list[Any]) -> None:
         with pool.connection() as conn:
             for row in rows:
-                conn.execute(
-                    runstate.FINISH_ENDED,
-                    {
-                        "id": row["id"],
-                        "claim": row["claim_id"],
-                        "attempt": row["attempt"],
-                        "status": "succeeded",
-                        "attempt_status": "succeeded",
-                        "error": None,
-                        "owner": row["owner_id"],
-                        "user_cap": 100_000,
-                        "step": "a",
-                        "pos": 0,
-                        "output": None,
-                        "started": datetime.now(UTC),
-                    },
-                ).fetchone()
+                conn.execute(runstate.FINISH_ENDED, finish_params(row)).fetchone()
 
     workers = [threading.Thread(target=finish, args=(claimed[i::threads],)) for i in range(threads)]
     start = time.perf_counter()

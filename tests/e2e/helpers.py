@@ -29,6 +29,17 @@ def http(
         return err.code, {k.lower(): v for k, v in err.headers.items()}, err.read()
 
 
+def stop(proc: subprocess.Popen[Any], timeout: float = 30.0) -> None:
+    """SIGTERM, and SIGKILL when it has not exited ``timeout`` seconds later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_for(url: str, *, status: int = 200, timeout: float = 90.0, proc: Any = None) -> None:
     deadline = time.monotonic() + timeout
     last: object = None

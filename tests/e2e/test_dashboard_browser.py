@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import uuid
@@ -26,7 +25,7 @@ import pytest
 
 from sluice_common import users
 from tests.conftest import Servers, process_env
-from tests.e2e.helpers import free_port, wait_for
+from tests.e2e.helpers import free_port, stop, wait_for
 
 playwright = pytest.importorskip("playwright.sync_api")
 Page = playwright.Page
@@ -88,12 +87,7 @@ def dev(
         wait_for(f"{base}/api/ready", proc=proc)
         yield Dev(base, (data / "dev-token").read_text().strip(), module_database)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
 
 

@@ -26,7 +26,7 @@ from psycopg.types.json import Jsonb
 
 from sluice_common import users
 from tests.conftest import Servers, process_env, start_sluice
-from tests.e2e.helpers import free_port, wait_for
+from tests.e2e.helpers import free_port, stop, wait_for
 
 SLOW = 1000  # connections held open against the API while it is measured
 ROUNDS = 40  # rounds of normal requests (health, list, run) while they are open
@@ -78,13 +78,7 @@ def _start_api(servers: Servers, database: str, prefix: str, **settings: str) ->
         wait_for(f"http://127.0.0.1:{port}/api/ready", proc=proc)
         yield Running(port, issued.token, str(row[0]), proc)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 @pytest.fixture(scope="module")

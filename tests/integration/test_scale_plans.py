@@ -246,6 +246,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
             "hook": None,
         },
         "CLAIM": {"worker": "w", "lease": 30.0, "user_cap": settings.user_concurrency, "exclusive": False},
+        "CLAIM_CHECKPOINTS": {"run": running["id"]},
         "CHECKPOINT": {
             "step": "a",
             "pos": 0,

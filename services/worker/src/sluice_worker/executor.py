@@ -14,11 +14,12 @@ Observers (the log context, metrics; see :mod:`sluice_common.observe`) hear of e
 start and end, execution end and held-back wake-up through ``events``; :mod:`~sluice_worker.observing`
 adapts the store.
 
-Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row, the pinned
-workflow version and checkpoints, committed without waiting for the WAL flush) and one finishing
-statement (which also writes the last step's checkpoint); one more per earlier step, and one more
-for a sub-workflow run that wakes its parent. Claims serialise per user, not globally, and for a
-cap above max_connections only while the user is near it.
+Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row and the pinned
+workflow version, committed without waiting for the WAL flush) and one finishing statement (which
+also writes the last step's checkpoint); one more per earlier step, one more to read the
+checkpoints of a resumed run, and one more for a sub-workflow run that wakes its parent. Claims
+serialise per user, not globally, and for a cap above max_connections only while the user is near
+it.
 
 Parking (a ``delay`` step, a ``workflow`` step waiting for its child) ends the attempt as
 ``parked`` and gives the attempt number back: the run goes to ``delayed`` (with its resume time
@@ -185,14 +186,18 @@ class RunExecutor:
             "worker": self.worker_id,
             "lease": self.settings.lease_seconds,
         }
-        try:
-            with self.pool.connection() as conn:
+        with self.pool.connection() as conn:
+            try:
                 row = conn.execute(runstate.CLAIM, {**params, "exclusive": False}).fetchone()
-        except psycopg.errors.SerializationFailure:
-            # The owner is close to the cap, where a claim counts under the owner's exclusive lock.
-            with self.pool.connection() as conn:
+            except psycopg.errors.SerializationFailure:
+                # The owner is close to the cap, where a claim counts under the owner's exclusive lock.
                 row = conn.execute(runstate.CLAIM, {**params, "exclusive": True}).fetchone()
-        return Claimed.from_row(row) if row is not None else None
+            if row is None:
+                return None
+            if row["resumed"]:
+                checkpoints = conn.execute(runstate.CLAIM_CHECKPOINTS, {"run": row["id"]}).fetchone()
+                row = {**row, **(checkpoints or {})}
+        return Claimed.from_row(row)
 
     # Running ------------------------------------------------------------------------------------
 

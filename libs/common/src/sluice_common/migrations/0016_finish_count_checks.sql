@@ -1,0 +1,35 @@
+-- The finished-run counts' triggers (0014) decide in their function whether a write counts, not in
+-- a WHEN clause.
+--
+-- PostgreSQL keeps a trigger's WHEN clause as stored text and parses it again in every statement
+-- that may fire the trigger: every claim and every finish of a run (both change its status) paid
+-- for reading that text back into an expression. The function is called for those writes now and
+-- returns at once unless the status or the finish time changed; the counting itself is as before.
+-- Lease renewals and cancel requests still do not fire it (UPDATE OF status, finished_at).
+-- depends: 0015_dashboard_sessions
+
+CREATE OR REPLACE FUNCTION sluice_count_finished() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.status IS NOT DISTINCT FROM NEW.status AND OLD.finished_at IS NOT DISTINCT FROM NEW.finished_at THEN
+            RETURN NULL;
+        END IF;
+        IF OLD.status IN ('succeeded', 'failed') AND OLD.finished_at IS NOT NULL THEN
+            INSERT INTO run_finish_events VALUES (OLD.status, sluice_finish_minute(OLD.finished_at), -1);
+        END IF;
+    END IF;
+    IF NEW.status IN ('succeeded', 'failed') AND NEW.finished_at IS NOT NULL THEN
+        INSERT INTO run_finish_events VALUES (NEW.status, sluice_finish_minute(NEW.finished_at), 1);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER runs_count_inserted ON runs;
+DROP TRIGGER runs_count_finished ON runs;
+CREATE TRIGGER runs_count_inserted AFTER INSERT ON runs
+    FOR EACH ROW EXECUTE FUNCTION sluice_count_finished();
+CREATE TRIGGER runs_count_finished AFTER UPDATE OF status, finished_at ON runs
+    FOR EACH ROW EXECUTE FUNCTION sluice_count_finished();

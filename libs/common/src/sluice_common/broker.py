@@ -47,7 +47,8 @@ Wakeup = tuple[str, int | None, str | None]  # run id, delay in ms (None: now), 
 HEARTBEAT_TIMEOUT_MS = 15_000
 # An idle consumer blocks this long on its doorbell before polling anyway (heartbeats, acks,
 # requeues). The delay-queue consumer also releases held messages when their time comes, between
-# waits, so it waits only briefly: that bounds how late a delayed run or a retry can start.
+# waits, so while it holds any it waits only briefly: that bounds how late a delayed run or a
+# retry can start. Holding none, it waits as long as the others: a new delayed message rings.
 DOORBELL_WAIT_S = 0.5
 DELAYED_DOORBELL_WAIT_S = 0.05
 # How long a consumer whose process holds all the messages it may prefetch waits before it looks again.
@@ -109,13 +110,18 @@ class _DoorbellConsumer(Consumer):
                 # acknowledgements) need not spin at the 5 ms poll meanwhile.
                 time.sleep(FULL_WAIT_S)
             elif self._client.llen(self._queue_key) == 0:
-                self._client.blpop([self._bell], timeout=self._wait)
+                self._client.blpop([self._bell], timeout=self._wait if self._held() else DOORBELL_WAIT_S)
         return message
 
     def _full(self) -> bool:
         # Dramatiq's Redis consumer keeps these two as attributes; its base class has neither.
         inner: Any = self._inner
         return bool(inner.outstanding_message_count >= inner.prefetch)
+
+    def _held(self) -> bool:
+        # Fetched and not acknowledged yet: for the delay queue, the messages waiting for their eta.
+        inner: Any = self._inner
+        return bool(inner.outstanding_message_count > 0)
 
     def ack(self, message: MessageProxy) -> None:
         self._inner.ack(message)
@@ -124,7 +130,15 @@ class _DoorbellConsumer(Consumer):
         self._inner.nack(message)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        messages = list(messages)
         self._inner.requeue(messages)
+        if messages:
+            # Handed back by a stopping worker: ring, so that idle consumers elsewhere (the delay
+            # queue's, which hold no message, wait as long as the others) take them at once.
+            pipe = self._client.pipeline(transaction=False)
+            pipe.rpush(self._bell, *[1] * min(len(messages), DOORBELL_MAX))
+            pipe.ltrim(self._bell, -DOORBELL_MAX, -1)
+            pipe.execute()
 
     def close(self) -> None:
         self._inner.close()

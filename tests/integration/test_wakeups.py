@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
+import pytest
 import redis
 from dramatiq.broker import MessageProxy
 
 from sluice_common.broker import (
     DOORBELL_MAX,
+    DOORBELL_WAIT_S,
     RUN_QUEUE,
+    WAKEUP_OUTAGE,
     DoorbellRedisBroker,
+    Wakeup,
     WakeupSender,
     make_broker,
     ready_queue_key,
@@ -112,6 +117,108 @@ def test_a_start_slot_and_a_waiting_wake_up_are_taken_together(servers: Servers,
         assert limiter.used() == 3
         # A limiter without the queue's key never takes anything.
         assert RedisRateLimiter(client, prefix, 3).acquire_waiting() is False
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_a_lone_wake_up_is_sent_by_its_caller_and_a_close_one_by_the_sender_thread(
+    servers: Servers, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
+    broker = make_broker(settings, servers.redis_url)
+    assert isinstance(broker, DoorbellRedisBroker)
+    client = redis.Redis.from_url(servers.redis_url)
+    senders: list[str] = []
+    send_wakeups = broker.send_wakeups
+
+    def recorded(wakeups: list[Wakeup]) -> None:
+        senders.append(threading.current_thread().name)
+        send_wakeups(wakeups)
+
+    monkeypatch.setattr(broker, "send_wakeups", recorded)
+    msgs = f"{broker.namespace}:{RUN_QUEUE}.msgs"
+    try:
+        sender = WakeupSender(broker)
+        sender.send("lone")
+        # In Redis when send() returns: no hand-over to wait for at light load.
+        assert client.hlen(msgs) == 1
+        monkeypatch.setattr(sender, "LINGER_S", 3600.0)
+        sender.send("close")  # within LINGER_S of the previous one: load, so the thread sends it
+        deadline = time.monotonic() + 5
+        while client.hlen(msgs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert client.hlen(msgs) == 2
+        assert senders == [threading.current_thread().name, "sluice-wakeups"]
+        # During an outage, callers never wait on Redis themselves.
+        monkeypatch.setattr(sender, "LINGER_S", 0.0)
+        monkeypatch.setattr(WAKEUP_OUTAGE, "_since", time.monotonic())
+        sender.send("in an outage")
+        sender.close()
+        assert senders[-1] == "sluice-wakeups"
+        assert client.hlen(msgs) == 3
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_a_consumer_with_nothing_to_fetch_waits_on_its_doorbell_only(servers: Servers, redis_prefix: str) -> None:
+    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
+    broker = make_broker(settings, servers.redis_url)
+    assert isinstance(broker, DoorbellRedisBroker)
+    client = redis.Redis.from_url(servers.redis_url)
+    try:
+        # A long poll timeout, as a worker's: Dramatiq's consumer would sleep a growing backoff up
+        # to it after each empty fetch, on top of the doorbell.
+        consumer = broker.consume(RUN_QUEUE, prefetch=10, timeout=5000)
+        bell = broker.doorbell_key(RUN_QUEUE)
+        client.rpush(bell, *[1] * 10)  # stale rings: each wait returns at once
+        started = time.monotonic()
+        assert [next(consumer) for _ in range(10)] == [None] * 10
+        assert time.monotonic() - started < 1.0
+        WakeupSender(broker).send("run-1")
+        started = time.monotonic()
+        message = next(consumer) or next(consumer)
+        assert message is not None
+        assert message.args[0] == "run-1"
+        assert time.monotonic() - started < 0.4  # the bell, not the doorbell's timeout
+        consumer.close()
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_the_delay_queue_consumer_polls_briefly_only_while_it_holds_messages(
+    servers: Servers, redis_prefix: str
+) -> None:
+    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
+    broker = make_broker(settings, servers.redis_url)
+    assert isinstance(broker, DoorbellRedisBroker)
+    client = redis.Redis.from_url(servers.redis_url)
+    delay_queue = f"{RUN_QUEUE}.DQ"
+    bell = broker.doorbell_key(delay_queue)
+    try:
+        consumer = broker.consume(delay_queue, prefetch=100, timeout=5000)
+        started = time.monotonic()
+        assert next(consumer) is None
+        assert time.monotonic() - started >= DOORBELL_WAIT_S * 0.8  # holding nothing: idle
+        WakeupSender(broker).send("later", delay_ms=60_000)
+        held = next(consumer) or next(consumer)
+        assert held is not None
+        assert held.args[0] == "later"
+        client.delete(bell)  # no ring left over: the next wait is a full one
+        started = time.monotonic()
+        assert next(consumer) is None
+        assert time.monotonic() - started < DOORBELL_WAIT_S / 2  # back soon to release it on time
+        # Handed back (a stopping worker): the bell rings for other processes' idle consumers.
+        consumer.requeue([held])
+        assert client.llen(bell) == 1
+        other = broker.consume(delay_queue, prefetch=100, timeout=5000)
+        again = next(other)
+        assert again is not None
+        assert again.args[0] == "later"
+        consumer.close()
+        other.close()
     finally:
         broker.close()
         client.close()

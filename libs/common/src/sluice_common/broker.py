@@ -47,7 +47,8 @@ Wakeup = tuple[str, int | None, str | None]  # run id, delay in ms (None: now), 
 HEARTBEAT_TIMEOUT_MS = 15_000
 # An idle consumer blocks this long on its doorbell before polling anyway (heartbeats, acks,
 # requeues). The delay-queue consumer also releases held messages when their time comes, between
-# waits, so it waits only briefly: that bounds how late a delayed run or a retry can start.
+# waits, so while it holds any it waits only briefly: that bounds how late a delayed run or a
+# retry can start. Holding none, it waits as long as the others: a new delayed message rings.
 DOORBELL_WAIT_S = 0.5
 DELAYED_DOORBELL_WAIT_S = 0.05
 # How long a consumer whose process holds all the messages it may prefetch waits before it looks again.
@@ -109,13 +110,18 @@ class _DoorbellConsumer(Consumer):
                 # acknowledgements) need not spin at the 5 ms poll meanwhile.
                 time.sleep(FULL_WAIT_S)
             elif self._client.llen(self._queue_key) == 0:
-                self._client.blpop([self._bell], timeout=self._wait)
+                self._client.blpop([self._bell], timeout=self._wait if self._held() else DOORBELL_WAIT_S)
         return message
 
     def _full(self) -> bool:
         # Dramatiq's Redis consumer keeps these two as attributes; its base class has neither.
         inner: Any = self._inner
         return bool(inner.outstanding_message_count >= inner.prefetch)
+
+    def _held(self) -> bool:
+        # Fetched and not acknowledged yet: for the delay queue, the messages waiting for their eta.
+        inner: Any = self._inner
+        return bool(inner.outstanding_message_count > 0)
 
     def ack(self, message: MessageProxy) -> None:
         self._inner.ack(message)
@@ -124,7 +130,15 @@ class _DoorbellConsumer(Consumer):
         self._inner.nack(message)
 
     def requeue(self, messages: Iterable[MessageProxy]) -> None:
+        messages = list(messages)
         self._inner.requeue(messages)
+        if messages:
+            # Handed back by a stopping worker: ring, so that idle consumers elsewhere (the delay
+            # queue's, which hold no message, wait as long as the others) take them at once.
+            pipe = self._client.pipeline(transaction=False)
+            pipe.rpush(self._bell, *[1] * min(len(messages), DOORBELL_MAX))
+            pipe.ltrim(self._bell, -DOORBELL_MAX, -1)
+            pipe.execute()
 
     def close(self) -> None:
         self._inner.close()
@@ -166,7 +180,10 @@ class DoorbellRedisBroker(RedisBroker):
         self._enqueue_many(args=args)
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Consumer:
-        return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=timeout), self, queue_name)
+        # The wrapper does all the waiting (doorbell, FULL_WAIT_S): Dramatiq's consumer would also
+        # sleep up to ``timeout`` after each empty fetch, and a wake-up sent in that sleep (as the
+        # next one often is, right after a message was fetched) waited for it to end.
+        return _DoorbellConsumer(super().consume(queue_name, prefetch=prefetch, timeout=0), self, queue_name)
 
 
 def middleware(settings: Settings) -> list[dramatiq.Middleware]:
@@ -277,6 +294,12 @@ class WakeupSender:
     wake-up is handed over, so a wake-up lost with the process (or with Redis) only delays the
     run until the reconciler's next pass; it never loses it. Under load this turns three Redis
     round trips per accepted run into a share of one.
+
+    At light load (a wake-up more than ``LINGER_S`` after the previous one, so it would go in a
+    batch of its own anyway) the caller sends it itself: handed over, it would wait for the sender
+    thread to wake up and then, while the caller goes on with its response, for the GIL, on the
+    way to the run's start. During a Redis outage wake-ups always go through the thread, so that
+    request threads do not wait on a Redis that fails.
     """
 
     _STOP = object()
@@ -287,11 +310,33 @@ class WakeupSender:
         self._broker = broker
         self._max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._last = 0.0  # monotonic time of the last wake-up given to send()
+        self._in_hand = 0  # wake-ups handed to the thread and not sent yet
+        self._direct = False  # a caller is sending its own
         self._thread = threading.Thread(target=self._loop, name="sluice-wakeups", daemon=True)
         self._thread.start()
 
     def send(self, run_id: str, *, delay_ms: int | None = None, traceparent: str | None = None) -> None:
-        self._queue.put((run_id, delay_ms, traceparent))
+        wakeup = (run_id, delay_ms, traceparent)
+        now = time.monotonic()
+        with self._lock:
+            light = now - self._last >= self.LINGER_S
+            self._last = now
+            # Nothing handed over may still wait: a caller's wake-ups keep their order.
+            direct = light and not self._direct and self._in_hand == 0 and not WAKEUP_OUTAGE.down
+            if direct:
+                self._direct = True
+            else:
+                self._in_hand += 1
+        if not direct:
+            self._queue.put(wakeup)
+            return
+        try:
+            self._deliver([wakeup])
+        finally:
+            with self._lock:
+                self._direct = False
 
     def _loop(self) -> None:
         busy = False
@@ -317,14 +362,19 @@ class WakeupSender:
                     break
                 batch.append(more)
             busy = len(batch) >= self.BUSY_BATCH
-            try:
-                self._send(batch)
-            except Exception as exc:
-                WAKEUP_OUTAGE.failed(exc, len(batch))
-            else:
-                WAKEUP_OUTAGE.recovered()
+            self._deliver(batch)
+            with self._lock:
+                self._in_hand -= len(batch)
             if stop:
                 return
+
+    def _deliver(self, batch: list[Wakeup]) -> None:
+        try:
+            self._send(batch)
+        except Exception as exc:
+            WAKEUP_OUTAGE.failed(exc, len(batch))
+        else:
+            WAKEUP_OUTAGE.recovered()
 
     def _send(self, batch: list[Wakeup]) -> None:
         if isinstance(self._broker, DoorbellRedisBroker):

@@ -7,6 +7,9 @@ falling back to ``SLUICE_RATE_LIMIT_PER_MINUTE``.
 
 ``acquire`` never sleeps: it answers how many milliseconds to wait, so a held-back run is simply
 woken again at that time (no attempt used, no busy loop).
+
+Each worker thread calls the scripts over a Redis connection of its own (see
+:meth:`RedisRateLimiter._call_own`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis
 from redis.commands.core import Script
@@ -116,9 +119,8 @@ class RedisRateLimiter:
     def acquire(self) -> int:
         member = uuid.uuid4().hex
         now_ms = int(time.time() * 1000)
-        wait = int(
-            self._script(keys=[self._window_key, self._limit_key], args=[now_ms, self._default, WINDOW_MS, member])
-        )
+        keys = [self._window_key, self._limit_key]
+        wait = int(self._call_own(self._script, keys, [now_ms, self._default, WINDOW_MS, member]))
         if wait == 0:
             self._local.member = member
         return wait
@@ -134,12 +136,13 @@ class RedisRateLimiter:
             self._local.member = member
         return taken
 
-    def _call_own(self, script: Script, keys: list[str], args: list[object]) -> object:
+    def _call_own(self, script: Script, keys: list[str], args: list[object]) -> Any:
         """Run ``script`` on this thread's own connection.
 
-        Called once per run under a backlog, by every worker thread: through the client, each call
-        also takes a connection from the shared pool (a lock, a readiness poll) and gives it back,
-        which cost as much CPU as the call itself. A connection per thread skips that; it is
+        Called once or twice per run by every worker thread (``acquire`` per wake-up,
+        ``acquire_waiting`` per run under a backlog): through the client, each call also takes a
+        connection from the shared pool (a lock, a readiness poll) and gives it back, which cost
+        as much CPU as the call itself. A connection per thread skips that; it is
         re-opened after an error, and a script Redis has forgotten is loaded again.
         """
         conn = getattr(self._local, "conn", None)

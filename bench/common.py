@@ -11,7 +11,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -92,3 +94,21 @@ def bench_user_and_workflow(url: str) -> tuple[str, str]:
         ).fetchone()
     assert row is not None
     return issued.token, str(row[0])
+
+
+def finish_params(row: dict[str, Any], *, user_cap: int = 100_000, output: Any = None) -> dict[str, Any]:
+    """``runstate.FINISH_ENDED``'s parameters for a claimed run (``row``) that succeeded in one step."""
+    return {
+        "id": row["id"],
+        "claim": row["claim_id"],
+        "attempt": row["attempt"],
+        "status": "succeeded",
+        "attempt_status": "succeeded",
+        "error": None,
+        "owner": row["owner_id"],
+        "user_cap": user_cap,
+        "step": "a",
+        "pos": 0,
+        "output": output,
+        "started": datetime.now(UTC),
+    }

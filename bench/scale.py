@@ -31,7 +31,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,7 @@ from sluice_common.settings import Settings, load_settings
 from sluice_scheduler.maintenance import prune_history
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench_servers
+from common import bench_servers, finish_params
 from pipeline import pct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,24 +53,6 @@ sys.path.insert(0, str(ROOT))
 from tests.scaledata import HISTORY_DAYS, Fleet, add_history, make_fleet  # noqa: E402
 
 FIGURES = ("claim", "finish", "stats", "list", "filtered", "delete", "prune")
-
-
-def finish_params(row: dict[str, Any]) -> dict[str, Any]:
-    """FINISH_ENDED's parameters for a claimed run that succeeded in one step."""
-    return {
-        "id": row["id"],
-        "claim": row["claim_id"],
-        "attempt": row["attempt"],
-        "status": "succeeded",
-        "attempt_status": "succeeded",
-        "error": None,
-        "owner": row["owner_id"],
-        "user_cap": 100_000,
-        "step": "a",
-        "pos": 0,
-        "output": None,
-        "started": datetime.now(UTC),
-    }
 
 
 def timed(action: Callable[[], Any]) -> tuple[float, Any]:

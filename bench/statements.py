@@ -34,7 +34,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,9 @@ from sluice_common import runstate
 from sluice_common.db import migrate
 from sluice_common.runs import insert_run
 from sluice_common.settings import load_settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import finish_params
 
 Step = Callable[[psycopg.Connection[Any]], None]
 HOOK = hashlib.sha256(b"bench").digest()  # the webhook secret's hash, checked by the insert as in the API
@@ -182,20 +184,7 @@ def sluice_steps(url: str) -> dict[str, Step]:
         assert row is not None, "the bench inserts every run it claims"
         if row["resumed"]:
             row = {**row, **(conn.execute(runstate.CLAIM_CHECKPOINTS, {"run": row["id"]}).fetchone() or {})}
-        params = {
-            "id": row["id"],
-            "claim": row["claim_id"],
-            "attempt": row["attempt"],
-            "status": "succeeded",
-            "attempt_status": "succeeded",
-            "error": None,
-            "owner": row["owner_id"],
-            "user_cap": 10_000,
-            "step": "a",
-            "pos": 0,
-            "output": Jsonb(1),
-            "started": datetime.now(UTC),
-        }
+        params = finish_params(row, user_cap=10_000, output=Jsonb(1))
         assert conn.execute(runstate.FINISH_ENDED, params).fetchone() is not None
 
     return {"api: insert": insert, "worker: claim + finish": work}

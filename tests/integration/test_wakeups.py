@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import redis
@@ -37,12 +39,22 @@ def _drain(broker: DoorbellRedisBroker, queue: str, expected: int) -> list[Messa
     return got
 
 
-def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, redis_prefix: str) -> None:
+@contextmanager
+def _doorbell(servers: Servers, redis_prefix: str) -> Iterator[tuple[DoorbellRedisBroker, redis.Redis]]:
+    """A broker with doorbells in a Redis namespace of its own, and a client of that Redis."""
     settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
     broker = make_broker(settings, servers.redis_url)
     assert isinstance(broker, DoorbellRedisBroker)
     client = redis.Redis.from_url(servers.redis_url)
     try:
+        yield broker, client
+    finally:
+        broker.close()
+        client.close()
+
+
+def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, redis_prefix: str) -> None:
+    with _doorbell(servers, redis_prefix) as (broker, client):
         sender = WakeupSender(broker)
         for i in range(50):
             sender.send(f"run-{i}", delay_ms=60_000 if i % 10 == 0 else None)
@@ -76,9 +88,6 @@ def test_batched_wake_ups_reach_the_queue_and_ring_the_bell(servers: Servers, re
         sender.close()
         assert client.hlen(f"{ns}:{RUN_QUEUE}.msgs") == 55 + 3 * DOORBELL_MAX
         assert client.llen(broker.doorbell_key(RUN_QUEUE)) == DOORBELL_MAX
-    finally:
-        broker.close()
-        client.close()
 
 
 def test_a_start_slot_and_a_waiting_wake_up_are_taken_together(servers: Servers, redis_prefix: str) -> None:
@@ -125,20 +134,16 @@ def test_a_start_slot_and_a_waiting_wake_up_are_taken_together(servers: Servers,
 def test_a_lone_wake_up_is_sent_by_its_caller_and_a_close_one_by_the_sender_thread(
     servers: Servers, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
-    broker = make_broker(settings, servers.redis_url)
-    assert isinstance(broker, DoorbellRedisBroker)
-    client = redis.Redis.from_url(servers.redis_url)
-    senders: list[str] = []
-    send_wakeups = broker.send_wakeups
+    with _doorbell(servers, redis_prefix) as (broker, client):
+        senders: list[str] = []
+        send_wakeups = broker.send_wakeups
 
-    def recorded(wakeups: list[Wakeup]) -> None:
-        senders.append(threading.current_thread().name)
-        send_wakeups(wakeups)
+        def recorded(wakeups: list[Wakeup]) -> None:
+            senders.append(threading.current_thread().name)
+            send_wakeups(wakeups)
 
-    monkeypatch.setattr(broker, "send_wakeups", recorded)
-    msgs = f"{broker.namespace}:{RUN_QUEUE}.msgs"
-    try:
+        monkeypatch.setattr(broker, "send_wakeups", recorded)
+        msgs = f"{broker.namespace}:{RUN_QUEUE}.msgs"
         sender = WakeupSender(broker)
         sender.send("lone")
         # In Redis when send() returns: no hand-over to wait for at light load.
@@ -157,17 +162,10 @@ def test_a_lone_wake_up_is_sent_by_its_caller_and_a_close_one_by_the_sender_thre
         sender.close()
         assert senders[-1] == "sluice-wakeups"
         assert client.hlen(msgs) == 3
-    finally:
-        broker.close()
-        client.close()
 
 
 def test_a_consumer_with_nothing_to_fetch_waits_on_its_doorbell_only(servers: Servers, redis_prefix: str) -> None:
-    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
-    broker = make_broker(settings, servers.redis_url)
-    assert isinstance(broker, DoorbellRedisBroker)
-    client = redis.Redis.from_url(servers.redis_url)
-    try:
+    with _doorbell(servers, redis_prefix) as (broker, client):
         # A long poll timeout, as a worker's: Dramatiq's consumer would sleep a growing backoff up
         # to it after each empty fetch, on top of the doorbell.
         consumer = broker.consume(RUN_QUEUE, prefetch=10, timeout=5000)
@@ -183,21 +181,14 @@ def test_a_consumer_with_nothing_to_fetch_waits_on_its_doorbell_only(servers: Se
         assert message.args[0] == "run-1"
         assert time.monotonic() - started < 0.4  # the bell, not the doorbell's timeout
         consumer.close()
-    finally:
-        broker.close()
-        client.close()
 
 
 def test_the_delay_queue_consumer_polls_briefly_only_while_it_holds_messages(
     servers: Servers, redis_prefix: str
 ) -> None:
-    settings = load_settings({"SLUICE_REDIS_PREFIX": f"{redis_prefix}:{uuid.uuid4().hex[:8]}"})
-    broker = make_broker(settings, servers.redis_url)
-    assert isinstance(broker, DoorbellRedisBroker)
-    client = redis.Redis.from_url(servers.redis_url)
-    delay_queue = f"{RUN_QUEUE}.DQ"
-    bell = broker.doorbell_key(delay_queue)
-    try:
+    with _doorbell(servers, redis_prefix) as (broker, client):
+        delay_queue = f"{RUN_QUEUE}.DQ"
+        bell = broker.doorbell_key(delay_queue)
         consumer = broker.consume(delay_queue, prefetch=100, timeout=5000)
         started = time.monotonic()
         assert next(consumer) is None
@@ -219,6 +210,3 @@ def test_the_delay_queue_consumer_polls_briefly_only_while_it_holds_messages(
         assert again.args[0] == "later"
         consumer.close()
         other.close()
-    finally:
-        broker.close()
-        client.close()

@@ -71,6 +71,22 @@ def test_the_scan_would_catch_a_status_write() -> None:
     assert not _WRITES_STATUS.search("UPDATE runs SET lease_expires_at = now() WHERE status = 'running'")
 
 
+# An UPDATE of runs that sets finished_at.
+_SETS_FINISHED_AT = re.compile(
+    r"UPDATE\s+runs\b(?:\s+\w+)?\s+SET\b(?:(?!\bWHERE\b).)*?\bfinished_at\s*=", re.IGNORECASE | re.DOTALL
+)
+
+
+def test_every_move_into_or_out_of_a_counted_state_sets_finished_at() -> None:
+    """The finished counts' update trigger fires on UPDATE OF finished_at only (migration 0016)."""
+    counted = {RunStatus.SUCCEEDED, RunStatus.FAILED}
+    moves = [t for t in TRANSITIONS if t.source is not None and (t.source in counted or t.target in counted)]
+    assert {t.by for t in moves} == {"FINISH_ENDED", "RECOVER_EXPIRED", "RETRY"}
+    for t in moves:
+        assert _SETS_FINISHED_AT.search(getattr(runstate, t.by)), t
+    assert not _SETS_FINISHED_AT.search("UPDATE runs SET status = 'failed' WHERE finished_at IS NULL")
+
+
 @pytest.fixture
 def observed(pipeline: Pipeline) -> Iterator[set[tuple[str | None, str]]]:
     """Every (old status, new status) a run takes while the test runs, recorded by a trigger."""

@@ -17,7 +17,8 @@ Each connection runs ``--warmup`` runs in one session and ``--warmup + --runs`` 
 difference of the two backends' totals, divided by ``--runs``, is the work per run without the
 connection's start. Prints instructions per run for each statement and the total, and Sluice's
 total over the baseline's. Needs valgrind (Debian: ``apt-get install valgrind``); the server runs
-about fifty times slower under it, so a run of the defaults takes a few minutes.
+much slower under it, but a run of the defaults takes under a minute. The figures depend on
+``--runs`` and ``--warmup`` (the tables grow with them): compare runs made with the same ones.
 """
 
 from __future__ import annotations
@@ -222,8 +223,8 @@ def main() -> None:
         totals: dict[str, float] = {}
         print("PostgreSQL backend instructions per run (callgrind):")
         for side, make in (("sluice", sluice_steps), ("baseline", baseline_steps)):
-            steps = make(pg.database(f"bench_{side}"))
-            url = f"postgresql://postgres@/bench_{side}?host={pg.sockets}&port={pg.port}"
+            url = pg.database(f"bench_{side}")
+            steps = make(url)
             totals[side] = 0.0
             # The producer's sessions insert every run the worker's sessions then take.
             for name, step in steps.items():

@@ -69,6 +69,8 @@ THREADS = "4"  # gunicorn threads per worker
 CONCURRENCY = 10  # worker threads
 CLIENTS, CONNECTIONS = 2, 4  # client processes x keep-alive connections each: 8 connections
 TICK = os.sysconf("SC_CLK_TCK")
+# Backends report their statistics (pg_stat_database) at most a second after they go idle.
+STATS_FLUSH_S = 1.5
 # Per run, epochs of: the request sent (client's clock), the row inserted, the run started and finished.
 Timings = list[tuple[float, float, float, float]]
 SENT, INSERTED, STARTED, FINISHED = range(4)
@@ -157,6 +159,14 @@ class Stack:
         )
         self.backends |= {int(r[0]) for r in rows}
         return sorted(self.backends)
+
+    def commits(self) -> int:
+        """Transactions committed in this side's database so far (as its backends last reported them)."""
+        row = (
+            self.db().execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()").fetchone()
+        )
+        assert row is not None
+        return int(row[0])
 
     def begin(self, phase: str) -> None:
         row = self.db().execute(self.mark_sql).fetchone()
@@ -419,6 +429,7 @@ def report(
     rounds: list[tuple[Round, Round]],
     latency: dict[tuple[str, float], Timings],
     rest: dict[str, dict[str, float]],
+    commits: dict[str, int],
     embedded: bool,
 ) -> None:
     base, ours, ratios = median_round(rounds)
@@ -471,6 +482,13 @@ def report(
     b_sum = sum(b_cpu.get(g, 0.0) for g in own)
     o_sum = sum(o_cpu.get(g, 0.0) for g in own)
     print(f"  {'sum (services + own backends)':32}{b_sum:10.3f}{o_sum:10.3f}{o_sum / b_sum:8.2f}")
+    # Each side's database, over the throughput rounds; the sluice side's includes what its idle
+    # scheduler and lease housekeeping commit meanwhile (a few per second).
+    b_runs, o_runs = sum(b.sent for b, _ in rounds), sum(o.sent for _, o in rounds)
+    print(
+        f"  {'commits per run (pg_stat_database)':32}{commits['baseline'] / b_runs:10.2f}"
+        f"{commits['sluice'] / o_runs:10.2f}"
+    )
     b_idle, o_idle = rest["baseline"], rest["sluice"]
     print(f"idle, over {args.idle_seconds:.0f} s:")
     print(f"  {'worker CPU (% of a core)':32}{b_idle['worker_cpu']:10.2f}{o_idle['worker_cpu']:10.2f}{'':8}  <= 2")
@@ -510,10 +528,15 @@ def main() -> None:
             for stack in stacks:  # warm-up: imports, connections, plans
                 wait_finished(stack, "warm", load(stack, "warm", 2.0))
             rounds = []
+            time.sleep(STATS_FLUSH_S)
+            commits = {stack.name: stack.commits() for stack in stacks}
             for i in range(args.rounds):
                 b = throughput_round(base, stacks, found, f"t{i}", args.seconds)
                 o = throughput_round(ours, stacks, found, f"t{i}", args.seconds)
                 rounds.append((b, o))
+            time.sleep(STATS_FLUSH_S)
+            for stack in stacks:
+                commits[stack.name] = stack.commits() - commits[stack.name]
             latency = {}
             for rate in (5.0, 100.0):
                 for stack in stacks:
@@ -526,7 +549,7 @@ def main() -> None:
                         stop(proc)
                 if stack.conn is not None:
                     stack.conn.close()
-    report(args, rounds, latency, rest, embedded)
+    report(args, rounds, latency, rest, commits, embedded)
 
 
 if __name__ == "__main__":

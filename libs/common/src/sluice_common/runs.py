@@ -8,12 +8,14 @@ accepted is lost. The states, the dispatch order and the statements that move a 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import dramatiq
 import psycopg
@@ -55,6 +57,31 @@ def _check_options(priority: int, delay_ms: int, trigger_type: str) -> None:
         raise ValidationFailed(problems)
 
 
+@dataclass(frozen=True)
+class NewRun:
+    """A run to insert, as a producer asks for it (see :func:`insert_run`)."""
+
+    workflow_id: UUID | str
+    owner_id: UUID | str
+    trigger_type: str
+    trigger_data: Any = None
+    priority: int = 5
+    delay_ms: int = 0
+    idempotency_key: str | None = None
+    traceparent: str | None = None  # the stored trace context (see tracing.creating)
+    parent_run_id: UUID | str | None = None
+    webhook_secret_hash: bytes | None = None
+
+    def check(self) -> None:
+        _check_options(self.priority, self.delay_ms, self.trigger_type)
+
+    @property
+    def key(self) -> str | None:
+        # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first) the
+        # key of the owner's manual runs, nor the other way round.
+        return f"{self.trigger_type}:{self.idempotency_key}" if self.idempotency_key is not None else None
+
+
 def insert_run(
     conn: DictConnection,
     settings: Settings,
@@ -79,25 +106,49 @@ def insert_run(
     claims a cron fire, commits, then sends the wake-up with
     :func:`~sluice_common.broker.send_run_message`.
     """
-    _check_options(priority, delay_ms, trigger_type)
+    new = NewRun(
+        workflow_id,
+        owner_id,
+        trigger_type,
+        trigger_data,
+        priority,
+        delay_ms,
+        idempotency_key,
+        traceparent,
+        parent_run_id,
+        webhook_secret_hash,
+    )
+    return _create(new, lambda checked: insert_one(conn, settings, checked))
+
+
+def _create(new: NewRun, insert: Callable[[NewRun], EnqueuedRun]) -> EnqueuedRun:
+    """Check a new run, and insert it with ``insert`` inside its creation span, whose trace context it stores."""
+    new.check()
+    with tracing.creating(new.traceparent) as creation:
+        run = insert(dataclasses.replace(new, traceparent=creation.traceparent))
+        if run.created:
+            creation.created(str(run.run_id), str(new.workflow_id), new.trigger_type)
+    return run
+
+
+def insert_one(conn: DictConnection, settings: Settings, new: NewRun) -> EnqueuedRun:
+    """INSERT_RUN for a checked :class:`NewRun` whose trace context is made (see :func:`insert_run`)."""
     params = {
-        "wf": str(workflow_id),
-        "owner": str(owner_id),
-        "parent": str(parent_run_id) if parent_run_id else None,
-        "trigger": trigger_type,
-        "data": Jsonb(trigger_data if trigger_data is not None else {}),
-        "priority": priority,
-        "delay": delay_ms,
+        "wf": str(new.workflow_id),
+        "owner": str(new.owner_id),
+        "parent": str(new.parent_run_id) if new.parent_run_id else None,
+        "trigger": new.trigger_type,
+        "data": Jsonb(new.trigger_data if new.trigger_data is not None else {}),
+        "priority": new.priority,
+        "delay": new.delay_ms,
         "max_attempts": settings.max_attempts,
         "aging_step": settings.priority_aging_seconds,
-        # Keys are scoped by trigger: whoever holds a webhook URL cannot reach (or take first)
-        # the key of the owner's manual runs, nor the other way round.
-        "key": f"{trigger_type}:{idempotency_key}" if idempotency_key is not None else None,
-        "hook": webhook_secret_hash,
+        "key": new.key,
+        "hook": new.webhook_secret_hash,
+        "traceparent": new.traceparent,
     }
     # Plain tuples: the hot path of every accepted run skips building a dict per row.
-    with conn.cursor(row_factory=tuple_row) as cur, tracing.creating(traceparent) as creation:
-        params["traceparent"] = creation.traceparent
+    with conn.cursor(row_factory=tuple_row) as cur:
         found = cur.execute(runstate.INSERT_RUN, params).fetchone()
         assert found is not None
         workflow_status, run_id, status = found
@@ -106,14 +157,50 @@ def insert_run(
         if workflow_status != "active":
             raise ConflictError("the workflow is paused; activate it to run it")
         if run_id is not None:
-            creation.created(str(run_id), str(workflow_id), trigger_type)
-            return EnqueuedRun(run_id, status, created=True, traceparent=creation.traceparent)
+            return EnqueuedRun(run_id, status, created=True, traceparent=new.traceparent)
         existing = cur.execute(
             "SELECT id, status FROM runs WHERE workflow_id = %s AND idempotency_key = %s",
             (params["wf"], params["key"]),
         ).fetchone()
     assert existing is not None
     return EnqueuedRun(existing[0], existing[1], created=False)
+
+
+def insert_alone(pool: Pool, settings: Settings, new: NewRun) -> EnqueuedRun:
+    """:func:`insert_one` in autocommit on a connection of ``pool``: one statement, atomic on its own."""
+    with pool.connection() as conn:
+        return insert_one(conn, settings, new)
+
+
+def insert_many(conn: DictConnection, settings: Settings, runs: Sequence[NewRun]) -> list[EnqueuedRun | None]:
+    """INSERT_RUNS: checked :class:`NewRun` s in one statement, on the caller's connection.
+
+    Each gets its inserted run, or None where the statement left it out (its workflow is missing
+    or paused, its webhook secret rotated, its idempotency key taken): :func:`insert_one` then
+    tells which, for that run alone.
+    """
+    ids = [uuid4() for _ in runs]
+    params = {
+        "ids": ids,
+        "wf": [str(r.workflow_id) for r in runs],
+        "owner": [str(r.owner_id) for r in runs],
+        "hook": [r.webhook_secret_hash for r in runs],
+        "parent": [str(r.parent_run_id) if r.parent_run_id else None for r in runs],
+        "trigger": [r.trigger_type for r in runs],
+        "data": [Jsonb(r.trigger_data if r.trigger_data is not None else {}) for r in runs],
+        "priority": [r.priority for r in runs],
+        "delay": [r.delay_ms for r in runs],
+        "key": [r.key for r in runs],
+        "traceparent": [r.traceparent for r in runs],
+        "max_attempts": settings.max_attempts,
+        "aging_step": settings.priority_aging_seconds,
+    }
+    with conn.cursor(row_factory=tuple_row) as cur:
+        inserted = {row[0]: row[1] for row in cur.execute(runstate.INSERT_RUNS, params).fetchall()}
+    return [
+        EnqueuedRun(run_id, inserted[run_id], created=True, traceparent=r.traceparent) if run_id in inserted else None
+        for run_id, r in zip(ids, runs, strict=True)
+    ]
 
 
 def enqueue_run(
@@ -132,24 +219,26 @@ def enqueue_run(
     parent_run_id: UUID | str | None = None,
     sender: WakeupSender | None = None,
     webhook_secret_hash: bytes | None = None,
+    inserts: Callable[[NewRun], EnqueuedRun] | None = None,
 ) -> EnqueuedRun:
-    """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name."""
-    with pool.connection() as conn:
-        # Autocommit: one statement, one round trip, atomic on its own.
-        run = insert_run(
-            conn,
-            settings,
-            workflow_id=workflow_id,
-            owner_id=owner_id,
-            trigger_type=trigger_type,
-            trigger_data=trigger_data,
-            priority=priority,
-            delay_ms=delay_ms,
-            idempotency_key=idempotency_key,
-            traceparent=traceparent,
-            parent_run_id=parent_run_id,
-            webhook_secret_hash=webhook_secret_hash,
-        )
+    """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name.
+
+    ``inserts`` writes and commits the row instead of a statement of its own on ``pool`` (the
+    API's group commit, ``sluice_api.inserts``).
+    """
+    new = NewRun(
+        workflow_id,
+        owner_id,
+        trigger_type,
+        trigger_data,
+        priority,
+        delay_ms,
+        idempotency_key,
+        traceparent,
+        parent_run_id,
+        webhook_secret_hash,
+    )
+    run = _create(new, inserts or (lambda checked: insert_alone(pool, settings, checked)))
     if not run.created:
         return run
     run_events.created(RunCreated(str(run.run_id), str(workflow_id), trigger_type))

@@ -82,6 +82,8 @@ _S = RunStatus
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(None, _S.QUEUED, "INSERT_RUN"),
     Transition(None, _S.DELAYED, "INSERT_RUN"),
+    Transition(None, _S.QUEUED, "INSERT_RUNS"),  # several requests at once
+    Transition(None, _S.DELAYED, "INSERT_RUNS"),
     Transition(_S.QUEUED, _S.RUNNING, "CLAIM"),
     Transition(_S.DELAYED, _S.RUNNING, "CLAIM"),
     Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_ENDED"),
@@ -231,6 +233,36 @@ WITH wf AS (
     RETURNING id, status
 )
 SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELECT 1) AS one LEFT JOIN ins ON true
+"""
+
+# INSERT_RUN for several requests at once (the API's group commit, ``sluice_api.inserts``): one
+# statement and one commit for all of them, which costs PostgreSQL about a third of a run's
+# insert per extra row. Each request is a row of the arrays, with the id its run gets. It inserts
+# only the runs that INSERT_RUN would insert as they are; the others come back without a ``run``
+# (a missing or paused workflow, a rotated webhook secret, an idempotency hit), and INSERT_RUN,
+# run again for each of them alone, says why or finds the earlier run.
+INSERT_RUNS = """
+WITH req AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(wf)s::uuid[], %(owner)s::uuid[], %(hook)s::bytea[], %(parent)s::uuid[],
+                         %(trigger)s::run_trigger[], %(data)s::jsonb[], %(priority)s::int[], %(delay)s::int[],
+                         %(key)s::text[], %(traceparent)s::text[])
+        AS r (id, wf, owner, hook, parent, trigger, data, priority, delay, key, traceparent)
+), ins AS (
+    INSERT INTO runs (id, workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
+                      status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
+    SELECT r.id, w.id, r.owner, w.version, r.parent, r.trigger, r.data, r.priority,
+           (CASE WHEN r.delay > 0 THEN 'delayed' ELSE 'queued' END)::run_status,
+           coalesce((w.settings ->> 'maxAttempts')::int, %(max_attempts)s),
+           CASE WHEN r.delay > 0 THEN t.ready END, sluice_dispatch_at(t.ready, r.priority, %(aging_step)s),
+           r.key, r.traceparent
+    FROM req r
+    JOIN workflows w ON w.id = r.wf AND w.owner_id = r.owner AND w.deleted_at IS NULL AND w.status = 'active'
+         AND (r.hook IS NULL OR w.webhook_secret_hash = r.hook),
+    LATERAL (SELECT now() + make_interval(secs => r.delay / 1000.0) AS ready) AS t
+    ON CONFLICT (workflow_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+    RETURNING id, status
+)
+SELECT id, status FROM ins
 """
 
 # Claiming and executing --------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sluice_api import dashboard, metrics, multiproc, problems, tracing
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import KnownParamsMiddleware
+from sluice_api.inserts import RunInserts
 from sluice_api.requestid import RequestIdMiddleware
 from sluice_api.resources.base import Context
 from sluice_api.routes import ROUTES, mount
@@ -109,7 +110,9 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
             runs = metrics.RunsCreatedTally(registry, workflow_labels=settings.metrics_workflow_labels)
             flusher.add(runs.flush)
             run_events.add(runs)
-    deps = Dependencies(settings, pool, client, broker, limiter, scheduler=link, sender=sender)
+    deps = Dependencies(
+        settings, pool, client, broker, limiter, scheduler=link, sender=sender, inserts=RunInserts(pool, settings)
+    )
     app = create_app(deps, registry=registry, flusher=flusher)
     if flusher is not None:
         flusher.start()

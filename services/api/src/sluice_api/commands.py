@@ -123,4 +123,5 @@ def run_workflow(
         idempotency_key=idempotency_key,
         traceparent=traceparent,
         sender=deps.sender,
+        inserts=deps.inserts,
     )

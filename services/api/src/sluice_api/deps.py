@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import dramatiq
 import redis
 
+from sluice_api.inserts import RunInserts
 from sluice_common.broker import WakeupSender
 from sluice_common.db import Pool
 from sluice_common.ratelimit import RateLimiter
@@ -24,3 +25,5 @@ class Dependencies:
     scheduler: SchedulerLink | None = None
     # Sends wake-ups in batches off the request thread; None sends each one inline.
     sender: WakeupSender | None = None
+    # Inserts the runs that requests ask for at once in one statement; None inserts each alone.
+    inserts: RunInserts | None = None

@@ -17,6 +17,7 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from sluice_api.app import Dependencies, create_app
+from sluice_api.inserts import RunInserts
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool
 from sluice_common.metrics import observe_runs
@@ -80,7 +81,15 @@ def serve(app: Standalone, stopping: threading.Event) -> None:
     registry = CollectorRegistry()
     if app.settings.api_metrics:
         observe_runs(registry, app.settings)  # the run metrics join the API's on its /metrics
-    deps = Dependencies(app.settings, app.pool, None, app.broker, app.limiter, scheduler=app.scheduler_link)
+    deps = Dependencies(
+        app.settings,
+        app.pool,
+        None,
+        app.broker,
+        app.limiter,
+        scheduler=app.scheduler_link,
+        inserts=RunInserts(app.pool, app.settings),
+    )
     wsgi = create_app(deps, registry=registry)
     server = make_server(host.strip("[]"), int(port), wsgi, _ThreadingWSGIServer, _QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="sluice-http", daemon=True)

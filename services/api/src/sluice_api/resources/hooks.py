@@ -94,6 +94,7 @@ class HookResource(Resource):
                 idempotency_key=idempotency_key(req),
                 traceparent=traceparent(req),
                 sender=self._deps.sender,
+                inserts=self._deps.inserts,
                 webhook_secret_hash=digest,
             )
         except NotFoundError:

@@ -19,9 +19,11 @@ retries, the scheduler recovers and wakes) through the statements and functions 
   Priority 1 therefore goes before priority 10 that became ready less than nine aging steps
   earlier, and no run waits behind later, more urgent work for longer than that.
 - **Claims** go through ``sluice_claim_run`` (:data:`CLAIM_FUNCTION`): the best runnable run in
-  dispatch order, skipping users at their concurrency cap, locking per user. The function and the
-  dispatch rule live here and are (re)installed by every ``sluice migrate``
-  (:func:`install_functions`), so the database always runs the code this module shows.
+  dispatch order, skipping users at their concurrency cap, locking per user; a claim that finds
+  nothing only because other claims hold every runnable run says so, and its wake-up is sent
+  again instead of dropped. The function and the dispatch rule live here and are (re)installed
+  by every ``sluice migrate`` (:func:`install_functions`), so the database always runs the code
+  this module shows.
 - **Finishing** an attempt is one statement: :data:`FINISH_ENDED` when the run ends (most
   attempts; it leaves out the cases below, which PostgreSQL would otherwise plan and check for
   every run), :data:`FINISH_MOVED` when it is retried later, handed back or parked. A run started
@@ -128,6 +130,17 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # serialization_failure, and the worker claims again with p_exclusive, which counts exactly under
 # the exclusive lock, as every claim does where the cap is small.
 #
+# A candidate stays locked until its claim's transaction ends, even when its owner turns out to be
+# at the cap, so a concurrent claim can find nothing only because other claims hold every runnable
+# run. Its worker would then drop the wake-up, and once those claims found the owner at the cap,
+# the run stayed queued with no wake-up left (until the reconciler's next pass). A claim that finds
+# nothing therefore looks once more without SKIP LOCKED (in dispatch order, so that the same index
+# bounds the look) and, when a run it could have taken is there, raises lock_not_available: the
+# worker sends the wake-up again a moment later. It does not wait for those locks, which could
+# deadlock: it may hold the runs and advisory locks of owners it skipped, which the other claims
+# may be waiting for. The result type is unchanged (no DROP FUNCTION under running workers), and
+# workers of earlier releases take the error as a failed message, which Dramatiq retries.
+#
 # It plans with sorting disabled (PL/pgSQL plans once per session: planned while statistics said
 # few runs were waiting, the claim read every waiting run and sorted them; without a sort the only
 # plan left is runs_dispatch_idx read in order), and is declared to return one row (costed for
@@ -170,6 +183,17 @@ BEGIN
                      FOR UPDATE SKIP LOCKED' INTO cand USING skipped;
         END IF;
         IF cand.id IS NULL THEN
+            PERFORM 1 FROM runs r
+            WHERE r.status IN ('queued', 'delayed')
+              AND coalesce(r.not_before, '-infinity') <= now()
+              AND NOT r.cancel_requested
+              AND r.owner_id <> ALL (skipped)
+            ORDER BY r.dispatch_at, r.id
+            LIMIT 1;
+            IF FOUND THEN
+                RAISE EXCEPTION 'every runnable run is locked by another transaction: wake up again shortly'
+                    USING ERRCODE = 'lock_not_available';
+            END IF;
             RETURN;
         END IF;
         lock_key := hashtextextended(cand.owner_id::text, 5);

@@ -4,7 +4,10 @@ A wake-up first takes a slot of the global rate limit (when none is free, the wa
 for the moment one frees up: no attempt used, no busy loop; when there turns out to be nothing to
 claim, the slot is given back at once), then claims the best runnable run (``runstate.CLAIM``:
 dispatch order, users at their concurrency cap skipped). A finished run is never claimed again,
-so redelivered messages are harmless. The statements that move the run are all in
+so redelivered messages are harmless. A claim that finds nothing only because other claims hold
+every runnable run (they may yet find its owner at the cap and leave it queued) gives the slot
+back and sends the wake-up again a moment later (:data:`BUSY_RETRY_MS`), instead of leaving the
+run to the reconciler. The statements that move the run are all in
 :mod:`sluice_common.runstate`; the pieces the executor works with are in their own modules:
 :mod:`~sluice_worker.claims` (the claimed run), :mod:`~sluice_worker.checkpoints` (step
 checkpoints), :mod:`~sluice_worker.subruns` (sub-workflow runs) and
@@ -60,6 +63,10 @@ log = logging.getLogger(__name__)
 
 # How long a thread goes on starting runs for waiting wake-ups before it returns to the broker.
 CHAIN_SECONDS = 30.0
+# How long a wake-up whose claim found every runnable run locked by other claims waits before it is
+# tried again: long enough for those claims to commit, so that a busy database is not asked in a
+# loop; the delay queue's consumer releases it within its own short poll after that.
+BUSY_RETRY_MS = 20
 
 
 class RunExecutor:
@@ -84,6 +91,7 @@ class RunExecutor:
         self.stopping = stopping
         self.wakeups = 0  # messages handled, for metrics and to prove waits do not spin
         self.chained = 0  # runs started with a wake-up taken straight off the queue
+        self.kept = 0  # wake-ups sent again because other claims held every runnable run
         self.policy = HttpPolicy(settings.http_allow_private, settings.http_allowed_hosts)
         self._in_flight: dict[str, str] = {}  # run id -> claim id
         self._in_flight_lock = threading.Lock()
@@ -111,7 +119,7 @@ class RunExecutor:
             return
         # Bounded so that one message never holds its thread for long past a backlog's end.
         until = time.monotonic() + CHAIN_SECONDS
-        while self._claim_and_run() and not self.stopping.is_set() and time.monotonic() < until:
+        while self._claim_and_run(hint_run_id) and not self.stopping.is_set() and time.monotonic() < until:
             try:
                 if not self.limiter.acquire_waiting():
                     return
@@ -122,10 +130,18 @@ class RunExecutor:
                 return
             self.chained += 1
 
-    def _claim_and_run(self) -> bool:
-        """Claim and run one run with the start slot just taken; False when there was none."""
+    def _claim_and_run(self, hint_run_id: str) -> bool:
+        """Claim and run one run with the start slot (and wake-up) just taken; False when there was none."""
         try:
             claimed = self.claim()
+        except psycopg.errors.LockNotAvailable:
+            # Other claims held every runnable run (see runstate.CLAIM_FUNCTION): they may yet find
+            # its owner at the cap and leave it queued, so this wake-up (or the one taken off the
+            # queue, which any run id stands for) is kept for another look.
+            self.limiter.release()
+            send_run_message(self.broker, hint_run_id, delay_ms=BUSY_RETRY_MS)
+            self.kept += 1
+            return False
         except BaseException:
             self.limiter.release()
             raise
@@ -180,7 +196,11 @@ class RunExecutor:
                 self._in_flight.pop(claimed.run_id, None)
 
     def claim(self) -> Claimed | None:
-        """Claim the best runnable run: one statement, one round trip (``runstate.CLAIM``)."""
+        """Claim the best runnable run: one statement, one round trip (``runstate.CLAIM``).
+
+        None when there is nothing this worker may start; raises
+        :class:`psycopg.errors.LockNotAvailable` when other claims held every run it could have taken.
+        """
         params = {
             "user_cap": self.settings.user_concurrency,
             "worker": self.worker_id,

@@ -140,10 +140,11 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
         log.info("worker %s ready: %d threads", app.executor.worker_id, settings.concurrency)
         stopping.wait()
         log.info(
-            "worker stopping after %d wake-up(s) and %d run(s) started off the queue directly; "
-            "finishing or handing back in-flight runs",
+            "worker stopping after %d wake-up(s), %d run(s) started off the queue directly and %d wake-up(s) "
+            "sent again because other claims held the runs; finishing or handing back in-flight runs",
             app.executor.wakeups,
             app.executor.chained,
+            app.executor.kept,
         )
         app.stop()
     finally:

@@ -1,4 +1,4 @@
-"""The API's group commit of new runs (``sluice_api.inserts``) on real PostgreSQL: requests that
+"""The API's group commit of new runs (``runs.group_inserts``) on real PostgreSQL: requests that
 arrive while an insert is in flight go in together, each gets its own run, and a request the
 batch cannot take gets what it would have got alone."""
 
@@ -15,10 +15,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from sluice_api.inserts import RunInserts
 from sluice_common.broker import ready_queue_key
 from sluice_common.errors import ConflictError, NotFoundError
-from sluice_common.runs import EnqueuedRun, enqueue_run
+from sluice_common.groupcommit import GroupCommit
+from sluice_common.runs import EnqueuedRun, NewRun, enqueue_run, group_inserts
 from tests.integration.conftest import Pipeline
 
 NOOP = [{"id": "a", "type": "transform", "config": {"value": 1}}]
@@ -35,7 +35,7 @@ def workflow_locked(pipeline: Pipeline, workflow_id: str) -> Iterator[None]:
 
 def submit_behind_a_held_insert(
     pipeline: Pipeline,
-    inserts: RunInserts,
+    inserts: GroupCommit[NewRun, EnqueuedRun],
     blocker: str,
     owner: str,
     calls: list[Callable[[], EnqueuedRun]],
@@ -51,7 +51,9 @@ def submit_behind_a_held_insert(
         return first.result(timeout=10), futures
 
 
-def enqueue(pipeline: Pipeline, inserts: RunInserts, workflow_id: str, owner: str, **options: Any) -> EnqueuedRun:
+def enqueue(
+    pipeline: Pipeline, inserts: GroupCommit[NewRun, EnqueuedRun], workflow_id: str, owner: str, **options: Any
+) -> EnqueuedRun:
     return enqueue_run(
         pipeline.pool,
         pipeline.broker,
@@ -84,7 +86,7 @@ def stored(pipeline: Pipeline, run_id: Any) -> dict[str, Any]:
 def test_requests_behind_an_insert_go_in_together_and_each_gets_its_own_run(pipeline: Pipeline) -> None:
     owner = pipeline.user()
     blocker, wf = pipeline.workflow(owner, NOOP), pipeline.workflow(owner, NOOP)
-    inserts = RunInserts(pipeline.pool, pipeline.settings)
+    inserts = group_inserts(pipeline.pool, pipeline.settings)
     sent = wake_ups(pipeline)
     calls = [
         (
@@ -102,13 +104,15 @@ def test_requests_behind_an_insert_go_in_together_and_each_gets_its_own_run(pipe
         for n in range(5)
     ]
     first, futures = submit_behind_a_held_insert(pipeline, inserts, blocker, owner, calls)
-    assert first.created and stored(pipeline, first.run_id)["workflow_id"] == uuid.UUID(blocker)
+    assert first.created
+    assert stored(pipeline, first.run_id)["workflow_id"] == uuid.UUID(blocker)
     assert (inserts.batches, inserts.batched) == (1, 5)
     runs = [f.result(timeout=10) for f in futures]
     assert len({r.run_id for r in runs}) == 5
     for n, run in enumerate(runs):
         row = stored(pipeline, run.run_id)
-        assert run.created and run.status == row["status"] == ("queued" if n == 0 else "delayed")
+        assert run.created
+        assert run.status == row["status"] == ("queued" if n == 0 else "delayed")
         assert (row["trigger_data"], row["priority"], row["delayed"]) == ({"n": n}, 1 + n, n > 0)
         assert row["workflow_id"] == uuid.UUID(wf)
         assert row["traceparent"] == run.traceparent == traceparent(n)  # tracing is off: the caller's
@@ -131,7 +135,7 @@ def test_a_request_the_batch_cannot_take_gets_what_it_would_get_alone(pipeline: 
     with pipeline.pool.connection() as conn:
         conn.execute("UPDATE workflows SET status = 'paused' WHERE id = %s", (paused,))
         conn.execute("UPDATE workflows SET webhook_secret_hash = %s WHERE id = %s", (b"new", wf))
-    inserts = RunInserts(pipeline.pool, pipeline.settings)
+    inserts = group_inserts(pipeline.pool, pipeline.settings)
     earlier = enqueue(pipeline, inserts, wf, owner, idempotency_key="taken")
     calls: list[Callable[[], EnqueuedRun]] = [
         lambda: enqueue(pipeline, inserts, wf, owner, trigger_data={"ok": 1}),
@@ -145,14 +149,17 @@ def test_a_request_the_batch_cannot_take_gets_what_it_would_get_alone(pipeline: 
     _, futures = submit_behind_a_held_insert(pipeline, inserts, blocker, owner, calls)
     assert inserts.batches == 1
     ok, on_paused, old_secret, taken, twice_a, twice_b, new_secret = futures
-    assert ok.result().created and stored(pipeline, ok.result().run_id)["trigger_data"] == {"ok": 1}
+    assert ok.result().created
+    assert stored(pipeline, ok.result().run_id)["trigger_data"] == {"ok": 1}
     with pytest.raises(ConflictError):
         on_paused.result()
     with pytest.raises(NotFoundError):
         old_secret.result()
-    assert not taken.result().created and taken.result().run_id == earlier.run_id
+    assert not taken.result().created
+    assert taken.result().run_id == earlier.run_id
     pair = sorted([twice_a.result(), twice_b.result()], key=lambda r: r.created)
-    assert [r.created for r in pair] == [False, True] and pair[0].run_id == pair[1].run_id
+    assert [r.created for r in pair] == [False, True]
+    assert pair[0].run_id == pair[1].run_id
     assert new_secret.result().created
     with pipeline.pool.connection() as conn:
         counts = conn.execute(
@@ -160,7 +167,8 @@ def test_a_request_the_batch_cannot_take_gets_what_it_would_get_alone(pipeline: 
             " FROM runs",
             (wf, paused),
         ).fetchone()
-    assert counts is not None and (counts["wf"], counts["paused"]) == (4, 0)  # earlier, ok, twice, new_secret
+    assert counts is not None
+    assert (counts["wf"], counts["paused"]) == (4, 0)
 
 
 def test_one_request_that_fails_the_batch_statement_fails_alone(pipeline: Pipeline) -> None:
@@ -168,7 +176,7 @@ def test_one_request_that_fails_the_batch_statement_fails_alone(pipeline: Pipeli
     are inserted again alone and succeed; only the bad request gets the error."""
     owner = pipeline.user()
     blocker, wf = pipeline.workflow(owner, NOOP), pipeline.workflow(owner, NOOP)
-    inserts = RunInserts(pipeline.pool, pipeline.settings)
+    inserts = group_inserts(pipeline.pool, pipeline.settings)
     calls: list[Callable[[], EnqueuedRun]] = [
         lambda: enqueue(pipeline, inserts, wf, owner, trigger_data={"n": 1}),
         lambda: enqueue(pipeline, inserts, wf, owner, parent_run_id=uuid.uuid4(), trigger_type="workflow"),
@@ -186,17 +194,21 @@ def test_one_request_that_fails_the_batch_statement_fails_alone(pipeline: Pipeli
 def test_a_lone_request_inserts_at_once_and_leaves_no_leader_behind(pipeline: Pipeline) -> None:
     owner = pipeline.user()
     wf = pipeline.workflow(owner, NOOP)
-    inserts = RunInserts(pipeline.pool, pipeline.settings)
+    inserts = group_inserts(pipeline.pool, pipeline.settings)
     assert enqueue(pipeline, inserts, wf, owner).created
     with pytest.raises(NotFoundError):
         enqueue(pipeline, inserts, str(uuid.uuid4()), owner)
-    assert not inserts._busy and not inserts._queued and inserts.batches == 0
+    assert not inserts._busy
+    assert not inserts._queued
+    assert inserts.batches == 0
     # Many at once from many threads: all in, none lost, whatever the batches were.
     with ThreadPoolExecutor(8) as threads:
         runs = list(threads.map(lambda n: enqueue(pipeline, inserts, wf, owner, trigger_data={"n": n}), range(200)))
     assert len({r.run_id for r in runs}) == 200
     with pipeline.pool.connection() as conn:
         row = conn.execute("SELECT count(*) AS n FROM runs WHERE workflow_id = %s", (wf,)).fetchone()
-    assert row is not None and row["n"] == 201
-    assert not inserts._busy and not inserts._queued
+    assert row is not None
+    assert row["n"] == 201
+    assert not inserts._busy
+    assert not inserts._queued
     assert threading.active_count() < 50

@@ -245,7 +245,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
             "traceparent": None,
             "hook": None,
         },
-        "INSERT_RUNS": {
+        "INSERT_RUN_MANY": {
             "ids": [uuid.uuid4(), uuid.uuid4()],
             "wf": [wf, wf],
             "owner": [owner, owner],
@@ -282,6 +282,25 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
             "id": running["id"],
         },
         "FINISH_ENDED": finish,
+        "FINISH_ENDED_MANY": {
+            **{
+                name: [finish[name], None if name in ("step", "pos", "output", "started") else finish[name]]
+                for name in (
+                    "id",
+                    "claim",
+                    "status",
+                    "attempt_status",
+                    "error",
+                    "attempt",
+                    "owner",
+                    "step",
+                    "pos",
+                    "output",
+                    "started",
+                )
+            },
+            "user_cap": finish["user_cap"],
+        },
         "FINISH_MOVED": {**finish, "status": "waiting", "attempt_status": "parked", "child": queued["id"]},
         "WAKE_PARENT": {"parent": queued["id"], "child": running["id"], "aging_step": 1.0},
         "WAKE_WAITING": {"aging_step": 1.0},

@@ -27,6 +27,7 @@ from sluice_common import runstate, tracing
 from sluice_common.broker import RUN_QUEUE, WakeupSender, send_run_message, wake
 from sluice_common.db import DictConnection, Pool
 from sluice_common.errors import ConflictError, FieldProblem, NotFoundError, ValidationFailed
+from sluice_common.groupcommit import GroupCommit
 from sluice_common.observe import RunCancelled, RunCreated, run_events
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.settings import Settings
@@ -172,8 +173,20 @@ def insert_alone(pool: Pool, settings: Settings, new: NewRun) -> EnqueuedRun:
         return insert_one(conn, settings, new)
 
 
+def group_inserts(pool: Pool, settings: Settings) -> GroupCommit[NewRun, EnqueuedRun]:
+    """Inserts for the request threads of one API process: the runs asked for while an insert is in
+    flight go in together (INSERT_RUN_MANY), a lone one at once (INSERT_RUN); see
+    :mod:`sluice_common.groupcommit`. For ``enqueue_run``'s ``inserts``."""
+
+    def many(runs: Sequence[NewRun]) -> list[EnqueuedRun | None]:
+        with pool.connection() as conn:
+            return insert_many(conn, settings, runs)
+
+    return GroupCommit(lambda new: insert_alone(pool, settings, new), many)
+
+
 def insert_many(conn: DictConnection, settings: Settings, runs: Sequence[NewRun]) -> list[EnqueuedRun | None]:
-    """INSERT_RUNS: checked :class:`NewRun` s in one statement, on the caller's connection.
+    """INSERT_RUN_MANY: checked :class:`NewRun` s in one statement, on the caller's connection.
 
     Each gets its inserted run, or None where the statement left it out (its workflow is missing
     or paused, its webhook secret rotated, its idempotency key taken): :func:`insert_one` then
@@ -196,7 +209,7 @@ def insert_many(conn: DictConnection, settings: Settings, runs: Sequence[NewRun]
         "aging_step": settings.priority_aging_seconds,
     }
     with conn.cursor(row_factory=tuple_row) as cur:
-        inserted = {row[0]: row[1] for row in cur.execute(runstate.INSERT_RUNS, params).fetchall()}
+        inserted = {row[0]: row[1] for row in cur.execute(runstate.INSERT_RUN_MANY, params).fetchall()}
     return [
         EnqueuedRun(run_id, inserted[run_id], created=True, traceparent=r.traceparent) if run_id in inserted else None
         for run_id, r in zip(ids, runs, strict=True)
@@ -224,7 +237,7 @@ def enqueue_run(
     """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name.
 
     ``inserts`` writes and commits the row instead of a statement of its own on ``pool`` (the
-    API's group commit, ``sluice_api.inserts``).
+    API's group commit, :func:`group_inserts`).
     """
     new = NewRun(
         workflow_id,

@@ -84,13 +84,16 @@ _S = RunStatus
 TRANSITIONS: tuple[Transition, ...] = (
     Transition(None, _S.QUEUED, "INSERT_RUN"),
     Transition(None, _S.DELAYED, "INSERT_RUN"),
-    Transition(None, _S.QUEUED, "INSERT_RUNS"),  # several requests at once
-    Transition(None, _S.DELAYED, "INSERT_RUNS"),
+    Transition(None, _S.QUEUED, "INSERT_RUN_MANY"),  # several requests at once
+    Transition(None, _S.DELAYED, "INSERT_RUN_MANY"),
     Transition(_S.QUEUED, _S.RUNNING, "CLAIM"),
     Transition(_S.DELAYED, _S.RUNNING, "CLAIM"),
     Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_ENDED"),
     Transition(_S.RUNNING, _S.FAILED, "FINISH_ENDED"),
     Transition(_S.RUNNING, _S.CANCELLED, "FINISH_ENDED"),
+    Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_ENDED_MANY"),  # several attempts at once
+    Transition(_S.RUNNING, _S.FAILED, "FINISH_ENDED_MANY"),
+    Transition(_S.RUNNING, _S.CANCELLED, "FINISH_ENDED_MANY"),
     Transition(_S.RUNNING, _S.DELAYED, "FINISH_MOVED"),  # retry after backoff, or a delay step
     Transition(_S.RUNNING, _S.QUEUED, "FINISH_MOVED"),  # handed back at shutdown; child already ended
     Transition(_S.RUNNING, _S.WAITING, "FINISH_MOVED"),  # parked on a sub-workflow run
@@ -259,13 +262,13 @@ WITH wf AS (
 SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELECT 1) AS one LEFT JOIN ins ON true
 """
 
-# INSERT_RUN for several requests at once (the API's group commit, ``sluice_api.inserts``): one
+# INSERT_RUN for several requests at once (the API's group commit, ``runs.group_inserts``): one
 # statement and one commit for all of them, which costs PostgreSQL about a third of a run's
 # insert per extra row. Each request is a row of the arrays, with the id its run gets. It inserts
 # only the runs that INSERT_RUN would insert as they are; the others come back without a ``run``
 # (a missing or paused workflow, a rotated webhook secret, an idempotency hit), and INSERT_RUN,
 # run again for each of them alone, says why or finds the earlier run.
-INSERT_RUNS = """
+INSERT_RUN_MANY = """
 WITH req AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(wf)s::uuid[], %(owner)s::uuid[], %(hook)s::bytea[], %(parent)s::uuid[],
                          %(trigger)s::run_trigger[], %(data)s::jsonb[], %(priority)s::int[], %(delay)s::int[],
@@ -385,6 +388,43 @@ SELECT id, status,
        AND EXISTS (SELECT 1 FROM runs WHERE owner_id = %(owner)s AND status IN ('queued', 'delayed')
                    AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
 FROM run
+"""
+
+# FINISH_ENDED for the attempts of several runs at once (the worker's group commit,
+# ``sluice_worker.executor``): one statement and one commit (one WAL flush) for all of them. Each
+# attempt is a row of the arrays; ``user_cap`` is the same for all. An attempt whose claim is gone
+# has no row in the result (and its run is not touched), as FINISH_ENDED returns none; the rows
+# name the claim, since an execution that lost its claim may end beside the one that holds it.
+FINISH_ENDED_MANY = """
+WITH req AS (
+    SELECT * FROM unnest(%(id)s::uuid[], %(claim)s::uuid[], %(status)s::run_status[],
+                         %(attempt_status)s::attempt_status[], %(error)s::text[], %(attempt)s::int[],
+                         %(owner)s::uuid[], %(step)s::text[], %(pos)s::int[], %(output)s::jsonb[],
+                         %(started)s::timestamptz[])
+        AS r (id, claim, status, attempt_status, error, attempt, owner, step, pos, output, started)
+), run AS (
+    UPDATE runs SET status = r.status, waiting_for = NULL, not_before = NULL, finished_at = now(),
+        error = r.error, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
+    FROM req r
+    WHERE runs.id = r.id AND runs.claim_id = r.claim
+    RETURNING runs.id, runs.status, r.claim
+), last_step AS (
+    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
+    SELECT r.id, r.step, r.pos, 'succeeded', r.attempt, r.output, r.started, now()
+    FROM req r JOIN run ON run.id = r.id AND run.claim = r.claim WHERE r.step IS NOT NULL
+    ON CONFLICT (run_id, step_id) DO UPDATE SET
+        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+        output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
+), attempt AS (
+    UPDATE run_attempts a SET status = r.attempt_status, finished_at = now(), error = r.error
+    FROM req r JOIN run ON run.id = r.id AND run.claim = r.claim
+    WHERE a.run_id = r.id AND a.attempt = r.attempt AND NOT a.lost
+)
+SELECT run.id, run.claim, run.status,
+       (SELECT count(*) FROM runs WHERE owner_id = r.owner AND status = 'running') >= %(user_cap)s
+       AND EXISTS (SELECT 1 FROM runs WHERE owner_id = r.owner AND status IN ('queued', 'delayed')
+                   AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
+FROM run JOIN req r ON r.id = run.id AND r.claim = run.claim
 """
 
 # The attempt ended without ending its run: ``status`` is ``delayed`` (a retry after its backoff,

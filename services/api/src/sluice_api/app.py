@@ -23,7 +23,6 @@ from sluice_api import dashboard, metrics, multiproc, problems, tracing
 from sluice_api.auth import AuthMiddleware, LocalRequestLimiter, RedisRequestLimiter, RequestLimiter
 from sluice_api.deps import Dependencies
 from sluice_api.inputs import KnownParamsMiddleware
-from sluice_api.inserts import RunInserts
 from sluice_api.requestid import RequestIdMiddleware
 from sluice_api.resources.base import Context
 from sluice_api.routes import ROUTES, mount
@@ -34,6 +33,7 @@ from sluice_common.db import open_pool
 from sluice_common.metrics import observe_runs
 from sluice_common.observe import run_events
 from sluice_common.ratelimit import RedisRateLimiter
+from sluice_common.runs import group_inserts
 from sluice_common.settings import load_settings, server_urls
 from sluice_common.tracing import configure_tracing, shutdown_tracing
 
@@ -111,7 +111,7 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
             flusher.add(runs.flush)
             run_events.add(runs)
     deps = Dependencies(
-        settings, pool, client, broker, limiter, scheduler=link, sender=sender, inserts=RunInserts(pool, settings)
+        settings, pool, client, broker, limiter, scheduler=link, sender=sender, inserts=group_inserts(pool, settings)
     )
     app = create_app(deps, registry=registry, flusher=flusher)
     if flusher is not None:

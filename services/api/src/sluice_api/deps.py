@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import dramatiq
 import redis
 
-from sluice_api.inserts import RunInserts
 from sluice_common.broker import WakeupSender
 from sluice_common.db import Pool
+from sluice_common.groupcommit import GroupCommit
 from sluice_common.ratelimit import RateLimiter
+from sluice_common.runs import EnqueuedRun, NewRun
 from sluice_common.schedulerlink import SchedulerLink
 from sluice_common.settings import Settings
 
@@ -26,4 +27,4 @@ class Dependencies:
     # Sends wake-ups in batches off the request thread; None sends each one inline.
     sender: WakeupSender | None = None
     # Inserts the runs that requests ask for at once in one statement; None inserts each alone.
-    inserts: RunInserts | None = None
+    inserts: GroupCommit[NewRun, EnqueuedRun] | None = None

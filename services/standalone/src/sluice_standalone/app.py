@@ -17,12 +17,11 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from sluice_api.app import Dependencies, create_app
-from sluice_api.inserts import RunInserts
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool
 from sluice_common.metrics import observe_runs
 from sluice_common.ratelimit import LocalRateLimiter
-from sluice_common.runs import reconcile
+from sluice_common.runs import group_inserts, reconcile
 from sluice_common.settings import Settings
 from sluice_scheduler.scheduler import CronScheduler, LocalSchedulerLink
 from sluice_scheduler.service import create_local_scheduler
@@ -88,7 +87,7 @@ def serve(app: Standalone, stopping: threading.Event) -> None:
         app.broker,
         app.limiter,
         scheduler=app.scheduler_link,
-        inserts=RunInserts(app.pool, app.settings),
+        inserts=group_inserts(app.pool, app.settings),
     )
     wsgi = create_app(deps, registry=registry)
     server = make_server(host.strip("[]"), int(port), wsgi, _ThreadingWSGIServer, _QuietHandler)

@@ -20,7 +20,9 @@ adapts the store.
 Round trips to PostgreSQL per one-step run: one claim statement (run, attempt row and the pinned
 workflow version, committed without waiting for the WAL flush) and one finishing statement (which
 also writes the last step's checkpoint); one more per earlier step, one more to read the
-checkpoints of a resumed run, and one more for a sub-workflow run that wakes its parent. Claims
+checkpoints of a resumed run, and one more for a sub-workflow run that wakes its parent. Under
+load the finishing statements of runs that end together go as one, with one commit
+(``runstate.FINISH_ENDED_MANY``; see :mod:`sluice_common.groupcommit`). Claims
 serialise per user, not globally, and for a cap above max_connections only while the user is near
 it.
 
@@ -37,6 +39,7 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import dramatiq
@@ -46,6 +49,7 @@ import psycopg
 from sluice_common import runstate
 from sluice_common.broker import send_run_message, wake
 from sluice_common.db import Pool
+from sluice_common.groupcommit import GroupCommit
 from sluice_common.observe import RunEnded, RunEvents, RunStarted, run_events
 from sluice_common.ratelimit import RateLimiter
 from sluice_common.runs import MAX_DELAY_MS
@@ -60,6 +64,21 @@ from sluice_worker.safehttp import HttpPolicy
 from sluice_worker.subruns import PgSubRuns
 
 log = logging.getLogger(__name__)
+
+# FINISH_ENDED_MANY's arrays, one element per attempt, from FINISH_ENDED's parameters.
+_FINISH_MANY_COLUMNS = (
+    "id",
+    "claim",
+    "status",
+    "attempt_status",
+    "error",
+    "attempt",
+    "owner",
+    "step",
+    "pos",
+    "output",
+    "started",
+)
 
 # How long a thread goes on starting runs for waiting wake-ups before it returns to the broker.
 CHAIN_SECONDS = 30.0
@@ -95,6 +114,7 @@ class RunExecutor:
         self.policy = HttpPolicy(settings.http_allow_private, settings.http_allowed_hosts)
         self._in_flight: dict[str, str] = {}  # run id -> claim id
         self._in_flight_lock = threading.Lock()
+        self._finishes = GroupCommit(self._finish_alone, self._finish_many)
 
     # The actor body --------------------------------------------------------------------------
 
@@ -297,13 +317,17 @@ class RunExecutor:
         return finish_for(self.settings, self.worker_id, claimed, outcome)
 
     def _finish_with_retries(self, finish: Finish) -> dict[str, Any] | None:
-        """Run the finishing statement, riding out a short database outage (the lease keeps the run ours)."""
+        """Run the finishing statement, riding out a short database outage (the lease keeps the run ours).
+
+        An attempt that ends its run goes through the group commit (:attr:`_finishes`): the
+        attempts of this process's threads that end while one is being recorded are recorded
+        together.
+        """
+        write = self._finishes if finish.statement is runstate.FINISH_ENDED else self._finish_alone
         delay = 0.2
         for attempt in range(6):
             try:
-                with self.pool.connection() as conn:
-                    row = conn.execute(finish.statement, finish.params).fetchone()
-                return dict(row) if row is not None else None
+                return write(finish)
             except psycopg.OperationalError:
                 if attempt == 5:
                     raise
@@ -311,6 +335,21 @@ class RunExecutor:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    def _finish_alone(self, finish: Finish) -> dict[str, Any] | None:
+        with self.pool.connection() as conn:
+            row = conn.execute(finish.statement, finish.params).fetchone()
+        return dict(row) if row is not None else None
+
+    def _finish_many(self, finishes: Sequence[Finish]) -> list[dict[str, Any] | None]:
+        """FINISH_ENDED_MANY; None for an attempt whose claim is gone, which is then finished alone
+        (and found gone again: the lost path costs a statement more, the common one a commit less)."""
+        params: dict[str, Any] = {name: [f.params[name] for f in finishes] for name in _FINISH_MANY_COLUMNS}
+        params["user_cap"] = finishes[0].params["user_cap"]
+        with self.pool.connection() as conn:
+            rows = conn.execute(runstate.FINISH_ENDED_MANY, params).fetchall()
+        ended = {(str(row["id"]), str(row["claim"])): dict(row) for row in rows}
+        return [ended.get((str(f.params["id"]), str(f.params["claim"]))) for f in finishes]
 
     def _wake_parent(self, claimed: Claimed) -> None:
         """A sub-workflow run ended: its parent goes back to the queue (the sweep covers a failure here)."""

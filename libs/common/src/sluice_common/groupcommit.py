@@ -1,0 +1,103 @@
+"""Group commit: the writes that a process's threads ask for while one is in flight go in together,
+as one statement and one commit.
+
+A write that must be durable before its caller goes on (a new run before its request is answered,
+a run's end before its worker takes the next) costs PostgreSQL a statement, a transaction and a WAL
+flush, which is most of what a small write costs. With a :class:`GroupCommit`, one thread at a
+time (the leader) writes; threads that arrive meanwhile queue their items, and when the write
+returns, the first of them leads the next one with all of them. Nothing waits for company: a
+thread that finds no write in flight goes at once with the statement for one item, so a lone
+caller costs what it did, and batches grow only with the load.
+
+An item the batch leaves out (``many`` returns None for it) is written again by its own thread
+with ``one``, which then says why (raises, or returns what a write of that item alone returns).
+So is every item of a batch whose statement failed: one bad item cannot fail the others.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Items per statement at most: a larger queue of waiting threads goes in several.
+MAX_BATCH = 64
+_UNWRITTEN: Any = object()
+
+
+@dataclass(eq=False)
+class _Waiter(Generic[T, R]):
+    item: T
+    done: threading.Event = field(default_factory=threading.Event)
+    batch: list[_Waiter[T, R]] | None = None  # set when this thread is to lead the next write
+    result: R = _UNWRITTEN  # what its write returned; unwritten: its thread writes it alone
+
+
+class GroupCommit(Generic[T, R]):
+    """Writes items for the threads of one process: ``one`` writes one item, ``many`` several in
+    one statement (None for each item it left out)."""
+
+    def __init__(
+        self,
+        one: Callable[[T], R],
+        many: Callable[[Sequence[T]], Sequence[R | None]],
+        *,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self._one = one
+        self._many = many
+        self._max_batch = max_batch
+        self._lock = threading.Lock()
+        self._queued: list[_Waiter[T, R]] = []
+        self._busy = False  # a write is in flight
+        self.batches = 0  # statements of more than one item, and the items in them (tests, benchmarks)
+        self.batched = 0
+
+    def __call__(self, item: T) -> R:
+        me: _Waiter[T, R] = _Waiter(item)
+        with self._lock:
+            lead = not self._busy
+            if lead:
+                self._busy = True
+                me.batch = [me]
+            else:
+                self._queued.append(me)
+        if not lead:
+            me.done.wait()
+        if me.batch is not None:
+            self._lead(me.batch)
+        return self._one(item) if me.result is _UNWRITTEN else me.result
+
+    def _lead(self, batch: list[_Waiter[T, R]]) -> None:
+        try:
+            if len(batch) == 1:
+                batch[0].result = self._one(batch[0].item)
+            else:
+                results = self._many([w.item for w in batch])
+                for waiter, result in zip(batch, results, strict=True):
+                    if result is not None:
+                        waiter.result = result
+                self.batches += 1
+                self.batched += len(batch)
+        except Exception:
+            if len(batch) == 1:
+                raise  # the leader's own write: it fails as it would alone
+            # Each of the others writes its item alone (in __call__), with its own outcome.
+        finally:
+            self._hand_over()
+            for waiter in batch[1:]:
+                waiter.done.set()
+
+    def _hand_over(self) -> None:
+        """Make the first queued thread the next leader, with the items queued so far, or go idle."""
+        with self._lock:
+            if not self._queued:
+                self._busy = False
+                return
+            batch, self._queued = self._queued[: self._max_batch], self._queued[self._max_batch :]
+        batch[0].batch = batch
+        batch[0].done.set()

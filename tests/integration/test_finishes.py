@@ -1,0 +1,178 @@
+"""The worker's group commit of ended attempts (``runstate.FINISH_ENDED_MANY``) on real PostgreSQL:
+attempts that end while another is being recorded are recorded together, each as it would be
+alone: its run, its last step, its attempt, the fence and the wake-up of the owner's next run."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from sluice_worker.claims import Claimed
+from sluice_worker.engine import Outcome
+from sluice_worker.executor import RunExecutor
+from tests.integration.conftest import Pipeline
+
+STEPS = [{"id": "a", "type": "transform", "config": {"value": "{{ trigger.n }}"}}]
+
+
+def executor(pipeline: Pipeline, **overrides: Any) -> RunExecutor:
+    settings = pipeline.settings.model_copy(update=overrides)
+    return RunExecutor(
+        settings, pipeline.pool, pipeline.broker, pipeline.limiter, httpx.Client(), "w-finish", threading.Event()
+    )
+
+
+def claim_and_run(ex: RunExecutor) -> tuple[Claimed, Outcome]:
+    claimed = ex.claim()
+    assert claimed is not None
+    return claimed, ex.run(claimed)
+
+
+@contextmanager
+def run_row_locked(pipeline: Pipeline, run_id: str) -> Iterator[None]:
+    """Hold a run's row, so that the finish of its attempt waits while others end behind it."""
+    with pipeline.pool.connection() as conn, conn.transaction():
+        conn.execute("SELECT 1 FROM runs WHERE id = %s FOR UPDATE", (run_id,))
+        yield
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def finish_behind_a_held_one(
+    pipeline: Pipeline, ex: RunExecutor, first: tuple[Claimed, Outcome], rest: list[tuple[Claimed, Outcome]]
+) -> tuple[str, list[Future[str]]]:
+    """Finish ``first`` while its row is held, let ``rest`` end behind it, then let it go: ``rest``
+    are recorded as the next batch. Returns how each execution ended."""
+    with ThreadPoolExecutor(len(rest) + 1) as threads:
+        with run_row_locked(pipeline, first[0].run_id):
+            leader = threads.submit(ex.finish, *first)
+            wait_for(lambda: ex._finishes._busy)
+            futures = [threads.submit(ex.finish, *r) for r in rest]
+            wait_for(lambda: len(ex._finishes._queued) == len(rest))
+        return leader.result(timeout=10), futures
+
+
+def test_attempts_that_end_together_are_recorded_together_each_as_alone(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, STEPS)
+    runs = [pipeline.enqueue(wf, owner, trigger_data={"n": n}).run_id for n in range(4)]
+    ex = executor(pipeline)
+    ran = [claim_and_run(ex) for _ in runs]
+    assert [o.status for _, o in ran] == ["succeeded"] * 4
+    first, futures = finish_behind_a_held_one(pipeline, ex, ran[0], ran[1:])
+    assert first == "succeeded"
+    assert [f.result(timeout=10) for f in futures] == ["succeeded"] * 3
+    assert (ex._finishes.batches, ex._finishes.batched) == (1, 3)
+    for claimed, _ in ran:
+        run = pipeline.run(claimed.run_id)
+        assert run["status"] == "succeeded"
+        assert run["finished_at"] is not None
+        assert run["claim_id"] is None
+        assert run["worker_id"] is None
+        assert run["lease_expires_at"] is None
+        (step,) = pipeline.steps(claimed.run_id)
+        assert step["status"] == "succeeded"
+        assert step["output"] == claimed.trigger_data["n"]
+        assert step["attempt"] == claimed.attempt
+        assert [(a["status"], a["finished_at"] is not None) for a in pipeline.attempts(claimed.run_id)] == [
+            ("succeeded", True)
+        ]
+
+
+def test_failed_and_cancelled_ends_in_a_batch_keep_their_errors(pipeline: Pipeline) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, STEPS, maxAttempts=1)
+    for n in range(3):
+        pipeline.enqueue(wf, owner, trigger_data={"n": n})
+    ex = executor(pipeline)
+    ran = [claim_and_run(ex) for _ in range(3)]
+    rest = [
+        (ran[1][0], Outcome("failed", "boom", final=True)),
+        (ran[2][0], Outcome("cancelled", "cancelled by the user")),
+    ]
+    _, futures = finish_behind_a_held_one(pipeline, ex, ran[0], rest)
+    assert [f.result(timeout=10) for f in futures] == ["failed", "cancelled"]
+    assert ex._finishes.batches == 1
+    for (claimed, outcome), status in zip(rest, ("failed", "cancelled"), strict=True):
+        run = pipeline.run(claimed.run_id)
+        assert (run["status"], run["error"]) == (status, outcome.error)
+        assert [(a["status"], a["error"]) for a in pipeline.attempts(claimed.run_id)] == [(status, outcome.error)]
+        assert pipeline.steps(claimed.run_id) == []  # no final step: nothing written
+
+
+@pytest.mark.parametrize("holder_in_batch", [False, True])
+def test_an_execution_that_lost_its_claim_is_refused_in_a_batch(pipeline: Pipeline, holder_in_batch: bool) -> None:
+    """An execution whose claim was taken over ends in a batch, beside another run's end, or beside
+    the end of the execution that holds its run now: it changes nothing and is told it is lost."""
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, STEPS)
+    for n in range(3):
+        pipeline.enqueue(wf, owner, trigger_data={"n": n})
+    ex = executor(pipeline)
+    blocker, other = claim_and_run(ex), claim_and_run(ex)
+    stale_claimed, _ = claim_and_run(ex)
+    # Its lease lapsed and the run went back to the queue: another execution claims it again.
+    with pipeline.pool.connection() as conn:
+        conn.execute(
+            "UPDATE runs SET status = 'queued', claim_id = NULL, worker_id = NULL WHERE id = %s",
+            (stale_claimed.run_id,),
+        )
+    current = claim_and_run(ex)
+    assert current[0].run_id == stale_claimed.run_id
+    assert current[0].claim_id != stale_claimed.claim_id
+    stale = (stale_claimed, Outcome("failed", "stale execution", final=True))
+    rest = [stale, current] if holder_in_batch else [stale, other]
+    _, futures = finish_behind_a_held_one(pipeline, ex, blocker, rest)
+    assert [f.result(timeout=10) for f in futures] == ["lost", "succeeded"]
+    assert ex._finishes.batches == 1
+    run = pipeline.run(stale_claimed.run_id)
+    if not holder_in_batch:
+        assert (run["status"], str(run["claim_id"])) == ("running", current[0].claim_id)
+        assert ex.finish(*current) == "succeeded"
+        run = pipeline.run(stale_claimed.run_id)
+    assert (run["status"], run["error"]) == ("succeeded", None)
+    # The stale end closed nothing: its attempt is left to recovery, as it would be alone.
+    attempts = [(a["attempt"], a["status"], str(a["claim_id"])) for a in pipeline.attempts(stale_claimed.run_id)]
+    assert attempts == [
+        (stale_claimed.attempt, "running", stale_claimed.claim_id),
+        (current[0].attempt, "succeeded", current[0].claim_id),
+    ]
+
+
+@pytest.mark.parametrize("queued_behind", [True, False])
+def test_ends_in_a_batch_wake_the_next_run_of_an_owner_at_the_cap(pipeline: Pipeline, queued_behind: bool) -> None:
+    """An owner at the cap whose runs end together: wake-ups for their waiting run, and none
+    when nothing of theirs waits (negative control)."""
+    capped, other = pipeline.user(), pipeline.user()
+    wf, other_wf = pipeline.workflow(capped, STEPS), pipeline.workflow(other, STEPS)
+    blocker_run = pipeline.enqueue(other_wf, other, trigger_data={"n": 0}, priority=1).run_id
+    for n in range(2):
+        pipeline.enqueue(wf, capped, trigger_data={"n": n}, priority=2)
+    ex = executor(pipeline, user_concurrency=2)
+    ran = [claim_and_run(ex) for _ in range(3)]
+    assert ran[0][0].run_id == str(blocker_run)
+    if queued_behind:
+        pipeline.enqueue(wf, capped, trigger_data={"n": 9}, priority=2)
+    finishes = [ex.finish_for(c, o) for c, o in ran[1:]]
+    with ThreadPoolExecutor(3) as threads:
+        with run_row_locked(pipeline, str(blocker_run)):
+            leader = threads.submit(ex._finish_with_retries, ex.finish_for(*ran[0]))
+            wait_for(lambda: ex._finishes._busy)
+            futures = [threads.submit(ex._finish_with_retries, f) for f in finishes]
+            wait_for(lambda: len(ex._finishes._queued) == 2)
+        assert leader.result(timeout=10) is not None
+        rows = [f.result(timeout=10) for f in futures]
+    assert ex._finishes.batches == 1
+    assert [(r or {}).get("wake_next") for r in rows] == [queued_behind, queued_behind]

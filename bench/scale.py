@@ -71,7 +71,7 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
     with pool.connection() as conn:
         for _ in range(reps):
             insert_run(conn, settings, workflow_id=wf, owner_id=owner, trigger_type="manual")
-    claim = {"worker": "bench", "lease": 60.0, "user_cap": 100_000, "exclusive": False}
+    claim = {"worker": "bench", "lease": 60.0, "user_cap": 100_000, "exclusive": False, "count": 1}
     limiter = LocalRateLimiter(settings.rate_limit_per_minute)
     busy_wf, busy_owner = fleet.busy
     quiet_wf, _ = fleet.quiet
@@ -129,7 +129,7 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
 def finishes_per_second(pool: Pool, settings: Settings, fleet: Fleet, *, threads: int, each: int) -> float:
     """Runs finished per second by ``threads`` connections finishing claimed runs at once."""
     wf, owner = fleet.workflows[3]
-    claim = {"worker": "bench", "lease": 60.0, "user_cap": 100_000, "exclusive": False}
+    claim = {"worker": "bench", "lease": 60.0, "user_cap": 100_000, "exclusive": False, "count": 1}
     claimed = []
     with pool.connection() as conn:
         for _ in range(threads * each):

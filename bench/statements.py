@@ -167,7 +167,7 @@ def sluice_steps(url: str) -> dict[str, Step]:
             ),
         )
         workflow_id = str(wf.fetchone()[0])  # type: ignore[index]
-    claim_params = {"worker": "bench", "lease": 60.0, "user_cap": 10_000, "exclusive": False}
+    claim_params = {"worker": "bench", "lease": 60.0, "user_cap": 10_000, "exclusive": False, "count": 1}
 
     def insert(conn: psycopg.Connection[Any]) -> None:
         insert_run(

@@ -31,7 +31,7 @@ NOOP = [{"id": "a", "type": "transform", "config": {"value": 1}}]
 
 
 def claim(conn: DictConnection, user_cap: int = 5) -> list[dict[str, Any]]:
-    params = {"worker": "w", "lease": 30.0, "user_cap": user_cap, "exclusive": False}
+    params = {"worker": "w", "lease": 30.0, "user_cap": user_cap, "exclusive": False, "count": 1}
     return conn.execute(runstate.CLAIM, params).fetchall()
 
 

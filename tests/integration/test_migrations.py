@@ -244,7 +244,7 @@ def test_the_claim_reads_the_dispatch_index_in_order_however_stale_the_statistic
         "SELECT workflow_id, owner_id, 1, 'manual', 'queued', 3, now() + g * interval '1 ms' "
         "FROM runs, generate_series(1, 2000) g"
     )
-    row = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'sluice_claim_run' AND pronargs = 4").fetchone()
+    row = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'sluice_claim_runs' AND pronargs = 5").fetchone()
     assert row is not None
     config = list(row[0])  # type: ignore[call-overload]
     assert config == ["enable_sort=off"]

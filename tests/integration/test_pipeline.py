@@ -434,7 +434,7 @@ def test_the_user_cap_is_exact_where_claims_share_the_owners_lock(pipeline: Pipe
 def test_the_claim_is_costed_as_one_run_and_never_compiled(pipeline: Pipeline) -> None:
     # sluice_claim_run returns one row at most (migration 0009): costed as PostgreSQL's default of
     # 1,000, the claim statement crossed jit_above_cost and was JIT-compiled on every execution.
-    params = {"worker": "w", "lease": 30.0, "user_cap": 5, "exclusive": False}
+    params = {"worker": "w", "lease": 30.0, "user_cap": 5, "exclusive": False, "count": 1}
     with pipeline.pool.connection() as conn:
         row = conn.execute(f"EXPLAIN (FORMAT JSON) {CLAIM}", params).fetchone()
         assert row is not None

@@ -260,7 +260,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
             "max_attempts": 3,
             "aging_step": settings.priority_aging_seconds,
         },
-        "CLAIM": {"worker": "w", "lease": 30.0, "user_cap": settings.user_concurrency, "exclusive": False},
+        "CLAIM": {"worker": "w", "lease": 30.0, "user_cap": settings.user_concurrency, "exclusive": False, "count": 2},
         "CLAIM_CHECKPOINTS": {"run": running["id"]},
         "CHECKPOINT": {
             "step": "a",

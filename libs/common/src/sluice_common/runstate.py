@@ -18,8 +18,9 @@ retries, the scheduler recovers and wakes) through the statements and functions 
   (:data:`DISPATCH_AT_FUNCTION`, the SQL function ``sluice_dispatch_at`` every statement uses).
   Priority 1 therefore goes before priority 10 that became ready less than nine aging steps
   earlier, and no run waits behind later, more urgent work for longer than that.
-- **Claims** go through ``sluice_claim_run`` (:data:`CLAIM_FUNCTION`): the best runnable run in
-  dispatch order, skipping users at their concurrency cap, locking per user; a claim that finds
+- **Claims** go through ``sluice_claim_runs`` (:data:`CLAIM_FUNCTION`): the best runnable runs in
+  dispatch order (as many as the claim asks for: one per worker thread that asked at once),
+  skipping users at their concurrency cap, locking per user; a claim that finds
   nothing only because other claims hold every runnable run says so, and its wake-up is sent
   again instead of dropped. The function and the dispatch rule live here and are (re)installed
   by every ``sluice migrate`` (:func:`install_functions`), so the database always runs the code
@@ -144,14 +145,19 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # may be waiting for. The result type is unchanged (no DROP FUNCTION under running workers), and
 # workers of earlier releases take the error as a failed message, which Dramatiq retries.
 #
+# A claim for several runs (``p_count``, the worker's group commit) takes them one after the other
+# in one transaction, each as a claim of its own would (its own counts see the runs it took); one
+# that runs out of candidates after taking some returns what it has, and the worker threads left
+# without a run claim alone, which says busy where that is the reason.
+#
 # It plans with sorting disabled (PL/pgSQL plans once per session: planned while statistics said
 # few runs were waiting, the claim read every waiting run and sorted them; without a sort the only
 # plan left is runs_dispatch_idx read in order), and is declared to return one row (costed for
 # the default 1,000 the claim was JIT-compiled, 120 ms a claim). A claim lost in a database crash
 # only puts the run back in the queue, so its commit does not wait for the WAL flush.
 CLAIM_FUNCTION = """
-CREATE OR REPLACE FUNCTION sluice_claim_run(
-    p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean
+CREATE OR REPLACE FUNCTION sluice_claim_runs(
+    p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean, p_count integer
 )
 RETURNS SETOF runs
 LANGUAGE plpgsql
@@ -164,6 +170,7 @@ DECLARE
     running integer;
     lock_key bigint;
     slack integer := current_setting('max_connections')::integer;
+    claimed integer := 0;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     LOOP
@@ -185,7 +192,9 @@ BEGIN
                      LIMIT 1
                      FOR UPDATE SKIP LOCKED' INTO cand USING skipped;
         END IF;
-        IF cand.id IS NULL THEN
+        IF cand.id IS NULL AND claimed > 0 THEN
+            RETURN;  -- the claims that found none are tried again alone, which says busy if need be
+        ELSIF cand.id IS NULL THEN
             PERFORM 1 FROM runs r
             WHERE r.status IN ('queued', 'delayed')
               AND coalesce(r.not_before, '-infinity') <= now()
@@ -219,12 +228,27 @@ BEGIN
                    updated_at = now(), error = NULL
             WHERE id = cand.id
             RETURNING *;
-            RETURN;
+            claimed := claimed + 1;
+            IF claimed >= p_count THEN
+                RETURN;
+            END IF;
+        ELSE
+            skipped := skipped || cand.owner_id;
         END IF;
-        skipped := skipped || cand.owner_id;
     END LOOP;
 END
 $$
+"""
+
+# The claim of one run as the workers of the previous release call it, during an upgrade.
+CLAIM_ONE_FUNCTION = """
+CREATE OR REPLACE FUNCTION sluice_claim_run(
+    p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean
+)
+RETURNS SETOF runs
+LANGUAGE sql
+ROWS 1
+AS $$ SELECT * FROM sluice_claim_runs(p_worker, p_lease_seconds, p_user_cap, p_exclusive, 1) $$
 """
 
 
@@ -233,6 +257,7 @@ def install_functions(conn: psycopg.Connection[Any]) -> None:
     with conn.transaction():
         conn.execute(DISPATCH_AT_FUNCTION)
         conn.execute(CLAIM_FUNCTION)
+        conn.execute(CLAIM_ONE_FUNCTION)
 
 
 # Creating ---------------------------------------------------------------------------------------
@@ -305,7 +330,7 @@ SELECT id, status FROM ins
 # priority's aging (see ``sluice_dispatch_at``), the time since it became ready.
 CLAIM = """
 WITH claimed AS (
-    SELECT * FROM sluice_claim_run(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s)
+    SELECT * FROM sluice_claim_runs(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s, %(count)s)
 ), attempt AS (
     INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id)
     SELECT id, attempt, 'running', %(worker)s, claim_id FROM claimed

@@ -114,6 +114,9 @@ class RunExecutor:
         self.policy = HttpPolicy(settings.http_allow_private, settings.http_allowed_hosts)
         self._in_flight: dict[str, str] = {}  # run id -> claim id
         self._in_flight_lock = threading.Lock()
+        # Claims and ends of runs that this process's threads ask for at the same time go to
+        # PostgreSQL together (see sluice_common.groupcommit).
+        self._claims: GroupCommit[None, dict[str, Any] | None] = GroupCommit(self._claim_alone, self._claim_many)
         self._finishes = GroupCommit(self._finish_alone, self._finish_many)
 
     # The actor body --------------------------------------------------------------------------
@@ -216,28 +219,47 @@ class RunExecutor:
                 self._in_flight.pop(claimed.run_id, None)
 
     def claim(self) -> Claimed | None:
-        """Claim the best runnable run: one statement, one round trip (``runstate.CLAIM``).
+        """Claim the best runnable run: one statement, one round trip (``runstate.CLAIM``), shared
+        with the claims of this process's other threads that ask meanwhile (:attr:`_claims`).
 
         None when there is nothing this worker may start; raises
         :class:`psycopg.errors.LockNotAvailable` when other claims held every run it could have taken.
         """
-        params = {
+        row = self._claims(None)
+        if row is None:
+            return None
+        if row["resumed"]:
+            with self.pool.connection() as conn:
+                checkpoints = conn.execute(runstate.CLAIM_CHECKPOINTS, {"run": row["id"]}).fetchone()
+            row = {**row, **(checkpoints or {})}
+        return Claimed.from_row(row)
+
+    def _claim_params(self, count: int, *, exclusive: bool = False) -> dict[str, Any]:
+        return {
             "user_cap": self.settings.user_concurrency,
             "worker": self.worker_id,
             "lease": self.settings.lease_seconds,
+            "exclusive": exclusive,
+            "count": count,
         }
+
+    def _claim_alone(self, _: None) -> dict[str, Any] | None:
         with self.pool.connection() as conn:
             try:
-                row = conn.execute(runstate.CLAIM, {**params, "exclusive": False}).fetchone()
+                row = conn.execute(runstate.CLAIM, self._claim_params(1)).fetchone()
             except psycopg.errors.SerializationFailure:
                 # The owner is close to the cap, where a claim counts under the owner's exclusive lock.
-                row = conn.execute(runstate.CLAIM, {**params, "exclusive": True}).fetchone()
-            if row is None:
-                return None
-            if row["resumed"]:
-                checkpoints = conn.execute(runstate.CLAIM_CHECKPOINTS, {"run": row["id"]}).fetchone()
-                row = {**row, **(checkpoints or {})}
-        return Claimed.from_row(row)
+                row = conn.execute(runstate.CLAIM, self._claim_params(1, exclusive=True)).fetchone()
+        return dict(row) if row is not None else None
+
+    def _claim_many(self, asked: Sequence[None]) -> list[dict[str, Any] | None]:
+        """Up to ``len(asked)`` runs in one claim; the threads left without one claim alone (which
+        finds the run that was locked a moment ago, says busy, or finds nothing)."""
+        with self.pool.connection() as conn:
+            rows: list[dict[str, Any] | None] = [
+                dict(row) for row in conn.execute(runstate.CLAIM, self._claim_params(len(asked))).fetchall()
+            ]
+        return rows + [None] * (len(asked) - len(rows))
 
     # Running ------------------------------------------------------------------------------------
 

@@ -1,6 +1,8 @@
-"""The worker's group commit of ended attempts (``runstate.FINISH_ENDED_MANY``) on real PostgreSQL:
-attempts that end while another is being recorded are recorded together, each as it would be
-alone: its run, its last step, its attempt, the fence and the wake-up of the owner's next run."""
+"""The worker's group commits on real PostgreSQL: claims that its threads ask for while one is in
+flight are made by one statement (``runstate.CLAIM`` with a count), in dispatch order and within
+each owner's cap; attempts that end while another is being recorded are recorded together
+(``runstate.FINISH_ENDED_MANY``), each as it would be alone: its run, its last step, its attempt,
+the fence and the wake-up of the owner's next run."""
 
 from __future__ import annotations
 
@@ -176,3 +178,39 @@ def test_ends_in_a_batch_wake_the_next_run_of_an_owner_at_the_cap(pipeline: Pipe
         rows = [f.result(timeout=10) for f in futures]
     assert ex._finishes.batches == 1
     assert [(r or {}).get("wake_next") for r in rows] == [queued_behind, queued_behind]
+
+
+def test_claims_asked_for_together_are_made_together_in_dispatch_order_within_the_cap(pipeline: Pipeline) -> None:
+    capped, other = pipeline.user(), pipeline.user()
+    wf, other_wf = pipeline.workflow(capped, STEPS), pipeline.workflow(other, STEPS)
+    first = [pipeline.enqueue(wf, capped, trigger_data={"n": n}, priority=1).run_id for n in range(3)]
+    later = [pipeline.enqueue(other_wf, other, trigger_data={"n": n}, priority=5).run_id for n in range(2)]
+    ex = executor(pipeline, user_concurrency=2)
+    with ThreadPoolExecutor(5) as threads:
+        with pipeline.pool.connection() as conn, conn.transaction():
+            # The capped owner's lock: the first claim (of their first run) waits for it.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 5))", (capped,))
+            leader = threads.submit(ex.claim)
+            wait_for(lambda: ex._claims._busy)
+            futures = [threads.submit(ex.claim) for _ in range(4)]
+            wait_for(lambda: len(ex._claims._queued) == 4)
+        claims = [leader.result(timeout=10), *(f.result(timeout=10) for f in futures)]
+    assert (ex._claims.batches, ex._claims.batched) == (1, 4)
+    got = [c.run_id if c is not None else None for c in claims]
+    # The leader's, then the batch's in dispatch order: the capped owner's second run, then (their
+    # third one is over the cap) the other owner's; the fourth thread, left without one, claims
+    # alone and finds nothing it may start.
+    assert got == [str(first[0]), str(first[1]), str(later[0]), str(later[1]), None]
+    assert pipeline.run(first[2])["status"] == "queued"
+    # One statement, one transaction: the batch's runs started at the same transaction time.
+    started = [pipeline.run(run_id)["started_at"] for run_id in got[1:4]]
+    assert len(set(started)) == 1
+    assert started[0] > pipeline.run(got[0])["started_at"]
+    for claimed in claims[:4]:
+        assert claimed is not None
+        run = pipeline.run(claimed.run_id)
+        assert (run["status"], str(run["claim_id"])) == ("running", claimed.claim_id)
+        assert [(a["status"], str(a["claim_id"])) for a in pipeline.attempts(claimed.run_id)] == [
+            ("running", claimed.claim_id)
+        ]
+        assert claimed.steps == STEPS

@@ -20,14 +20,15 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sluice_common.db import Pool
 from sluice_common.errors import ConfigError, FieldProblem, NotFoundError, ValidationFailed
 from sluice_common.settings import Settings
+
+if TYPE_CHECKING:  # imported with the first secret sealed or opened (see _box)
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 SECRET_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"  # noqa: S105 - a pattern, not a password
 MAX_SECRET_BYTES = 16 * 1024
@@ -78,6 +79,11 @@ def _dev_key(data_dir: Path) -> bytes:
 
 
 def _box(settings: Settings) -> AESGCM:
+    # cryptography's OpenSSL binding (some 7 MB of a process's memory) is loaded here, with the first
+    # secret sealed or opened, not at import: an API worker or a worker whose runs use no secret
+    # never needs it.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     key = _decode_key(settings.secret_key) if settings.secret_key else _dev_key(settings.data_path)
     box = _boxes.get(key)
     if box is None:
@@ -96,8 +102,11 @@ def seal(settings: Settings, owner_id: UUID | str, name: str, value: str) -> byt
 
 
 def unseal(settings: Settings, owner_id: UUID | str, name: str, blob: bytes) -> str:
+    box = _box(settings)
+    from cryptography.exceptions import InvalidTag  # loaded by _box already
+
     try:
-        return _box(settings).decrypt(blob[:_NONCE], blob[_NONCE:], _aad(owner_id, name)).decode()
+        return box.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(owner_id, name)).decode()
     except InvalidTag:
         raise ConfigError(
             f"secret {name!r} cannot be decrypted: SLUICE_SECRET_KEY differs from the key it was stored with"

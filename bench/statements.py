@@ -11,13 +11,15 @@ executes, and gives each side its own connections, each doing one kind of statem
   worker's claim (``runstate.CLAIM``, plus ``CLAIM_CHECKPOINTS`` for a resumed run, as the worker
   does) and its finish of a one-step run that succeeded (``runstate.FINISH_ENDED`` with the step's
   checkpoint) on another, one run at a time;
+- sluice, 4 at once: the same statements for 4 runs each (``runstate.INSERT_RUN_MANY``, ``CLAIM``
+  for 4, ``FINISH_ENDED_MANY``), as the API's and the worker's group commits make them under load;
 - baseline: the end-to-end bench's bare statements, one INSERT of the item and one UPDATE of it.
 
 Each connection runs ``--warmup`` runs in one session and ``--warmup + --runs`` in another; the
 difference of the two backends' totals, divided by ``--runs``, is the work per run without the
 connection's start. Prints instructions per run for each statement and the total, and Sluice's
-total over the baseline's. Needs valgrind (Debian: ``apt-get install valgrind``); the server runs
-much slower under it, but a run of the defaults takes under a minute. The figures depend on
+totals over the baseline's. Needs valgrind (Debian: ``apt-get install valgrind``); the server
+runs much slower under it, but a run of the defaults takes about a minute. The figures depend on
 ``--runs`` and ``--warmup`` (the tables grow with them): compare runs made with the same ones.
 """
 
@@ -44,13 +46,15 @@ from psycopg.types.json import Jsonb
 
 from sluice_common import runstate
 from sluice_common.db import migrate
-from sluice_common.runs import insert_run
+from sluice_common.runs import NewRun, insert_many, insert_run
 from sluice_common.settings import load_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import finish_params
 
 Step = Callable[[psycopg.Connection[Any]], None]
+# Runs per statement on the side that shows the group commits (API inserts, worker claims and finishes).
+TOGETHER = 4
 HOOK = hashlib.sha256(b"bench").digest()  # the webhook secret's hash, checked by the insert as in the API
 
 
@@ -150,7 +154,9 @@ def per_run(pg: CallgrindPostgres, url: str, step: Step, warmup: int, runs: int)
     return (session(warmup + runs) - session(warmup)) / runs
 
 
-def sluice_steps(url: str) -> dict[str, Step]:
+def sluice_steps(url: str, together: int = 1) -> dict[str, Step]:
+    """The run statements, for ``together`` runs per call: one as a lone request or worker thread
+    makes them, several as the group commits of the API and the worker do under load."""
     migrate(url)
     settings = load_settings()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -167,7 +173,21 @@ def sluice_steps(url: str) -> dict[str, Step]:
             ),
         )
         workflow_id = str(wf.fetchone()[0])  # type: ignore[index]
-    claim_params = {"worker": "bench", "lease": 60.0, "user_cap": 10_000, "exclusive": False, "count": 1}
+    claim_params = {"worker": "bench", "lease": 60.0, "user_cap": 10_000, "exclusive": False, "count": together}
+    new_run = NewRun(workflow_id, owner_id, "webhook", {"n": 1}, webhook_secret_hash=HOOK)
+
+    def insert_together(conn: psycopg.Connection[Any]) -> None:
+        assert all(run is not None for run in insert_many(conn, settings, [new_run] * together))
+
+    def work_together(conn: psycopg.Connection[Any]) -> None:
+        rows = conn.execute(runstate.CLAIM, claim_params).fetchall()
+        assert len(rows) == together, "the bench inserts every run it claims"
+        finishes = [finish_params(row, user_cap=10_000, output=Jsonb(1)) for row in rows]
+        params = {name: [f[name] for f in finishes] for name in runstate.FINISH_ENDED_MANY_ARRAYS}
+        assert len(conn.execute(runstate.FINISH_ENDED_MANY, {**params, "user_cap": 10_000}).fetchall()) == together
+
+    if together > 1:
+        return {"api: insert": insert_together, "worker: claim + finish": work_together}
 
     def insert(conn: psycopg.Connection[Any]) -> None:
         insert_run(
@@ -222,17 +242,23 @@ def main() -> None:
     try:
         totals: dict[str, float] = {}
         print("PostgreSQL backend instructions per run (callgrind):")
-        for side, make in (("sluice", sluice_steps), ("baseline", baseline_steps)):
-            url = pg.database(f"bench_{side}")
+        sides: list[tuple[str, Callable[[str], dict[str, Step]], int]] = [
+            ("sluice", sluice_steps, 1),
+            (f"sluice, {TOGETHER} at once", lambda url: sluice_steps(url, TOGETHER), TOGETHER),
+            ("baseline", baseline_steps, 1),
+        ]
+        for side, make, together in sides:
+            url = pg.database(f"bench_{side.split(',')[0]}_{together}")
             steps = make(url)
             totals[side] = 0.0
             # The producer's sessions insert every run the worker's sessions then take.
             for name, step in steps.items():
-                figure = per_run(pg, url, step, args.warmup, args.runs)
+                figure = per_run(pg, url, step, args.warmup // together, args.runs // together) / together
                 totals[side] += figure
-                print(f"  {side:9} {name:24} {figure:>12,.0f}", flush=True)
-            print(f"  {side:9} {'total':24} {totals[side]:>12,.0f}", flush=True)
-        print(f"  sluice / baseline: {totals['sluice'] / totals['baseline']:.2f}")
+                print(f"  {side:18} {name:24} {figure:>12,.0f}", flush=True)
+            print(f"  {side:18} {'total':24} {totals[side]:>12,.0f}", flush=True)
+        for side, _, _ in sides[:2]:
+            print(f"  {side} / baseline: {totals[side] / totals['baseline']:.2f}")
     finally:
         pg.close()
         shutil.rmtree(root, ignore_errors=True)

@@ -283,21 +283,10 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
         },
         "FINISH_ENDED": finish,
         "FINISH_ENDED_MANY": {
+            # Two attempts of one run (the second without a last step): the plan, not the outcome.
             **{
                 name: [finish[name], None if name in ("step", "pos", "output", "started") else finish[name]]
-                for name in (
-                    "id",
-                    "claim",
-                    "status",
-                    "attempt_status",
-                    "error",
-                    "attempt",
-                    "owner",
-                    "step",
-                    "pos",
-                    "output",
-                    "started",
-                )
+                for name in runstate.FINISH_ENDED_MANY_ARRAYS
             },
             "user_cap": finish["user_cap"],
         },

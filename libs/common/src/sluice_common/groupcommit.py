@@ -34,6 +34,7 @@ class _Waiter(Generic[T, R]):
     item: T
     done: threading.Event = field(default_factory=threading.Event)
     batch: list[_Waiter[T, R]] | None = None  # set when this thread is to lead the next write
+    led: bool = False  # it has started to lead it
     result: R = _UNWRITTEN  # what its write returned; unwritten: its thread writes it alone
 
 
@@ -66,13 +67,18 @@ class GroupCommit(Generic[T, R]):
                 me.batch = [me]
             else:
                 self._queued.append(me)
-        if not lead:
-            me.done.wait()
-        if me.batch is not None:
-            self._lead(me.batch)
+        try:
+            if not lead:
+                me.done.wait()
+            if me.batch is not None:
+                self._lead(me.batch)
+        except BaseException:
+            self._abandon(me)
+            raise
         return self._one(item) if me.result is _UNWRITTEN else me.result
 
     def _lead(self, batch: list[_Waiter[T, R]]) -> None:
+        batch[0].led = True
         try:
             if len(batch) == 1:
                 batch[0].result = self._one(batch[0].item)
@@ -99,5 +105,24 @@ class GroupCommit(Generic[T, R]):
                 self._busy = False
                 return
             batch, self._queued = self._queued[: self._max_batch], self._queued[self._max_batch :]
-        batch[0].batch = batch
+            batch[0].batch = batch
         batch[0].done.set()
+
+    def _abandon(self, me: _Waiter[T, R]) -> None:
+        """A thread interrupted before it led what it was given (an asynchronous exception, such as
+        Dramatiq's time limit raises): it leaves the queue, or passes the lead on, so that no thread
+        is left waiting for a leader that has gone."""
+        with self._lock:
+            if me in self._queued:
+                self._queued.remove(me)
+                return
+            batch = None if me.led else me.batch
+        if batch is None:
+            return  # a member of a batch in flight (its leader tells it), or it led already
+        rest = batch[1:]
+        if not rest:
+            self._hand_over()
+            return
+        with self._lock:
+            rest[0].batch = rest
+        rest[0].done.set()

@@ -452,6 +452,21 @@ SELECT run.id, run.claim, run.status,
 FROM run JOIN req r ON r.id = run.id AND r.claim = run.claim
 """
 
+# FINISH_ENDED_MANY's arrays (one element per attempt, FINISH_ENDED's parameter of that name).
+FINISH_ENDED_MANY_ARRAYS = (
+    "id",
+    "claim",
+    "status",
+    "attempt_status",
+    "error",
+    "attempt",
+    "owner",
+    "step",
+    "pos",
+    "output",
+    "started",
+)
+
 # The attempt ended without ending its run: ``status`` is ``delayed`` (a retry after its backoff,
 # or a delay step: ``wait`` ms), ``queued`` (handed back at shutdown) or ``waiting`` (parked on the
 # sub-workflow run ``child``). A parked or handed-back attempt gives its number back

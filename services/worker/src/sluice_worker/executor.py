@@ -65,20 +65,6 @@ from sluice_worker.subruns import PgSubRuns
 
 log = logging.getLogger(__name__)
 
-# FINISH_ENDED_MANY's arrays, one element per attempt, from FINISH_ENDED's parameters.
-_FINISH_MANY_COLUMNS = (
-    "id",
-    "claim",
-    "status",
-    "attempt_status",
-    "error",
-    "attempt",
-    "owner",
-    "step",
-    "pos",
-    "output",
-    "started",
-)
 
 # How long a thread goes on starting runs for waiting wake-ups before it returns to the broker.
 CHAIN_SECONDS = 30.0
@@ -366,7 +352,9 @@ class RunExecutor:
     def _finish_many(self, finishes: Sequence[Finish]) -> list[dict[str, Any] | None]:
         """FINISH_ENDED_MANY; None for an attempt whose claim is gone, which is then finished alone
         (and found gone again: the lost path costs a statement more, the common one a commit less)."""
-        params: dict[str, Any] = {name: [f.params[name] for f in finishes] for name in _FINISH_MANY_COLUMNS}
+        params: dict[str, Any] = {
+            name: [f.params[name] for f in finishes] for name in runstate.FINISH_ENDED_MANY_ARRAYS
+        }
         params["user_cap"] = finishes[0].params["user_cap"]
         with self.pool.connection() as conn:
             rows = conn.execute(runstate.FINISH_ENDED_MANY, params).fetchall()

@@ -1,0 +1,149 @@
+"""GroupCommit's rule with plain functions in threads: who writes, with whom, and that nobody is
+left waiting (the database side is in tests/integration/test_inserts.py and
+test_claims_and_finishes.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+
+from sluice_common.groupcommit import GroupCommit
+
+
+class Interrupted(BaseException):
+    """What an asynchronous exception (Dramatiq's time limit) raises in a thread."""
+
+
+class Store:
+    """``one`` and ``many`` that record their calls; ``one`` of item ``hold`` waits for ``go``."""
+
+    def __init__(self, hold: int | None = None, left_out: frozenset[int] = frozenset()) -> None:
+        self.hold = hold
+        self.left_out = left_out
+        self.go = threading.Event()
+        self.ones: list[int] = []
+        self.manys: list[list[int]] = []
+        self.fail_many = False
+        self.fail_one: frozenset[int] = frozenset()
+
+    def one(self, item: int) -> str:
+        self.ones.append(item)
+        if item == self.hold:
+            assert self.go.wait(10)
+        if item in self.fail_one:
+            raise ValueError(f"bad {item}")
+        return f"one:{item}"
+
+    def many(self, items: Sequence[int]) -> list[str | None]:
+        self.manys.append(list(items))
+        if self.fail_many:
+            raise RuntimeError("the statement failed")
+        return [None if i in self.left_out else f"many:{i}" for i in items]
+
+
+def wait_for(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 10
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def behind_a_held_write(store: Store, group: GroupCommit[int, str], items: list[int]) -> list[Future[str]]:
+    """Start the held write (item 0), queue ``items`` behind it, let it go; futures of all of them."""
+    threads = ThreadPoolExecutor(len(items) + 1)
+    first = threads.submit(group, 0)
+    wait_for(lambda: store.ones == [0])
+    futures = []
+    for queued, item in enumerate(items, start=1):
+        futures.append(threads.submit(group, item))
+        wait_for(lambda queued=queued: len(group._queued) == queued)
+    store.go.set()
+    threads.shutdown(wait=True)
+    return [first, *futures]
+
+
+def test_a_lone_caller_writes_alone_at_once() -> None:
+    store = Store()
+    group = GroupCommit(store.one, store.many)
+    assert [group(1), group(2)] == ["one:1", "one:2"]
+    assert (store.ones, store.manys, group.batches) == ([1, 2], [], 0)
+    assert not group._busy
+
+
+def test_callers_behind_a_write_go_in_together_each_with_its_result() -> None:
+    store = Store(hold=0)
+    group = GroupCommit(store.one, store.many)
+    results = [f.result() for f in behind_a_held_write(store, group, [1, 2, 3])]
+    assert results == ["one:0", "many:1", "many:2", "many:3"]
+    assert store.manys == [[1, 2, 3]]
+    assert (group.batches, group.batched) == (1, 3)
+    assert not group._busy
+    assert not group._queued
+
+
+def test_a_batch_takes_at_most_max_batch_and_the_rest_follow() -> None:
+    store = Store(hold=0)
+    group = GroupCommit(store.one, store.many, max_batch=2)
+    results = [f.result() for f in behind_a_held_write(store, group, [1, 2, 3])]
+    assert results == ["one:0", "many:1", "many:2", "one:3"]
+    assert store.manys == [[1, 2]]
+
+
+def test_an_item_the_batch_leaves_out_is_written_alone_by_its_caller() -> None:
+    store = Store(hold=0, left_out=frozenset({2}))
+    group = GroupCommit(store.one, store.many)
+    results = [f.result() for f in behind_a_held_write(store, group, [1, 2, 3])]
+    assert results == ["one:0", "many:1", "one:2", "many:3"]
+
+
+def test_a_failed_batch_is_written_alone_and_only_the_bad_item_fails() -> None:
+    store = Store(hold=0)
+    store.fail_many = True
+    store.fail_one = frozenset({2})
+    group = GroupCommit(store.one, store.many)
+    futures = behind_a_held_write(store, group, [1, 2, 3])
+    assert [futures[i].result() for i in (0, 1, 3)] == ["one:0", "one:1", "one:3"]
+    with pytest.raises(ValueError, match="bad 2"):
+        futures[2].result()
+    assert group.batches == 0
+    assert not group._busy
+
+
+def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
+    """The first queued thread gets an asynchronous exception; it arrives when the thread wakes to
+    lead the next batch. The batch's other member must still be written, and the group go idle."""
+    store = Store(hold=0)
+    group = GroupCommit(store.one, store.many)
+    outcomes: dict[int, object] = {}
+
+    def call(item: int) -> None:
+        try:
+            outcomes[item] = group(item)
+        except Interrupted as exc:
+            outcomes[item] = exc
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
+    threads[0].start()
+    wait_for(lambda: store.ones == [0])
+    threads[1].start()
+    wait_for(lambda: len(group._queued) == 1)
+    threads[2].start()
+    wait_for(lambda: len(group._queued) == 2)
+    # Delivered once the thread runs Python again: when the held write ends and it is woken to lead.
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threads[1].ident), ctypes.py_object(Interrupted))
+    store.go.set()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert outcomes[0] == "one:0"
+    assert isinstance(outcomes[1], Interrupted)
+    assert outcomes[2] == "one:2"  # led by itself, alone
+    assert store.manys == []
+    assert not group._busy
+    assert not group._queued
+    assert group(4) == "one:4"

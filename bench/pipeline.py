@@ -41,7 +41,7 @@ from psycopg.types.json import Jsonb
 
 from sluice_common.broker import make_broker
 from sluice_common.db import migrate, open_pool
-from sluice_common.runs import enqueue_run
+from sluice_common.runs import NewRun, enqueue_run
 from sluice_common.settings import load_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -227,7 +227,7 @@ def sluice(
         assert wf is not None
 
     def enqueue() -> None:
-        enqueue_run(pool, broker, settings, workflow_id=wf["id"], owner_id=user["id"])
+        enqueue_run(pool, broker, settings, NewRun(wf["id"], user["id"]))
 
     for _ in range(n):
         enqueue()

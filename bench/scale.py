@@ -40,7 +40,7 @@ from sluice_api import queries
 from sluice_common import runstate
 from sluice_common.db import Pool, migrate, open_pool
 from sluice_common.ratelimit import LocalRateLimiter
-from sluice_common.runs import get_queue_stats, insert_run
+from sluice_common.runs import NewRun, get_queue_stats, insert_run
 from sluice_common.settings import Settings, load_settings
 from sluice_scheduler.maintenance import prune_history
 
@@ -70,7 +70,7 @@ def measure(pool: Pool, settings: Settings, fleet: Fleet, size: int, reps: int) 
     wf, owner = fleet.workflows[2]
     with pool.connection() as conn:
         for _ in range(reps):
-            insert_run(conn, settings, workflow_id=wf, owner_id=owner, trigger_type="manual")
+            insert_run(conn, settings, NewRun(wf, owner))
     claim = {"worker": "bench", "lease": 60.0, "user_cap": 100_000, "exclusive": False, "count": 1}
     limiter = LocalRateLimiter(settings.rate_limit_per_minute)
     busy_wf, busy_owner = fleet.busy
@@ -133,7 +133,7 @@ def finishes_per_second(pool: Pool, settings: Settings, fleet: Fleet, *, threads
     claimed = []
     with pool.connection() as conn:
         for _ in range(threads * each):
-            insert_run(conn, settings, workflow_id=wf, owner_id=owner, trigger_type="manual")
+            insert_run(conn, settings, NewRun(wf, owner))
             claimed.append(conn.execute(runstate.CLAIM, claim).fetchone())
 
     def finish(rows: list[Any]) -> None:

@@ -190,15 +190,7 @@ def sluice_steps(url: str, together: int = 1) -> dict[str, Step]:
         return {"api: insert": insert_together, "worker: claim + finish": work_together}
 
     def insert(conn: psycopg.Connection[Any]) -> None:
-        insert_run(
-            conn,
-            settings,
-            workflow_id=workflow_id,
-            owner_id=owner_id,
-            trigger_type="webhook",
-            trigger_data={"n": 1},
-            webhook_secret_hash=HOOK,
-        )
+        insert_run(conn, settings, new_run)
 
     def work(conn: psycopg.Connection[Any]) -> None:
         row = conn.execute(runstate.CLAIM, claim_params).fetchone()

@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from sluice_common.broker import make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
 from sluice_common.ratelimit import RedisRateLimiter
-from sluice_common.runs import EnqueuedRun, enqueue_run
+from sluice_common.runs import EnqueuedRun, NewRun, enqueue_run
 from sluice_common.settings import Settings, load_settings
 from sluice_worker.service import WorkerApp, create_worker
 from tests.conftest import Servers
@@ -73,7 +73,7 @@ class Pipeline:
         return str(row["id"])
 
     def enqueue(self, workflow_id: str, owner: str, **options: Any) -> EnqueuedRun:
-        return enqueue_run(self.pool, self.broker, self.settings, workflow_id=workflow_id, owner_id=owner, **options)
+        return enqueue_run(self.pool, self.broker, self.settings, NewRun(workflow_id, owner, **options))
 
     def start_worker(self, threads: int = 1, **overrides: Any) -> WorkerApp:
         settings = self.settings.model_copy(update=overrides) if overrides else self.settings

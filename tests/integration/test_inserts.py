@@ -55,13 +55,7 @@ def enqueue(
     pipeline: Pipeline, inserts: GroupCommit[NewRun, EnqueuedRun], workflow_id: str, owner: str, **options: Any
 ) -> EnqueuedRun:
     return enqueue_run(
-        pipeline.pool,
-        pipeline.broker,
-        pipeline.settings,
-        workflow_id=workflow_id,
-        owner_id=owner,
-        inserts=inserts,
-        **options,
+        pipeline.pool, pipeline.broker, pipeline.settings, NewRun(workflow_id, owner, **options), inserts=inserts
     )
 
 

@@ -37,6 +37,7 @@ from sluice_common.ratelimit import LocalRateLimiter
 from sluice_common.runs import (
     FINISHED_COUNTS,
     FINISHED_WINDOWS,
+    NewRun,
     change_rate_limit,
     fold_finish_events,
     get_queue_stats,
@@ -150,7 +151,7 @@ def big(module_database: str) -> Iterator[Big]:
     with pool.connection() as conn:
         for i in range(200):
             delay = 60_000 * (i % 2)
-            insert_run(conn, settings, workflow_id=wf, owner_id=owner, trigger_type="manual", delay_ms=delay)
+            insert_run(conn, settings, NewRun(wf, owner, delay_ms=delay))
     limiter = LocalRateLimiter(10**6)
     executor = RunExecutor(settings, pool, StubBroker(), limiter, httpx.Client(), "w", threading.Event())
     for _ in range(20):

@@ -10,7 +10,7 @@ import pytest
 
 from sluice_api.resources.queue import queue_stats_body
 from sluice_common.broker import make_broker
-from sluice_common.runs import enqueue_run, get_queue_stats
+from sluice_common.runs import NewRun, enqueue_run, get_queue_stats
 from sluice_standalone.app import Standalone, create_standalone
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
@@ -36,7 +36,7 @@ def standalone(pipeline: Pipeline) -> Iterator[Callable[..., Standalone]]:
 
 
 def enqueue(pipeline: Pipeline, app: Standalone, wf: str, owner: str, **options: Any) -> Any:
-    return enqueue_run(app.pool, app.broker, app.settings, workflow_id=wf, owner_id=owner, **options).run_id
+    return enqueue_run(app.pool, app.broker, app.settings, NewRun(wf, owner, **options)).run_id
 
 
 def test_priority_delay_and_retry_without_redis(
@@ -86,12 +86,8 @@ def test_runs_left_queued_are_resumed_at_the_next_start(
     wf = pipeline.workflow(owner, NOOP)
     # A previous process accepted these and stopped before running them: its broker is gone.
     gone = make_broker(pipeline.settings, None)
-    runs = [
-        enqueue_run(pipeline.pool, gone, pipeline.settings, workflow_id=wf, owner_id=owner).run_id for _ in range(3)
-    ]
-    runs.append(
-        enqueue_run(pipeline.pool, gone, pipeline.settings, workflow_id=wf, owner_id=owner, delay_ms=800).run_id
-    )
+    runs = [enqueue_run(pipeline.pool, gone, pipeline.settings, NewRun(wf, owner)).run_id for _ in range(3)]
+    runs.append(enqueue_run(pipeline.pool, gone, pipeline.settings, NewRun(wf, owner, delay_ms=800)).run_id)
     gone.close()
     app = standalone()
     app.start()

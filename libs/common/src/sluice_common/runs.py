@@ -46,25 +46,13 @@ class EnqueuedRun:
     traceparent: str | None = None  # the trace context the new run was stored with
 
 
-def _check_options(priority: int, delay_ms: int, trigger_type: str) -> None:
-    problems = []
-    if not 1 <= priority <= 10:
-        problems.append(FieldProblem("$.priority", "must be an integer from 1 (first) to 10 (last)"))
-    if not 0 <= delay_ms <= MAX_DELAY_MS:
-        problems.append(FieldProblem("$.delay", f"must be from 0 to {MAX_DELAY_MS} milliseconds (7 days)"))
-    if trigger_type not in TRIGGER_TYPES:
-        problems.append(FieldProblem("$.triggerType", f"must be one of {', '.join(TRIGGER_TYPES)}"))
-    if problems:
-        raise ValidationFailed(problems)
-
-
 @dataclass(frozen=True)
 class NewRun:
-    """A run to insert, as a producer asks for it (see :func:`insert_run`)."""
+    """A run to insert, as a producer asks for it (:func:`enqueue_run`, :func:`insert_run`)."""
 
     workflow_id: UUID | str
     owner_id: UUID | str
-    trigger_type: str
+    trigger_type: str = "manual"
     trigger_data: Any = None
     priority: int = 5
     delay_ms: int = 0
@@ -74,7 +62,15 @@ class NewRun:
     webhook_secret_hash: bytes | None = None
 
     def check(self) -> None:
-        _check_options(self.priority, self.delay_ms, self.trigger_type)
+        problems = []
+        if not 1 <= self.priority <= 10:
+            problems.append(FieldProblem("$.priority", "must be an integer from 1 (first) to 10 (last)"))
+        if not 0 <= self.delay_ms <= MAX_DELAY_MS:
+            problems.append(FieldProblem("$.delay", f"must be from 0 to {MAX_DELAY_MS} milliseconds (7 days)"))
+        if self.trigger_type not in TRIGGER_TYPES:
+            problems.append(FieldProblem("$.triggerType", f"must be one of {', '.join(TRIGGER_TYPES)}"))
+        if problems:
+            raise ValidationFailed(problems)
 
     @property
     def key(self) -> str | None:
@@ -83,21 +79,7 @@ class NewRun:
         return f"{self.trigger_type}:{self.idempotency_key}" if self.idempotency_key is not None else None
 
 
-def insert_run(
-    conn: DictConnection,
-    settings: Settings,
-    *,
-    workflow_id: UUID | str,
-    owner_id: UUID | str,
-    trigger_type: str,
-    trigger_data: Any = None,
-    priority: int = 5,
-    delay_ms: int = 0,
-    idempotency_key: str | None = None,
-    traceparent: str | None = None,
-    parent_run_id: UUID | str | None = None,
-    webhook_secret_hash: bytes | None = None,
-) -> EnqueuedRun:
+def insert_run(conn: DictConnection, settings: Settings, new: NewRun) -> EnqueuedRun:
     """Insert one run row on the caller's connection: the workflow check and the insert are one
     statement. An idempotency hit returns the earlier run (``created`` false). With
     ``webhook_secret_hash`` the workflow must also still have that webhook secret (else
@@ -107,18 +89,6 @@ def insert_run(
     claims a cron fire, commits, then sends the wake-up with
     :func:`~sluice_common.broker.send_run_message`.
     """
-    new = NewRun(
-        workflow_id,
-        owner_id,
-        trigger_type,
-        trigger_data,
-        priority,
-        delay_ms,
-        idempotency_key,
-        traceparent,
-        parent_run_id,
-        webhook_secret_hash,
-    )
     return _create(new, lambda checked: insert_one(conn, settings, checked))
 
 
@@ -220,18 +190,9 @@ def enqueue_run(
     pool: Pool,
     broker: dramatiq.Broker,
     settings: Settings,
+    new: NewRun,
     *,
-    workflow_id: UUID | str,
-    owner_id: UUID | str,
-    trigger_type: str = "manual",
-    trigger_data: Any = None,
-    priority: int = 5,
-    delay_ms: int = 0,
-    idempotency_key: str | None = None,
-    traceparent: str | None = None,
-    parent_run_id: UUID | str | None = None,
     sender: WakeupSender | None = None,
-    webhook_secret_hash: bytes | None = None,
     inserts: Callable[[NewRun], EnqueuedRun] | None = None,
 ) -> EnqueuedRun:
     """Write the run row (``queued`` or ``delayed``), commit, then send its wake-up by actor name.
@@ -239,26 +200,14 @@ def enqueue_run(
     ``inserts`` writes and commits the row instead of a statement of its own on ``pool`` (the
     API's group commit, :func:`group_inserts`).
     """
-    new = NewRun(
-        workflow_id,
-        owner_id,
-        trigger_type,
-        trigger_data,
-        priority,
-        delay_ms,
-        idempotency_key,
-        traceparent,
-        parent_run_id,
-        webhook_secret_hash,
-    )
     run = _create(new, inserts or (lambda checked: insert_alone(pool, settings, checked)))
     if not run.created:
         return run
-    run_events.created(RunCreated(str(run.run_id), str(workflow_id), trigger_type))
+    run_events.created(RunCreated(str(run.run_id), str(new.workflow_id), new.trigger_type))
     if sender is not None:
-        sender.send(str(run.run_id), delay_ms=delay_ms, traceparent=run.traceparent)
+        sender.send(str(run.run_id), delay_ms=new.delay_ms, traceparent=run.traceparent)
     else:
-        wake(broker, str(run.run_id), delay_ms=delay_ms, traceparent=run.traceparent)
+        wake(broker, str(run.run_id), delay_ms=new.delay_ms, traceparent=run.traceparent)
     return run
 
 

@@ -15,7 +15,7 @@ from uuid import UUID
 from sluice_api import queries
 from sluice_api.deps import Dependencies
 from sluice_common.errors import ConflictError
-from sluice_common.runs import EnqueuedRun, enqueue_run
+from sluice_common.runs import EnqueuedRun, NewRun, enqueue_run
 from sluice_common.workflow import validate_workflow
 
 PATCH_TRIES = 5
@@ -114,14 +114,16 @@ def run_workflow(
         deps.pool,
         deps.broker,
         deps.settings,
-        workflow_id=workflow_id,
-        owner_id=owner,
-        trigger_type="manual",
-        trigger_data=trigger_data,
-        priority=priority,
-        delay_ms=delay_ms,
-        idempotency_key=idempotency_key,
-        traceparent=traceparent,
+        NewRun(
+            workflow_id,
+            owner,
+            "manual",
+            trigger_data,
+            priority=priority,
+            delay_ms=delay_ms,
+            idempotency_key=idempotency_key,
+            traceparent=traceparent,
+        ),
         sender=deps.sender,
         inserts=deps.inserts,
     )

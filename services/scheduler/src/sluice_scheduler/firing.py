@@ -25,7 +25,7 @@ from sluice_common.cron import PlannedFire, iso
 from sluice_common.db import DictConnection, Pool
 from sluice_common.logs import log_context
 from sluice_common.observe import RunCreated, run_events
-from sluice_common.runs import insert_run
+from sluice_common.runs import NewRun, insert_run
 from sluice_common.settings import Settings
 from sluice_common.workflow import CronConfig
 
@@ -71,20 +71,8 @@ def _busy(conn: DictConnection, workflow_id: str) -> bool:
 
 
 def _create_run(conn: DictConnection, settings: Settings, wf: CronWorkflow, scheduled_at: datetime, extra: Any) -> UUID:
-    run = insert_run(
-        conn,
-        settings,
-        workflow_id=wf.id,
-        owner_id=wf.owner_id,
-        trigger_type="cron",
-        trigger_data={
-            "scheduledAt": iso(scheduled_at),
-            "schedule": wf.config.schedule,
-            "timezone": wf.config.timezone,
-            **extra,
-        },
-        priority=settings.cron_priority,
-    )
+    data = {"scheduledAt": iso(scheduled_at), "schedule": wf.config.schedule, "timezone": wf.config.timezone, **extra}
+    run = insert_run(conn, settings, NewRun(wf.id, wf.owner_id, "cron", data, priority=settings.cron_priority))
     return run.run_id
 
 

@@ -11,7 +11,7 @@ import dramatiq
 
 from sluice_common.db import Pool
 from sluice_common.errors import ConflictError, NotFoundError, ValidationFailed
-from sluice_common.runs import enqueue_run
+from sluice_common.runs import NewRun, enqueue_run
 from sluice_common.settings import Settings
 from sluice_worker.claims import Claimed
 from sluice_worker.engine import ChildState, RunContext, StepFailed
@@ -59,15 +59,17 @@ class PgSubRuns:
                 self._pool,
                 self._broker,
                 self._settings,
-                workflow_id=workflow_id,
-                owner_id=self._claimed.owner_id,
-                trigger_type="workflow",
-                trigger_data=trigger_data,
-                priority=self._claimed.priority,
-                # The same attempt never starts a second child for one step (a redelivery, a
-                # hand-back at shutdown); a retry after a failure starts a fresh one.
-                idempotency_key=f"parent:{ctx.run_id}:{step_id}:{ctx.attempt}",
-                parent_run_id=ctx.run_id,
+                NewRun(
+                    workflow_id,
+                    self._claimed.owner_id,
+                    "workflow",
+                    trigger_data,
+                    priority=self._claimed.priority,
+                    # The same attempt never starts a second child for one step (a redelivery, a
+                    # hand-back at shutdown); a retry after a failure starts a fresh one.
+                    idempotency_key=f"parent:{ctx.run_id}:{step_id}:{ctx.attempt}",
+                    parent_run_id=ctx.run_id,
+                ),
             )
         except NotFoundError:
             raise StepFailed(step_id, f"no workflow {workflow_id} of this owner", final=True) from None

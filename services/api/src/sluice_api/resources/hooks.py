@@ -14,7 +14,7 @@ from sluice_api.inputs import check_storable, media_type, parse_json, read_body
 from sluice_api.openapi import IDEMPOTENCY_HEADER, Operations, errors, ref, response
 from sluice_api.resources.base import Context, Resource, accepted, idempotency_key, traceparent
 from sluice_common.errors import NotFoundError
-from sluice_common.runs import enqueue_run
+from sluice_common.runs import NewRun, enqueue_run
 
 # Webhooks whose workflow a process remembers (see HookResource); past this many it starts over.
 KNOWN_HOOKS = 10_000
@@ -87,15 +87,17 @@ class HookResource(Resource):
                 self._deps.pool,
                 self._deps.broker,
                 self._deps.settings,
-                workflow_id=workflow_id,
-                owner_id=owner,
-                trigger_type="webhook",
-                trigger_data=data,
-                idempotency_key=idempotency_key(req),
-                traceparent=traceparent(req),
+                NewRun(
+                    workflow_id,
+                    owner,
+                    "webhook",
+                    data,
+                    idempotency_key=idempotency_key(req),
+                    traceparent=traceparent(req),
+                    webhook_secret_hash=digest,
+                ),
                 sender=self._deps.sender,
                 inserts=self._deps.inserts,
-                webhook_secret_hash=digest,
             )
         except NotFoundError:
             self._targets.pop(digest, None)

@@ -1,9 +1,9 @@
 """Group commit: the writes that a process's threads ask for while one is in flight go in together,
 as one statement and one commit.
 
-A write that must be durable before its caller goes on (a new run before its request is answered,
-a run's end before its worker takes the next) costs PostgreSQL a statement, a transaction and a WAL
-flush, which is most of what a small write costs. With a :class:`GroupCommit`, one thread at a
+A write that its caller waits for (a new run before its request is answered, a claim, a run's end
+before its worker takes the next) costs PostgreSQL a statement and a transaction, and a durable
+one a WAL flush too, which is most of what a small write costs. With a :class:`GroupCommit`, one thread at a
 time (the leader) writes; threads that arrive meanwhile queue their items, and when the write
 returns, the first of them leads the next one with all of them. Nothing waits for company: a
 thread that finds no write in flight goes at once with the statement for one item, so a lone

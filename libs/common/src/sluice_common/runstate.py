@@ -288,11 +288,11 @@ SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELE
 """
 
 # INSERT_RUN for several requests at once (the API's group commit, ``runs.group_inserts``): one
-# statement and one commit for all of them, which costs PostgreSQL about a third of a run's
-# insert per extra row. Each request is a row of the arrays, with the id its run gets. It inserts
-# only the runs that INSERT_RUN would insert as they are; the others come back without a ``run``
-# (a missing or paused workflow, a rotated webhook secret, an idempotency hit), and INSERT_RUN,
-# run again for each of them alone, says why or finds the earlier run.
+# statement and one commit (one WAL flush) for all of them. Each request is a row of the arrays,
+# with the id its run gets. It inserts only the runs that INSERT_RUN would insert as they are; the
+# others are not in the result (a missing or paused workflow, a rotated webhook secret, an
+# idempotency hit), and INSERT_RUN, run again for each of them alone, says why or finds the
+# earlier run.
 INSERT_RUN_MANY = """
 WITH req AS (
     SELECT * FROM unnest(%(ids)s::uuid[], %(wf)s::uuid[], %(owner)s::uuid[], %(hook)s::bytea[], %(parent)s::uuid[],

@@ -65,7 +65,6 @@ from sluice_worker.subruns import PgSubRuns
 
 log = logging.getLogger(__name__)
 
-
 # How long a thread goes on starting runs for waiting wake-ups before it returns to the broker.
 CHAIN_SECONDS = 30.0
 # How long a wake-up whose claim found every runnable run locked by other claims waits before it is

@@ -34,7 +34,8 @@ docker_works() { command -v docker >/dev/null && docker info >/dev/null 2>&1; }
 
 setup_podman() {
   local missing=()
-  command -v podman >/dev/null || missing+=(podman)
+  # type -P: the podman() wrapper below is a shell function, which command -v would find instead.
+  type -P podman >/dev/null || missing+=(podman)
   command -v runc >/dev/null || [ -x /usr/sbin/runc ] || missing+=(runc)
   if [ "$MODE" = test ]; then
     command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)

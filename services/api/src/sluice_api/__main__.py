@@ -8,6 +8,7 @@ Requests are read by the workers' event loops before a thread serves them
 
 from __future__ import annotations
 
+import gc
 import resource
 from typing import Any
 
@@ -76,30 +77,41 @@ def _raise_open_files_limit(wanted: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+def _freeze_before_fork(server: Any, worker: Any) -> None:
+    """Keep the objects the master made out of the workers' garbage collections: a collection
+    writes to every object it visits, and each write copies a page the worker shared with the
+    master (gc.freeze, as Python's documentation advises for a forking server)."""
+    gc.freeze()
+
+
+def gunicorn_options(settings: Settings) -> dict[str, Any]:
+    """gunicorn's settings for the API (bind, workers, threads and limits from Sluice's settings)."""
+    return {
+        "bind": settings.api_bind,
+        "workers": settings.api_workers,
+        "worker_class": buffering_worker(settings.api_request_timeout_seconds, settings.api_max_body_bytes),
+        "threads": settings.api_threads,
+        "worker_connections": settings.api_max_connections,
+        "graceful_timeout": 10,
+        "accesslog": None,
+        "loglevel": settings.log_level.lower(),
+        "logger_class": ProcessLogger,
+        "proc_name": "sluice-api",
+        # One shared control socket path per machine would clash between instances.
+        "control_socket_disable": True,
+        # A dead worker's live gauges leave the scrape with it.
+        "child_exit": multiproc.child_exit,
+        "pre_fork": _freeze_before_fork,
+    }
+
+
 def _serve(settings: Settings) -> None:
     # Room for the connections plus the pools, pipes and log files of a worker.
     _raise_open_files_limit(settings.api_max_connections + 256)
     if settings.api_metrics:
         # Before the fork: every worker writes its metrics where the scrape reads them all.
         multiproc.prepare_directory()
-    _Gunicorn(
-        {
-            "bind": settings.api_bind,
-            "workers": settings.api_workers,
-            "worker_class": buffering_worker(settings.api_request_timeout_seconds, settings.api_max_body_bytes),
-            "threads": settings.api_threads,
-            "worker_connections": settings.api_max_connections,
-            "graceful_timeout": 10,
-            "accesslog": None,
-            "loglevel": settings.log_level.lower(),
-            "logger_class": ProcessLogger,
-            "proc_name": "sluice-api",
-            # One shared control socket path per machine would clash between instances.
-            "control_socket_disable": True,
-            # A dead worker's live gauges leave the scrape with it.
-            "child_exit": multiproc.child_exit,
-        }
-    ).run()
+    _Gunicorn(gunicorn_options(settings)).run()
 
 
 if __name__ == "__main__":

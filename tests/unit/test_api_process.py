@@ -1,0 +1,27 @@
+"""The API's gunicorn settings: what the master does before it forks a worker."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from sluice_api.__main__ import gunicorn_options
+from sluice_common.settings import load_settings
+
+
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    gc.unfreeze()
+    yield
+    gc.unfreeze()
+
+
+def test_the_master_freezes_its_objects_before_each_fork(unfrozen: None) -> None:
+    """Objects the master made stay out of the workers' garbage collections, which would otherwise
+    copy every page they shared with the master (the idle API's PSS in bench/e2e.py)."""
+    options = gunicorn_options(load_settings({}))
+    assert gc.get_freeze_count() == 0
+    options["pre_fork"](None, None)
+    assert gc.get_freeze_count() > 0  # the interpreter's objects so far, modules and all

@@ -55,7 +55,7 @@ class GroupCommit(Generic[T, R]):
         self._lock = threading.Lock()
         self._queued: list[_Waiter[T, R]] = []
         self._busy = False  # a write is in flight
-        self.batches = 0  # statements of more than one item, and the items in them (tests, benchmarks)
+        self.batches = 0  # statements of more than one item, and the items in them (read by the tests)
         self.batched = 0
 
     def __call__(self, item: T) -> R:

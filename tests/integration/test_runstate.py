@@ -81,7 +81,7 @@ def test_every_move_into_or_out_of_a_counted_state_sets_finished_at() -> None:
     """The finished counts' update trigger fires on UPDATE OF finished_at only (migration 0016)."""
     counted = {RunStatus.SUCCEEDED, RunStatus.FAILED}
     moves = [t for t in TRANSITIONS if t.source is not None and (t.source in counted or t.target in counted)]
-    assert {t.by for t in moves} == {"FINISH_ENDED", "FINISH_ENDED_MANY", "RECOVER_EXPIRED", "RETRY"}
+    assert {t.by for t in moves} == {"FINISH_ENDED", "FINISH_FUNCTION", "RECOVER_EXPIRED", "RETRY"}
     for t in moves:
         assert _SETS_FINISHED_AT.search(getattr(runstate, t.by)), t
     assert not _SETS_FINISHED_AT.search("UPDATE runs SET status = 'failed' WHERE finished_at IS NULL")

@@ -92,9 +92,9 @@ TRANSITIONS: tuple[Transition, ...] = (
     Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_ENDED"),
     Transition(_S.RUNNING, _S.FAILED, "FINISH_ENDED"),
     Transition(_S.RUNNING, _S.CANCELLED, "FINISH_ENDED"),
-    Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_ENDED_MANY"),  # several attempts at once
-    Transition(_S.RUNNING, _S.FAILED, "FINISH_ENDED_MANY"),
-    Transition(_S.RUNNING, _S.CANCELLED, "FINISH_ENDED_MANY"),
+    Transition(_S.RUNNING, _S.SUCCEEDED, "FINISH_FUNCTION"),  # several attempts at once (FINISH_ENDED_MANY)
+    Transition(_S.RUNNING, _S.FAILED, "FINISH_FUNCTION"),
+    Transition(_S.RUNNING, _S.CANCELLED, "FINISH_FUNCTION"),
     Transition(_S.RUNNING, _S.DELAYED, "FINISH_MOVED"),  # retry after backoff, or a delay step
     Transition(_S.RUNNING, _S.QUEUED, "FINISH_MOVED"),  # handed back at shutdown; child already ended
     Transition(_S.RUNNING, _S.WAITING, "FINISH_MOVED"),  # parked on a sub-workflow run
@@ -258,6 +258,7 @@ def install_functions(conn: psycopg.Connection[Any]) -> None:
         conn.execute(DISPATCH_AT_FUNCTION)
         conn.execute(CLAIM_FUNCTION)
         conn.execute(CLAIM_ONE_FUNCTION)
+        conn.execute(FINISH_FUNCTION)
 
 
 # Creating ---------------------------------------------------------------------------------------
@@ -368,6 +369,8 @@ WITH step AS (
 SELECT cancel_requested, claim_id IS NOT DISTINCT FROM %(claim)s::uuid AS held FROM runs WHERE id = %(run)s
 """
 
+# Run unprepared (UNPREPARED): planned at each execution, with the tables as they are. A generic
+# plan made while runs was small scanned the table for the ids, and a session keeps it.
 RENEW_LEASES = """
 UPDATE runs SET lease_expires_at = now() + make_interval(secs => %(lease)s)
 WHERE id = ANY(%(ids)s::uuid[]) AND claim_id = ANY(%(claims)s::uuid[])
@@ -383,6 +386,12 @@ FROM runs r WHERE r.id = %(id)s
   AND NOT EXISTS (SELECT 1 FROM run_attempts a WHERE a.run_id = %(id)s AND a.claim_id = %(claim)s)
 ON CONFLICT (run_id, attempt, lost) DO NOTHING
 """
+
+UNPREPARED = frozenset({"RENEW_LEASES"})
+"""Statements here that their callers run with ``prepare=False``: each execution is planned with the
+tables as they are. For statements that run seldom, whose generic plan made while the tables were
+small would read them whole (the batch finish, which runs often, is a function planned without
+sequential scans instead: :data:`FINISH_FUNCTION`)."""
 
 # Finishing ---------------------------------------------------------------------------------------
 
@@ -417,42 +426,65 @@ FROM run
 
 # FINISH_ENDED for the attempts of several runs at once (the worker's group commit,
 # ``sluice_worker.executor``): one statement and one commit (one WAL flush) for all of them. Each
-# attempt is a row of the arrays; ``user_cap`` is the same for all. An attempt whose claim is gone
-# has no row in the result (and its run is not touched), as FINISH_ENDED returns none; the rows
-# name the claim, since an execution that lost its claim may end beside the one that holds it.
-FINISH_ENDED_MANY = """
-WITH req AS (
-    SELECT * FROM unnest(%(id)s::uuid[], %(claim)s::uuid[], %(status)s::run_status[],
-                         %(attempt_status)s::attempt_status[], %(error)s::text[], %(attempt)s::int[],
-                         %(owner)s::uuid[], %(step)s::text[], %(pos)s::int[], %(output)s::jsonb[],
-                         %(started)s::timestamptz[])
-        AS r (id, claim, status, attempt_status, error, attempt, owner, step, pos, output, started)
-), run AS (
-    UPDATE runs SET status = r.status, waiting_for = NULL, not_before = NULL, finished_at = now(),
-        error = r.error, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
-    FROM req r
-    WHERE runs.id = r.id AND runs.claim_id = r.claim
-    RETURNING runs.id, runs.status, r.claim
-), last_step AS (
-    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
-    SELECT r.id, r.step, r.pos, 'succeeded', r.attempt, r.output, r.started, now()
-    FROM req r JOIN run ON run.id = r.id AND run.claim = r.claim WHERE r.step IS NOT NULL
-    ON CONFLICT (run_id, step_id) DO UPDATE SET
-        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
-        output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
-), attempt AS (
-    UPDATE run_attempts a SET status = r.attempt_status, finished_at = now(), error = r.error
-    FROM req r JOIN run ON run.id = r.id AND run.claim = r.claim
-    WHERE a.run_id = r.id AND a.attempt = r.attempt AND NOT a.lost
+# attempt is a row of the arrays (FINISH_ENDED_MANY_ARRAYS, in the function's order); ``user_cap``
+# is the same for all. An attempt whose claim is gone has no row in the result (and its run is not
+# touched), as FINISH_ENDED returns none; the rows name the claim, since an execution that lost its
+# claim may end beside the one that holds it.
+#
+# It is a function so that it can plan without sequential scans. Its statement joins the batch to
+# runs and run_attempts, and a session keeps the generic plan PostgreSQL made for it at its sixth
+# execution, with the table sizes of that moment, until an ANALYZE of the table replaces it. Made
+# while the tables were small (a new installation, a test database), that plan read runs whole and
+# hashed it, and it went on doing so for every batch as the table grew: without autovacuum, for
+# good. Planned without sequential scans, the only plans left look each run and attempt up by its
+# key, whatever the sizes said when it was planned.
+FINISH_FUNCTION = """
+CREATE OR REPLACE FUNCTION sluice_finish_runs(
+    p_id uuid[], p_claim uuid[], p_status run_status[], p_attempt_status attempt_status[], p_error text[],
+    p_attempt integer[], p_owner uuid[], p_step text[], p_pos integer[], p_output jsonb[], p_started timestamptz[],
+    p_user_cap integer
 )
-SELECT run.id, run.claim, run.status,
-       (SELECT count(*) FROM runs WHERE owner_id = r.owner AND status = 'running') >= %(user_cap)s
-       AND EXISTS (SELECT 1 FROM runs WHERE owner_id = r.owner AND status IN ('queued', 'delayed')
-                   AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
-FROM run JOIN req r ON r.id = run.id AND r.claim = run.claim
+RETURNS TABLE (id uuid, claim uuid, status run_status, wake_next boolean)
+LANGUAGE plpgsql
+SET enable_seqscan = off
+AS $$
+#variable_conflict use_column
+BEGIN
+    RETURN QUERY
+    WITH req AS (
+        SELECT * FROM unnest(p_id, p_claim, p_status, p_attempt_status, p_error, p_attempt, p_owner, p_step, p_pos,
+                             p_output, p_started)
+            AS r (id, claim, status, attempt_status, error, attempt, owner, step, pos, output, started)
+    ), run AS (
+        UPDATE runs SET status = r.status, waiting_for = NULL, not_before = NULL, finished_at = now(),
+            error = r.error, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
+        FROM req r
+        WHERE runs.id = r.id AND runs.claim_id = r.claim
+        RETURNING runs.id, runs.status, r.claim
+    ), last_step AS (
+        INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
+        SELECT r.id, r.step, r.pos, 'succeeded', r.attempt, r.output, r.started, now()
+        FROM req r JOIN run ON run.id = r.id AND run.claim = r.claim WHERE r.step IS NOT NULL
+        ON CONFLICT (run_id, step_id) DO UPDATE SET
+            position = excluded.position, status = excluded.status, attempt = excluded.attempt,
+            output = excluded.output, error = NULL, started_at = excluded.started_at,
+            finished_at = excluded.finished_at
+    ), attempt AS (
+        UPDATE run_attempts a SET status = r.attempt_status, finished_at = now(), error = r.error
+        FROM req r JOIN run ON run.id = r.id AND run.claim = r.claim
+        WHERE a.run_id = r.id AND a.attempt = r.attempt AND NOT a.lost
+    )
+    SELECT run.id, run.claim, run.status,
+           (SELECT count(*) FROM runs WHERE owner_id = r.owner AND status = 'running') >= p_user_cap
+           AND EXISTS (SELECT 1 FROM runs WHERE owner_id = r.owner AND status IN ('queued', 'delayed')
+                       AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now())
+    FROM run JOIN req r ON r.id = run.id AND r.claim = run.claim;
+END
+$$
 """
 
-# FINISH_ENDED_MANY's arrays (one element per attempt, FINISH_ENDED's parameter of that name).
+# FINISH_ENDED_MANY's arrays (one element per attempt, FINISH_ENDED's parameter of that name), in
+# the order of sluice_finish_runs's parameters.
 FINISH_ENDED_MANY_ARRAYS = (
     "id",
     "claim",
@@ -465,6 +497,12 @@ FINISH_ENDED_MANY_ARRAYS = (
     "pos",
     "output",
     "started",
+)
+
+FINISH_ENDED_MANY = (
+    "SELECT id, claim, status, wake_next FROM sluice_finish_runs("
+    + ", ".join(f"%({name})s" for name in FINISH_ENDED_MANY_ARRAYS)
+    + ", %(user_cap)s)"
 )
 
 # The attempt ended without ending its run: ``status`` is ``delayed`` (a retry after its backoff,

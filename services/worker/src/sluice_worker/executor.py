@@ -403,4 +403,5 @@ class RunExecutor:
             return conn.execute(
                 runstate.RENEW_LEASES,
                 {"lease": self.settings.lease_seconds, "ids": list(held), "claims": list(held.values())},
+                prepare=False,  # runstate.UNPREPARED
             ).rowcount

@@ -145,14 +145,17 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # may be waiting for. The result type is unchanged (no DROP FUNCTION under running workers), and
 # workers of earlier releases take the error as a failed message, which Dramatiq retries.
 #
-# A claim for several runs (``p_count``, the worker's group commit) takes them one after the other
-# in one transaction, each as a claim of its own would (its own counts see the runs it took); one
-# that runs out of candidates after taking some returns what it has, and the worker threads left
-# without a run claim alone, which says busy where that is the reason.
+# A claim for several runs (``p_count``, the worker's group commit) chooses them one after the other
+# in one transaction, each as a claim of its own would (an owner's count adds the runs already
+# chosen), and moves them all with one UPDATE at the end: one executor start-up for the batch, with
+# the 11 indexes of runs it opens. One that runs out of candidates after choosing some takes what
+# it has, and the worker threads left without a run claim alone, which says busy where that is
+# the reason.
 #
-# It plans with sorting disabled (PL/pgSQL plans once per session: planned while statistics said
-# few runs were waiting, the claim read every waiting run and sorted them; without a sort the only
-# plan left is runs_dispatch_idx read in order), and is declared to return one row (costed for
+# It plans with sequential scans disabled, as sluice_finish_runs does (a plan made while runs was
+# small is kept as it grows), and with sorting disabled (PL/pgSQL plans once per session: planned
+# while statistics said few runs were waiting, the claim read every waiting run and sorted them;
+# without a sort the only plan left is runs_dispatch_idx read in order), and is declared to return one row (costed for
 # the default 1,000 the claim was JIT-compiled, 120 ms a claim). A claim lost in a database crash
 # only puts the run back in the queue, so its commit does not wait for the WAL flush.
 CLAIM_FUNCTION = """
@@ -163,14 +166,16 @@ RETURNS SETOF runs
 LANGUAGE plpgsql
 ROWS 1
 SET enable_sort = off
+SET enable_seqscan = off
 AS $$
 DECLARE
     cand record;
     skipped uuid[] := '{}';
+    chosen uuid[] := '{}';
+    chosen_owners uuid[] := '{}';
     running integer;
     lock_key bigint;
     slack integer := current_setting('max_connections')::integer;
-    claimed integer := 0;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     LOOP
@@ -179,6 +184,7 @@ BEGIN
             WHERE r.status IN ('queued', 'delayed')
               AND coalesce(r.not_before, '-infinity') <= now()
               AND NOT r.cancel_requested
+              AND r.id <> ALL (chosen)
             ORDER BY r.dispatch_at, r.id
             LIMIT 1
             FOR UPDATE SKIP LOCKED;
@@ -188,12 +194,13 @@ BEGIN
                        AND coalesce(r.not_before, ''-infinity'') <= now()
                        AND NOT r.cancel_requested
                        AND r.owner_id <> ALL ($1)
+                       AND r.id <> ALL ($2)
                      ORDER BY r.dispatch_at, r.id
                      LIMIT 1
-                     FOR UPDATE SKIP LOCKED' INTO cand USING skipped;
+                     FOR UPDATE SKIP LOCKED' INTO cand USING skipped, chosen;
         END IF;
-        IF cand.id IS NULL AND claimed > 0 THEN
-            RETURN;  -- the claims that found none are tried again alone, which says busy if need be
+        IF cand.id IS NULL AND cardinality(chosen) > 0 THEN
+            EXIT;  -- the claims that found none are tried again alone, which says busy if need be
         ELSIF cand.id IS NULL THEN
             PERFORM 1 FROM runs r
             WHERE r.status IN ('queued', 'delayed')
@@ -212,6 +219,7 @@ BEGIN
         IF p_user_cap > slack AND NOT p_exclusive THEN
             PERFORM pg_advisory_xact_lock_shared(lock_key);
             SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
+            running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
             IF running + slack >= p_user_cap THEN
                 RAISE EXCEPTION 'user % is close to the cap: claim with the exclusive lock', cand.owner_id
                     USING ERRCODE = 'serialization_failure';
@@ -219,23 +227,26 @@ BEGIN
         ELSE
             PERFORM pg_advisory_xact_lock(lock_key);
             SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
+            running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
         END IF;
         IF running < p_user_cap THEN
-            RETURN QUERY
-            UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
-                   started_at = coalesce(started_at, now()), worker_id = p_worker,
-                   lease_expires_at = now() + make_interval(secs => p_lease_seconds),
-                   updated_at = now(), error = NULL
-            WHERE id = cand.id
-            RETURNING *;
-            claimed := claimed + 1;
-            IF claimed >= p_count THEN
-                RETURN;
-            END IF;
+            chosen := chosen || cand.id;
+            chosen_owners := chosen_owners || cand.owner_id;
+            EXIT WHEN cardinality(chosen) >= p_count;
         ELSE
             skipped := skipped || cand.owner_id;
         END IF;
     END LOOP;
+    RETURN QUERY
+    WITH taken AS (
+        UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
+               started_at = coalesce(started_at, now()), worker_id = p_worker,
+               lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+               updated_at = now(), error = NULL
+        WHERE id = ANY (chosen)
+        RETURNING *
+    )
+    SELECT * FROM taken ORDER BY array_position(chosen, taken.id);
 END
 $$
 """

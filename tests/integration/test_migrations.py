@@ -247,9 +247,15 @@ def test_the_claim_reads_the_dispatch_index_in_order_however_stale_the_statistic
     row = db.execute("SELECT proconfig FROM pg_proc WHERE proname = 'sluice_claim_runs' AND pronargs = 5").fetchone()
     assert row is not None
     config = list(row[0])  # type: ignore[call-overload]
-    assert config == ["enable_sort=off", "enable_seqscan=off"]
-    db.execute("SET LOCAL enable_sort = off")
-    db.execute("SET LOCAL enable_seqscan = off")
+    assert config == [
+        "enable_sort=off",
+        "enable_seqscan=off",
+        "enable_bitmapscan=off",
+        "plan_cache_mode=force_generic_plan",
+    ]
+    for setting in config:
+        name, value = setting.split("=")
+        db.execute(f"SET LOCAL {name} = {value}")
     candidate = (
         "SELECT r.id, r.owner_id FROM runs r WHERE r.status IN ('queued', 'delayed') "
         "AND coalesce(r.not_before, '-infinity') <= now() AND NOT r.cancel_requested "

@@ -148,16 +148,21 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # A claim for several runs (``p_count``, the worker's group commit) chooses them one after the other
 # in one transaction, each as a claim of its own would (an owner's count adds the runs already
 # chosen), and moves them all with one UPDATE at the end: one executor start-up for the batch, with
-# the 11 indexes of runs it opens. One that runs out of candidates after choosing some takes what
-# it has, and the worker threads left without a run claim alone, which says busy where that is
-# the reason.
+# the 11 indexes of runs it opens. The rows come back in no particular order (the worker's threads
+# are alike; ordering them cost a CTE and a sort, more than a lone claim's UPDATE). One that runs
+# out of candidates after choosing some takes what it has, and the worker threads left without a
+# run claim alone, which says busy where that is the reason.
 #
 # It plans with sequential scans disabled, as sluice_finish_runs does (a plan made while runs was
 # small is kept as it grows), and with sorting disabled (PL/pgSQL plans once per session: planned
 # while statistics said few runs were waiting, the claim read every waiting run and sorted them;
-# without a sort the only plan left is runs_dispatch_idx read in order), and is declared to return one row (costed for
-# the default 1,000 the claim was JIT-compiled, 120 ms a claim). A claim lost in a database crash
-# only puts the run back in the queue, so its commit does not wait for the WAL flush.
+# without a sort the only plan left is runs_dispatch_idx read in order). Its statements keep their
+# generic plan: costed with the array of chosen runs in hand (one run), a custom plan of the UPDATE
+# always looks cheaper than the generic one (ten, by the default estimate), so PostgreSQL would
+# plan it afresh at every call; the chosen runs are looked up in the primary key one by one, not
+# through a bitmap. It is declared to return one row (costed for the default 1,000 the claim was
+# JIT-compiled, 120 ms a claim). A claim lost in a database crash only puts the run back in the
+# queue, so its commit does not wait for the WAL flush.
 CLAIM_FUNCTION = """
 CREATE OR REPLACE FUNCTION sluice_claim_runs(
     p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean, p_count integer
@@ -167,6 +172,8 @@ LANGUAGE plpgsql
 ROWS 1
 SET enable_sort = off
 SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     cand record;
@@ -238,15 +245,12 @@ BEGIN
         END IF;
     END LOOP;
     RETURN QUERY
-    WITH taken AS (
-        UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
-               started_at = coalesce(started_at, now()), worker_id = p_worker,
-               lease_expires_at = now() + make_interval(secs => p_lease_seconds),
-               updated_at = now(), error = NULL
-        WHERE id = ANY (chosen)
-        RETURNING *
-    )
-    SELECT * FROM taken ORDER BY array_position(chosen, taken.id);
+    UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
+           started_at = coalesce(started_at, now()), worker_id = p_worker,
+           lease_expires_at = now() + make_interval(secs => p_lease_seconds),
+           updated_at = now(), error = NULL
+    WHERE id = ANY (chosen)
+    RETURNING *;
 END
 $$
 """
@@ -448,7 +452,9 @@ FROM run
 # while the tables were small (a new installation, a test database), that plan read runs whole and
 # hashed it, and it went on doing so for every batch as the table grew: without autovacuum, for
 # good. Planned without sequential scans, the only plans left look each run and attempt up by its
-# key, whatever the sizes said when it was planned.
+# key, whatever the sizes said when it was planned. It keeps its generic plan for the reason the
+# claim does: costed with the batch's arrays in hand, a custom plan looks cheaper, and the statement
+# would be planned afresh for every batch.
 FINISH_FUNCTION = """
 CREATE OR REPLACE FUNCTION sluice_finish_runs(
     p_id uuid[], p_claim uuid[], p_status run_status[], p_attempt_status attempt_status[], p_error text[],
@@ -458,6 +464,7 @@ CREATE OR REPLACE FUNCTION sluice_finish_runs(
 RETURNS TABLE (id uuid, claim uuid, status run_status, wake_next boolean)
 LANGUAGE plpgsql
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 AS $$
 #variable_conflict use_column
 BEGIN

@@ -36,14 +36,8 @@ PLANNED_FROM_STATISTICS = frozenset({"CANCEL_TREE"})
 
 
 def _statements() -> dict[str, str]:
-    return {
-        name: value
-        for name, value in vars(runstate).items()
-        if name.isupper()
-        and isinstance(value, str)
-        and value.lstrip().split(None, 1)[0].upper() in ("WITH", "SELECT", "INSERT", "UPDATE", "DELETE")
-        and name not in PLANNED_FROM_STATISTICS | runstate.UNPREPARED  # planned afresh at each execution
-    }
+    skipped = PLANNED_FROM_STATISTICS | runstate.UNPREPARED  # planned afresh at each execution
+    return {name: sql for name, sql in runstate.statements().items() if name not in skipped}
 
 
 def _scans(plans: list[dict[str, Any]]) -> list[str]:

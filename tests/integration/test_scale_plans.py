@@ -302,18 +302,8 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
     }
 
 
-def _statements() -> dict[str, str]:
-    return {
-        name: value
-        for name, value in vars(runstate).items()
-        if name.isupper()
-        and isinstance(value, str)
-        and value.lstrip().split(None, 1)[0].upper() in ("WITH", "SELECT", "INSERT", "UPDATE", "DELETE")
-    }
-
-
 def test_every_statement_of_the_state_machine_is_index_bound(big: Big) -> None:
-    statements = _statements()
+    statements = runstate.statements()
     assert {"CLAIM", "FINISH_ENDED", "CANCEL_WORKFLOW_RUNS"} <= set(statements)
     with big.pool.connection() as conn:
         params = runstate_params(conn, big.settings)

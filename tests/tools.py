@@ -1,4 +1,5 @@
-"""External tools some tests need (Prometheus' ``promtool`` and ``prometheus``, from Debian's package).
+"""External tools some tests need (Prometheus' ``promtool`` and ``prometheus``, from Debian's package;
+PostgreSQL's ``auto_explain``, which the embedded server is built without).
 
 Outside CI a missing tool skips the test with the reason; in CI (``CI=true``, where ``.ci/run``
 installs them) it fails it: a check that silently stops running is worse than a red build.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from typing import NoReturn
 
 import pytest
 
@@ -19,9 +21,13 @@ def in_ci() -> bool:
 def need_binary(name: str, package: str = "prometheus") -> str:
     """The path of ``name``; skip (fail in CI) when it is not installed."""
     path = shutil.which(name)
-    if path is not None:
-        return path
-    reason = f"{name} is not installed (Debian package {package!r}; .ci/run installs it)"
+    if path is None:
+        unavailable(f"{name} is not installed (Debian package {package!r}; .ci/run installs it)")
+    return path
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test for ``reason``; fail it in CI, which must run it."""
     if in_ci():
         pytest.fail(f"{reason}, and CI must run this test")
     pytest.skip(reason)

@@ -25,7 +25,7 @@ from sluice_common import runstate
 from sluice_common.db import DictConnection
 from sluice_common.runs import NewRun, insert_run
 from sluice_common.settings import Settings, load_settings
-from tests.integration.test_scale_plans import LARGE, Plans, explain_everything, runstate_params
+from tests.integration.test_scale_plans import LARGE, Plans, explain_everything, need_auto_explain, runstate_params
 from tests.scaledata import make_fleet
 
 # CANCEL_TREE's recursive join is planned from the tables' statistics, which tables never analyzed
@@ -89,6 +89,7 @@ class Small:
 def small(fresh_database: str) -> Iterator[Small]:
     """A new installation's tables (a few runs of each kind, never analyzed), and a session that
     plans generically and shows the plans it executes."""
+    need_auto_explain(fresh_database)
     settings = load_settings({"DATABASE_URL": fresh_database, "SLUICE_USER_CONCURRENCY": "1000"})
     with (
         psycopg.connect(fresh_database, autocommit=True) as setup,

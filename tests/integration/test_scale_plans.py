@@ -52,6 +52,7 @@ from sluice_scheduler.maintenance import fold_finished, prune_history
 from sluice_worker.executor import RunExecutor
 from sluice_worker.subruns import CHILD_STATE_SQL, DEPTH_SQL
 from tests.scaledata import Fleet, add_history, make_fleet
+from tests.tools import unavailable
 
 HISTORY = 200_000
 LARGE = frozenset({"runs", "run_attempts", "run_steps", "cron_fires"})
@@ -101,6 +102,19 @@ def full_scans(plans: list[dict[str, Any]]) -> list[str]:
     return found
 
 
+def need_auto_explain(url: str) -> None:
+    """The plan tests read every plan, a function's statements' too, from ``auto_explain``: a
+    contrib module of PostgreSQL, which the embedded server is built without."""
+    with psycopg.connect(url) as conn:
+        try:
+            conn.execute("LOAD 'auto_explain'")
+        except psycopg.errors.UndefinedFile:
+            unavailable(
+                "this PostgreSQL has no auto_explain (the embedded server is built without contrib modules; "
+                "SLUICE_TEST_DATABASE_URL can name one that has them, as Debian's postgresql does)"
+            )
+
+
 def explain_everything(conn: psycopg.Connection[Any], plans: Plans) -> None:
     conn.execute("LOAD 'auto_explain'")
     conn.execute("SET auto_explain.log_min_duration = 0")
@@ -124,6 +138,7 @@ class Big:
 
 @pytest.fixture(scope="module")
 def big(module_database: str) -> Iterator[Big]:
+    need_auto_explain(module_database)
     with psycopg.connect(module_database) as conn:
         fleet = make_fleet(conn)
         add_history(conn, fleet, HISTORY)

@@ -2,7 +2,8 @@
 PostgreSQL's ``auto_explain``, which the embedded server is built without).
 
 Outside CI a missing tool skips the test with the reason; in CI (``CI=true``, where ``.ci/run``
-installs them) it fails it: a check that silently stops running is worse than a red build.
+installs the tools and the machine's PostgreSQL has ``auto_explain``) it fails it: a check that
+silently stops running is worse than a red build.
 """
 
 from __future__ import annotations

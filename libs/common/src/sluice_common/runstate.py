@@ -148,8 +148,8 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # A claim for several runs (``p_count``, the worker's group commit) chooses them one after the other
 # in one transaction, each as a claim of its own would (an owner's count adds the runs already
 # chosen), and moves them all with one UPDATE at the end: one executor start-up for the batch, with
-# the 11 indexes of runs it opens. The rows come back in no particular order (the worker's threads
-# are alike; ordering them cost a CTE and a sort, more than a lone claim's UPDATE). One that runs
+# the 11 indexes of runs it opens. The rows come back in no particular order: the worker's threads
+# are alike, and ordering them took a CTE and a sort in every claim, a lone one too. One that runs
 # out of candidates after choosing some takes what it has, and the worker threads left without a
 # run claim alone, which says busy where that is the reason.
 #
@@ -721,8 +721,9 @@ def retry(
 
 
 def statements() -> dict[str, str]:
-    """Every statement above that reads or moves runs, by name (the function definitions, made by
-    ``install_functions``, are not among them): what the plan tests check, each in one place."""
+    """Every statement above that reads or moves runs, by name: the list the plan tests check. The
+    function definitions (``install_functions``) are not among them; their statements are planned
+    when a statement here calls them."""
     return {
         name: value
         for name, value in globals().items()

@@ -42,8 +42,12 @@ def _configure(conn: DictConnection) -> None:
     conn.execute("SET jit = off")
 
 
-def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", max_size: int | None = None) -> Pool:
-    """Open a connection pool and wait until it holds its minimum of connections."""
+def open_pool(
+    settings: Settings, database_url: str, *, name: str = "sluice", max_size: int | None = None, wait: bool = True
+) -> Pool:
+    """Open a connection pool and wait until it holds its minimum of connections (``wait``), or
+    raise when it cannot within 15 s. Without ``wait`` the pool connects in the background, and a
+    caller meanwhile waits for a connection up to ``db_pool_timeout_seconds`` as in an outage."""
     # psycopg_pool retries a lost connection with a backoff from 1 s that doubles without a cap:
     # after a 40-second outage the next attempt could be 16 s or more away, and services resumed
     # up to 20 s after PostgreSQL was back. Retrying every half second costs a refused connection
@@ -65,7 +69,7 @@ def open_pool(settings: Settings, database_url: str, *, name: str = "sluice", ma
         open=False,
     )
     try:
-        pool.open(wait=True, timeout=15)
+        pool.open(wait=wait, timeout=15)
     except Exception as exc:
         pool.close()
         raise InfrastructureError(f"cannot connect to PostgreSQL: {exc}") from exc

@@ -85,7 +85,10 @@ def get_app() -> falcon.App[falcon.Request, falcon.Response]:
     # After the fork, before any client exists (client spans wrap them when SLUICE_TRACE_CLIENTS is on).
     if configure_tracing("sluice-api", trace_clients=settings.trace_clients):
         atexit.register(shutdown_tracing)
-    pool = open_pool(settings, urls.database_url, name="api")
+    # Without waiting for PostgreSQL: gunicorn replaces a worker that died, and one that fails to
+    # boot (as it would during an outage) makes the master stop the whole API. A worker booted
+    # meanwhile answers 503 (and readiness says so) until the pool reaches the database.
+    pool = open_pool(settings, urls.database_url, name="api", wait=False)
     client = redis.Redis.from_url(urls.redis_url, socket_timeout=5, socket_connect_timeout=5)
     broker = make_broker(settings, urls.redis_url)
     limiter = RedisRateLimiter(client, settings.redis_prefix, settings.rate_limit_per_minute)

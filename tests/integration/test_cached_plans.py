@@ -25,7 +25,14 @@ from sluice_common import runstate
 from sluice_common.db import DictConnection
 from sluice_common.runs import NewRun, insert_run
 from sluice_common.settings import Settings, load_settings
-from tests.integration.test_scale_plans import LARGE, Plans, explain_everything, need_auto_explain, runstate_params
+from tests.integration.test_scale_plans import (
+    LARGE,
+    Plans,
+    explain_everything,
+    need_auto_explain,
+    runstate_params,
+    runstate_statements,
+)
 from tests.scaledata import make_fleet
 
 # CANCEL_TREE's recursive join is planned from the tables' statistics, which tables never analyzed
@@ -37,7 +44,7 @@ PLANNED_FROM_STATISTICS = frozenset({"CANCEL_TREE"})
 
 def _statements() -> dict[str, str]:
     skipped = PLANNED_FROM_STATISTICS | runstate.UNPREPARED  # planned afresh at each execution
-    return {name: sql for name, sql in runstate.statements().items() if name not in skipped}
+    return {name: sql for name, sql in runstate_statements().items() if name not in skipped}
 
 
 def _scans(plans: list[dict[str, Any]]) -> list[str]:

@@ -718,16 +718,3 @@ def retry(
     if row["workflow_status"] != "active":
         raise ConflictError("the workflow is paused; activate it to retry its runs")
     conn.execute(RETRY, {"id": str(run_id), "max_attempts": max_attempts, "aging_step": aging_step})
-
-
-def statements() -> dict[str, str]:
-    """Every statement above that reads or moves runs, by name: the list the plan tests check. The
-    function definitions (``install_functions``) are not among them; their statements are planned
-    when a statement here calls them."""
-    return {
-        name: value
-        for name, value in globals().items()
-        if name.isupper()
-        and isinstance(value, str)
-        and value.lstrip().split(None, 1)[0].upper() in ("WITH", "SELECT", "INSERT", "UPDATE", "DELETE")
-    }

@@ -12,7 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from sluice_common.groupcommit import GroupCommit
+from sluice_common.groupcommit import GroupCommit, _Signal
 
 
 class Interrupted(BaseException):
@@ -147,3 +147,23 @@ def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     assert not group._busy
     assert not group._queued
     assert group(4) == "one:4"
+
+
+def test_a_signal_wakes_its_waiter_whether_set_before_or_during_the_wait() -> None:
+    early = _Signal()
+    early.set()
+    early.wait()  # returns at once
+
+    late = _Signal()
+    woken = threading.Event()
+
+    def waiter() -> None:
+        late.wait()
+        woken.set()
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    assert not woken.wait(0.05)  # still waiting
+    late.set()
+    thread.join(10)
+    assert woken.is_set()

@@ -29,10 +29,33 @@ MAX_BATCH = 64
 _UNWRITTEN: Any = object()
 
 
+class _Signal:
+    """Wakes the one thread waiting for it, once: a lock taken at creation and released by ``set``.
+
+    A ``threading.Event`` does the same through a ``Condition``: both sides run its Python code
+    under its lock, each wait allocates a lock of its own, and the woken thread then waits again
+    for the Condition's lock, which the setter still holds. Every run goes through two or three
+    of these hand-overs, so their cost is paid per run in each service.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """Wake the waiter (or let its ``wait`` return at once); call it once."""
+        self._lock.release()
+
+    def wait(self) -> None:
+        self._lock.acquire()
+
+
 @dataclass(eq=False)
 class _Waiter(Generic[T, R]):
     item: T
-    done: threading.Event = field(default_factory=threading.Event)
+    done: _Signal = field(default_factory=_Signal)
     batch: list[_Waiter[T, R]] | None = None  # set when this thread is to lead the next write
     led: bool = False  # it has started to lead it
     result: R = _UNWRITTEN  # what its write returned; unwritten: its thread writes it alone

@@ -17,7 +17,9 @@ executes, and gives each side its own connections, each doing one kind of statem
 
 Each connection runs ``--warmup`` runs in one session and ``--warmup + --runs`` in another; the
 difference of the two backends' totals, divided by ``--runs``, is the work per run without the
-connection's start. Prints instructions per run for each statement and the total, and Sluice's
+connection's start, nor the planning a session does before it settles on a statement's generic
+plan: the warm-up is at least :data:`SETTLED` calls of each statement, however many runs a call
+takes. Prints instructions per run for each statement and the total, and Sluice's
 totals over the baseline's. Needs valgrind (Debian: ``apt-get install valgrind``); the server
 runs much slower under it, but a run of the defaults takes about a minute. The figures depend on
 ``--runs`` and ``--warmup`` (the tables grow with them): compare runs made with the same ones.
@@ -140,8 +142,16 @@ class CallgrindPostgres:
         shutil.rmtree(self.sockets, ignore_errors=True)
 
 
+# Calls of a statement before a session runs it with the plan it keeps: psycopg prepares it at its
+# sixth execution (the first five are planned as they come), PostgreSQL plans the first five
+# executions of a prepared statement afresh, and the next one makes the generic plan.
+SETTLED = 12
+
+
 def per_run(pg: CallgrindPostgres, url: str, step: Step, warmup: int, runs: int) -> float:
-    """Instructions of ``step`` per call, in a backend of its own, without the connection's start."""
+    """Instructions of ``step`` per call, in a backend of its own, without the connection's start
+    and with ``warmup`` calls (at least :data:`SETTLED`) before the ones counted."""
+    warmup = max(warmup, SETTLED)
 
     def session(count: int) -> int:
         with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:

@@ -34,8 +34,8 @@ class _Signal:
 
     A ``threading.Event`` does the same through a ``Condition``: both sides run its Python code
     under its lock, each wait allocates a lock of its own, and the woken thread then waits again
-    for the Condition's lock, which the setter still holds. Every run goes through two or three
-    of these hand-overs, so their cost is paid per run in each service.
+    for the Condition's lock, which the setter still holds. Under load a run goes through up to
+    three of these hand-overs (its insert, claim and finish), so their cost is paid per run.
     """
 
     __slots__ = ("_lock",)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import redis
 
@@ -21,7 +23,7 @@ from sluice_common.runs import (
     reconcile,
     recover_expired,
 )
-from sluice_common.runstate import CLAIM
+from sluice_common.runstate import CLAIM, SHARED_CLAIM_RUNS
 from sluice_worker.executor import RunExecutor
 from tests.httpserver import LocalServer
 from tests.integration.conftest import Pipeline
@@ -398,17 +400,33 @@ def test_recovery_counts_the_lost_attempt_and_honours_cancel(pipeline: Pipeline)
     assert (row["status"], row["attempt"]) == ("succeeded", 2)
 
 
-def test_the_user_cap_is_exact_where_claims_share_the_owners_lock(pipeline: Pipeline) -> None:
-    # Far below the cap (by more than max_connections) claims take the owner's lock in shared
-    # mode and run side by side; near it they take it exclusively. Eight threads claiming at once
-    # across that boundary must stop at exactly the cap.
+def max_connections(pipeline: Pipeline) -> int:
     with pipeline.pool.connection() as conn:
         row = conn.execute("SELECT current_setting('max_connections')::int AS m").fetchone()
     assert row is not None
-    cap = int(row["m"]) + 6
+    return int(row["m"])
+
+
+def queued_runs(pipeline: Pipeline, owner: str, count: int) -> list[str]:
+    """``count`` queued runs of one workflow of ``owner``: one enqueued, the others copies of its row."""
+    first = pipeline.enqueue(pipeline.workflow(owner, NOOP), owner).run_id
+    with pipeline.pool.connection() as conn:
+        rows = conn.execute(
+            "INSERT INTO runs SELECT (jsonb_populate_record(NULL::runs, to_jsonb(r) || "
+            "jsonb_build_object('id', gen_random_uuid()))).* FROM runs r, generate_series(2, %s) WHERE r.id = %s "
+            "RETURNING id",
+            (count, first),
+        ).fetchall()
+    return [str(first), *(str(row["id"]) for row in rows)]
+
+
+def test_the_user_cap_is_exact_where_claims_share_the_owners_lock(pipeline: Pipeline) -> None:
+    # Far below the cap claims take the owner's lock in shared mode and run side by side; near it
+    # they take it exclusively. Eight threads claiming at once (in batches, through the worker's
+    # group commit) across that boundary must stop at exactly the cap.
+    cap = max_connections(pipeline) * SHARED_CLAIM_RUNS + 6  # shared mode up to 6 runs below the cap
     owner = pipeline.user()
-    wf = pipeline.workflow(owner, NOOP)
-    runs = [pipeline.enqueue(wf, owner).run_id for _ in range(cap + 20)]
+    runs = queued_runs(pipeline, owner, cap + 20)
     settings = pipeline.settings.model_copy(update={"user_concurrency": cap})
     executor = RunExecutor(
         settings, pipeline.pool, pipeline.broker, pipeline.limiter, httpx.Client(), "cap-test", threading.Event()
@@ -429,6 +447,49 @@ def test_the_user_cap_is_exact_where_claims_share_the_owners_lock(pipeline: Pipe
     assert len(claimed) == len(set(claimed)) == cap
     rows = [pipeline.run(r) for r in runs]
     assert sum(r["status"] == "running" for r in rows) == cap
+
+
+def test_a_claim_sharing_the_owners_lock_takes_a_bounded_share_of_the_owners_runs(pipeline: Pipeline) -> None:
+    cap = max_connections(pipeline) * SHARED_CLAIM_RUNS + 100
+    owner = pipeline.user()
+    queued_runs(pipeline, owner, SHARED_CLAIM_RUNS + 10)
+    params = {"worker": "w", "lease": 30.0, "user_cap": cap, "exclusive": False, "count": SHARED_CLAIM_RUNS + 5}
+    with pipeline.pool.connection() as conn:
+        assert len(conn.execute(CLAIM, params).fetchall()) == SHARED_CLAIM_RUNS
+        # Claimed with the exclusive lock, the same batch is not limited.
+        assert len(conn.execute(CLAIM, {**params, "exclusive": True}).fetchall()) == 10
+
+
+def test_batch_claims_open_at_once_do_not_pass_the_cap_together(pipeline: Pipeline) -> None:
+    # A claim counts the committed running runs and its own batch, not the batches of claims still
+    # open beside it. Two workers' batches, each far below the cap, must not pass it together:
+    # where the cap leaves less room than every open claim's largest batch, the second claim waits
+    # for the first and counts its runs.
+    cap = 3 * max_connections(pipeline)
+    owner = pipeline.user()
+    queued_runs(pipeline, owner, cap + 20)
+    params = {"worker": "w", "lease": 30.0, "user_cap": cap, "exclusive": False, "count": cap // 2 + 10}
+    second: list[int] = []
+
+    def claim_beside(conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            second.append(len(conn.execute(CLAIM, params).fetchall()))
+
+    with pipeline.pool.connection() as first, pipeline.pool.connection() as other:
+        with first.transaction():
+            assert len(first.execute(CLAIM, params).fetchall()) == cap // 2 + 10
+            thread = threading.Thread(target=claim_beside, args=(other,))
+            thread.start()
+            thread.join(1)  # waits for the first claim's lock, or (the fault) claims beside it
+        thread.join(30)
+    assert not thread.is_alive()
+    assert second == [cap - (cap // 2 + 10)]
+    with pipeline.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM runs WHERE owner_id = %s AND status = 'running'", (owner,)
+        ).fetchone()
+    assert row is not None
+    assert row["n"] == cap
 
 
 def test_the_claim_is_costed_as_one_run_and_never_compiled(pipeline: Pipeline) -> None:

@@ -128,11 +128,13 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 """
 
 # Where the per-user cap is larger than max_connections (the most transactions that can be open at
-# once), a claim takes the owner's advisory lock in shared mode (claims do not wait for each other)
-# and goes ahead while running + max_connections < cap: that leaves room for every claim that can
-# be in flight beside it. A shared claim that finds the owner closer to the cap raises
-# serialization_failure, and the worker claims again with p_exclusive, which counts exactly under
-# the exclusive lock, as every claim does where the cap is small.
+# once) times SHARED_CLAIM_RUNS, a claim takes the owner's advisory lock in shared mode (claims do
+# not wait for each other), chooses at most SHARED_CLAIM_RUNS of the owner's runs, and goes ahead
+# while running + max_connections * SHARED_CLAIM_RUNS < cap: that leaves room for every claim that
+# can be in flight beside it, each of which may be a batch (a count sees only committed runs and
+# its own). A shared claim that finds the owner closer to the cap raises serialization_failure, and
+# the worker claims again with p_exclusive, which counts exactly under the exclusive lock, as every
+# claim does where the cap is smaller.
 #
 # A candidate stays locked until its claim's transaction ends, even when its owner turns out to be
 # at the cap, so a concurrent claim can find nothing only because other claims hold every runnable
@@ -163,6 +165,8 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # through a bitmap. It is declared to return one row (costed for the default 1,000 the claim was
 # JIT-compiled, 120 ms a claim). A claim lost in a database crash only puts the run back in the
 # queue, so its commit does not wait for the WAL flush.
+SHARED_CLAIM_RUNS = 16
+
 CLAIM_FUNCTION = """
 CREATE OR REPLACE FUNCTION sluice_claim_runs(
     p_worker text, p_lease_seconds double precision, p_user_cap integer, p_exclusive boolean, p_count integer
@@ -182,7 +186,7 @@ DECLARE
     chosen_owners uuid[] := '{}';
     running integer;
     lock_key bigint;
-    slack integer := current_setting('max_connections')::integer;
+    slack integer := current_setting('max_connections')::integer * SHARED_CLAIM_RUNS;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     LOOP
@@ -224,6 +228,9 @@ BEGIN
         END IF;
         lock_key := hashtextextended(cand.owner_id::text, 5);
         IF p_user_cap > slack AND NOT p_exclusive THEN
+            IF cardinality(array_positions(chosen_owners, cand.owner_id)) >= SHARED_CLAIM_RUNS THEN
+                EXIT;  -- as many as a shared claim may take: the rest are left to other claims
+            END IF;
             PERFORM pg_advisory_xact_lock_shared(lock_key);
             SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
             running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
@@ -253,7 +260,7 @@ BEGIN
     RETURNING *;
 END
 $$
-"""
+""".replace("SHARED_CLAIM_RUNS", str(SHARED_CLAIM_RUNS))
 
 # The claim of one run as the workers of the previous release call it, during an upgrade.
 CLAIM_ONE_FUNCTION = """

@@ -25,3 +25,12 @@ def test_the_master_freezes_its_objects_before_each_fork(unfrozen: None) -> None
     assert gc.get_freeze_count() == 0
     options["pre_fork"](None, None)
     assert gc.get_freeze_count() > 0  # the interpreter's objects so far, modules and all
+
+
+def test_each_worker_freezes_what_it_made_while_it_loaded_the_app(unfrozen: None) -> None:
+    """And the objects a worker made after the fork (the app, its pools and routes) stay out of
+    its full collections, which stop every thread while they run (freeze_startup_objects)."""
+    options = gunicorn_options(load_settings({}))
+    assert gc.get_freeze_count() == 0
+    options["post_worker_init"](None)
+    assert gc.get_freeze_count() > 0

@@ -19,6 +19,7 @@ from sluice_api import multiproc
 from sluice_api.http_worker import buffering_worker
 from sluice_common.errors import SluiceError
 from sluice_common.logs import configure_logging
+from sluice_common.process import freeze_startup_objects
 from sluice_common.settings import Settings, load_settings, server_urls
 from sluice_common.tracing import check_tracing_settings
 
@@ -84,6 +85,10 @@ def _freeze_before_fork(server: Any, worker: Any) -> None:
     gc.freeze()
 
 
+def _freeze_after_worker_init(worker: Any) -> None:
+    freeze_startup_objects()
+
+
 def gunicorn_options(settings: Settings) -> dict[str, Any]:
     """gunicorn's settings for the API (bind, workers, threads and limits from Sluice's settings)."""
     return {
@@ -102,6 +107,8 @@ def gunicorn_options(settings: Settings) -> dict[str, Any]:
         # A dead worker's live gauges leave the scrape with it.
         "child_exit": multiproc.child_exit,
         "pre_fork": _freeze_before_fork,
+        # And what each worker made while it loaded the app (freeze_startup_objects).
+        "post_worker_init": _freeze_after_worker_init,
     }
 
 

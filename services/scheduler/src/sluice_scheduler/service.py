@@ -17,7 +17,7 @@ import redis
 from sluice_common import tracing
 from sluice_common.broker import make_broker
 from sluice_common.db import Pool, open_pool
-from sluice_common.process import service_main
+from sluice_common.process import freeze_startup_objects, service_main
 from sluice_common.settings import ServerUrls, Settings
 from sluice_scheduler.hooks import SchedulerEvents
 from sluice_scheduler.leadership import LocalLease, RedisLease
@@ -55,6 +55,7 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
     metrics = start_metrics(settings, events)
     try:
         scheduler = create_scheduler(settings, pool, broker, client, events)
+        freeze_startup_objects()
         log.info(
             "scheduler %s ready (lease %.0fs, maintenance every %.1fs)",
             scheduler.lease.instance,

@@ -7,7 +7,7 @@ import threading
 from sluice_common import tracing
 from sluice_common.db import migrate, open_pool
 from sluice_common.observe import run_events
-from sluice_common.process import service_main
+from sluice_common.process import freeze_startup_objects, service_main
 from sluice_common.settings import ServerUrls, Settings
 from sluice_standalone.app import create_standalone, serve
 from sluice_worker.safehttp import make_client
@@ -21,6 +21,7 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
     pool = open_pool(settings, urls.database_url, name="standalone", max_size=settings.concurrency + 8)
     try:
         app = create_standalone(settings, pool, http=http)
+        freeze_startup_objects()
         app.start()
         try:
             serve(app, stopping)

@@ -26,7 +26,7 @@ from sluice_common.broker import RUN_ACTOR, RUN_QUEUE, make_broker, ready_queue_
 from sluice_common.db import Pool, open_pool
 from sluice_common.logs import Outage
 from sluice_common.observe import run_events
-from sluice_common.process import service_main
+from sluice_common.process import freeze_startup_objects, service_main
 from sluice_common.ratelimit import RateLimiter, RedisRateLimiter
 from sluice_common.runs import Recovery
 from sluice_common.settings import ServerUrls, Settings
@@ -136,6 +136,7 @@ def run(settings: Settings, urls: ServerUrls, stopping: threading.Event) -> None
             client, settings.redis_prefix, settings.rate_limit_per_minute, ready_queue=ready_queue_key(broker)
         )
         app = create_worker(settings, pool, broker, limiter, http=http)
+        freeze_startup_objects()
         app.start()
         log.info("worker %s ready: %d threads", app.executor.worker_id, settings.concurrency)
         stopping.wait()

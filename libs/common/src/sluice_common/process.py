@@ -38,8 +38,8 @@ def freeze_startup_objects() -> None:
     garbage collections from now on.
 
     A full collection visits every object the collector tracks while it holds the GIL, so it stops
-    every thread of the process: in a worker that had just started, two of them took 54 and 102 ms,
-    longer than a run takes from its request to its end. Frozen objects are not visited (and stay:
+    every thread of the process, for longer than a run takes from its request to its end when it
+    visits everything a service loads (docs/scaling.md). Frozen objects are not visited (and stay:
     they live as long as the process anyway); the garbage of the start is collected first.
     """
     gc.collect()

@@ -23,8 +23,8 @@ also writes the last step's checkpoint); one more per earlier step, one more to 
 checkpoints of a resumed run, and one more for a sub-workflow run that wakes its parent. Under
 load the finishing statements of runs that end together go as one, with one commit
 (``runstate.FINISH_ENDED_MANY``; see :mod:`sluice_common.groupcommit`). Claims
-serialise per user, not globally, and for a cap above 16 times max_connections only while the user
-is near it (see ``runstate.CLAIM_FUNCTION``).
+serialise per user, not globally, and for a cap above ``runstate.SHARED_CLAIM_RUNS`` times
+max_connections only while the user is near it (see ``runstate.CLAIM_FUNCTION``).
 
 Parking (a ``delay`` step, a ``workflow`` step waiting for its child) ends the attempt as
 ``parked`` and gives the attempt number back: the run goes to ``delayed`` (with its resume time

@@ -132,9 +132,12 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # not wait for each other), chooses at most SHARED_CLAIM_RUNS of the owner's runs, and goes ahead
 # while running + max_connections * SHARED_CLAIM_RUNS < cap: that leaves room for every claim that
 # can be in flight beside it, each of which may be a batch (a count sees only committed runs and
-# its own). A shared claim that finds the owner closer to the cap raises serialization_failure, and
-# the worker claims again with p_exclusive, which counts exactly under the exclusive lock, as every
-# claim does where the cap is smaller.
+# its own). Why that is enough: take the claim that counted last. Its count holds every run
+# committed before it; the claims still open then had counted earlier, there are fewer than
+# max_connections of them, and each adds at most SHARED_CLAIM_RUNS of the owner's runs, which the
+# room it left covers. A shared claim that finds the owner closer to the cap raises
+# serialization_failure, and the worker claims again with p_exclusive, which counts exactly under
+# the exclusive lock, as every claim does where the cap is smaller.
 #
 # A candidate stays locked until its claim's transaction ends, even when its owner turns out to be
 # at the cap, so a concurrent claim can find nothing only because other claims hold every runnable

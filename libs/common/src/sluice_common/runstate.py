@@ -151,12 +151,17 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # workers of earlier releases take the error as a failed message, which Dramatiq retries.
 #
 # A claim for several runs (``p_count``, the worker's group commit) chooses them one after the other
-# in one transaction, each as a claim of its own would (an owner's count adds the runs already
-# chosen), and moves them all with one UPDATE at the end: one executor start-up for the batch, with
-# the 11 indexes of runs it opens. The rows come back in no particular order: the worker's threads
-# are alike, and ordering them took a CTE and a sort in every claim, a lone one too. One that runs
-# out of candidates after choosing some takes what it has, and the worker threads left without a
-# run claim alone, which says busy where that is the reason.
+# in one transaction, each as a claim of its own would, and moves them all with one UPDATE at the
+# end: one executor start-up for the batch, with the 11 indexes of runs it opens. The candidates
+# come from one cursor, read a row at a time (each row is locked as it is read, and no further),
+# until an owner is skipped; after that each is looked for with that owner left out. An owner's
+# lock is taken and their running runs counted once per claim: their next candidates add the runs
+# already chosen to that count. Under the exclusive lock no other claim can start their runs
+# meanwhile; under the shared one, the reasoning above takes each claim's batch as of its one count.
+# The rows come back in no particular order: the worker's threads are alike, and ordering them took
+# a CTE and a sort in every claim, a lone one too. One that runs out of candidates after choosing
+# some takes what it has, and the worker threads left without a run claim alone, which says busy
+# where that is the reason.
 #
 # It plans with sequential scans disabled, as sluice_finish_runs does (a plan made while runs was
 # small is kept as it grows), and with sorting disabled (PL/pgSQL plans once per session: planned
@@ -184,24 +189,27 @@ SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
     cand record;
+    candidates refcursor;
     skipped uuid[] := '{}';
     chosen uuid[] := '{}';
     chosen_owners uuid[] := '{}';
+    counted_owners uuid[] := '{}';
+    counts integer[] := '{}';
+    counted_at integer;
     running integer;
-    lock_key bigint;
     slack integer := current_setting('max_connections')::integer * SHARED_CLAIM_RUNS;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
+    OPEN candidates NO SCROLL FOR
+        SELECT r.id, r.owner_id FROM runs r
+        WHERE r.status IN ('queued', 'delayed')
+          AND coalesce(r.not_before, '-infinity') <= now()
+          AND NOT r.cancel_requested
+        ORDER BY r.dispatch_at, r.id
+        FOR UPDATE SKIP LOCKED;
     LOOP
         IF cardinality(skipped) = 0 THEN
-            SELECT r.id, r.owner_id INTO cand FROM runs r
-            WHERE r.status IN ('queued', 'delayed')
-              AND coalesce(r.not_before, '-infinity') <= now()
-              AND NOT r.cancel_requested
-              AND r.id <> ALL (chosen)
-            ORDER BY r.dispatch_at, r.id
-            LIMIT 1
-            FOR UPDATE SKIP LOCKED;
+            FETCH candidates INTO cand;
         ELSE
             EXECUTE 'SELECT r.id, r.owner_id FROM runs r
                      WHERE r.status IN (''queued'', ''delayed'')
@@ -229,22 +237,28 @@ BEGIN
             END IF;
             RETURN;
         END IF;
-        lock_key := hashtextextended(cand.owner_id::text, 5);
+        counted_at := array_position(counted_owners, cand.owner_id);
         IF p_user_cap > slack AND NOT p_exclusive THEN
             IF cardinality(array_positions(chosen_owners, cand.owner_id)) >= SHARED_CLAIM_RUNS THEN
                 EXIT;  -- as many as a shared claim may take: the rest are left to other claims
             END IF;
-            PERFORM pg_advisory_xact_lock_shared(lock_key);
-            SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
-            running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
-            IF running + slack >= p_user_cap THEN
-                RAISE EXCEPTION 'user % is close to the cap: claim with the exclusive lock', cand.owner_id
-                    USING ERRCODE = 'serialization_failure';
+            IF counted_at IS NULL THEN
+                PERFORM pg_advisory_xact_lock_shared(hashtextextended(cand.owner_id::text, 5));
             END IF;
-        ELSE
-            PERFORM pg_advisory_xact_lock(lock_key);
+        ELSIF counted_at IS NULL THEN
+            PERFORM pg_advisory_xact_lock(hashtextextended(cand.owner_id::text, 5));
+        END IF;
+        IF counted_at IS NULL THEN
             SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
-            running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
+            counted_owners := counted_owners || cand.owner_id;
+            counts := counts || running;
+        ELSE
+            running := counts[counted_at];
+        END IF;
+        running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
+        IF p_user_cap > slack AND NOT p_exclusive AND running + slack >= p_user_cap THEN
+            RAISE EXCEPTION 'user % is close to the cap: claim with the exclusive lock', cand.owner_id
+                USING ERRCODE = 'serialization_failure';
         END IF;
         IF running < p_user_cap THEN
             chosen := chosen || cand.id;
@@ -254,6 +268,7 @@ BEGIN
             skipped := skipped || cand.owner_id;
         END IF;
     END LOOP;
+    CLOSE candidates;
     RETURN QUERY
     UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
            started_at = coalesce(started_at, now()), worker_id = p_worker,

@@ -333,12 +333,13 @@ SELECT (SELECT status FROM wf) AS workflow_status, ins.id, ins.status FROM (SELE
 # with the id its run gets. It inserts only the runs that INSERT_RUN would insert as they are; the
 # others are not in the result (a missing or paused workflow, a rotated webhook secret, an
 # idempotency hit), and INSERT_RUN, run again for each of them alone, says why or finds the
-# earlier run.
+# earlier run. The arrays are sent in binary (``%b``): in text, psycopg quotes every element and
+# PostgreSQL parses it back.
 INSERT_RUN_MANY = """
 WITH req AS (
-    SELECT * FROM unnest(%(ids)s::uuid[], %(wf)s::uuid[], %(owner)s::uuid[], %(hook)s::bytea[], %(parent)s::uuid[],
-                         %(trigger)s::run_trigger[], %(data)s::jsonb[], %(priority)s::int[], %(delay)s::int[],
-                         %(key)s::text[], %(traceparent)s::text[])
+    SELECT * FROM unnest(%(ids)b::uuid[], %(wf)b::uuid[], %(owner)b::uuid[], %(hook)b::bytea[], %(parent)b::uuid[],
+                         %(trigger)b::run_trigger[], %(data)b::jsonb[], %(priority)b::int[], %(delay)b::int[],
+                         %(key)b::text[], %(traceparent)b::text[])
         AS r (id, wf, owner, hook, parent, trigger, data, priority, delay, key, traceparent)
 ), ins AS (
     INSERT INTO runs (id, workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
@@ -530,24 +531,26 @@ $$
 """
 
 # FINISH_ENDED_MANY's arrays (one element per attempt, FINISH_ENDED's parameter of that name), in
-# the order of sluice_finish_runs's parameters.
-FINISH_ENDED_MANY_ARRAYS = (
-    "id",
-    "claim",
-    "status",
-    "attempt_status",
-    "error",
-    "attempt",
-    "owner",
-    "step",
-    "pos",
-    "output",
-    "started",
-)
+# the order of sluice_finish_runs's parameters, with their types. They are sent in binary, as
+# INSERT_RUN_MANY's are: an array's text form costs the client its quoting and the server its
+# parsing, element by element.
+FINISH_ENDED_MANY_ARRAYS = {
+    "id": "uuid[]",
+    "claim": "uuid[]",
+    "status": "run_status[]",
+    "attempt_status": "attempt_status[]",
+    "error": "text[]",
+    "attempt": "int[]",
+    "owner": "uuid[]",
+    "step": "text[]",
+    "pos": "int[]",
+    "output": "jsonb[]",
+    "started": "timestamptz[]",
+}
 
 FINISH_ENDED_MANY = (
     "SELECT id, claim, status, wake_next FROM sluice_finish_runs("
-    + ", ".join(f"%({name})s" for name in FINISH_ENDED_MANY_ARRAYS)
+    + ", ".join(f"%({name})b::{kind}" for name, kind in FINISH_ENDED_MANY_ARRAYS.items())
     + ", %(user_cap)s)"
 )
 

@@ -156,7 +156,8 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # come from one cursor, read a row at a time (each row is locked as it is read, and no further),
 # until an owner is skipped; after that each is looked for with that owner left out. An owner's
 # lock is taken and their running runs counted once per claim: their next candidates add the runs
-# already chosen to that count. Under the exclusive lock no other claim can start their runs
+# already chosen to that count, which is kept beside the chosen runs (an owner counted and not
+# chosen is skipped, and not seen again). Under the exclusive lock no other claim can start their runs
 # meanwhile; under the shared one, the reasoning above takes each claim's batch as of its one count.
 # The rows come back in no particular order: the worker's threads are alike, and ordering them took
 # a CTE and a sort in every claim, a lone one too. One that runs out of candidates after choosing
@@ -193,11 +194,12 @@ DECLARE
     skipped uuid[] := '{}';
     chosen uuid[] := '{}';
     chosen_owners uuid[] := '{}';
-    counted_owners uuid[] := '{}';
-    counts integer[] := '{}';
-    counted_at integer;
+    chosen_counts integer[] := '{}';  -- the owner's running runs as counted when the first was chosen
+    owner_at integer;
+    counted integer;
     running integer;
     slack integer := current_setting('max_connections')::integer * SHARED_CLAIM_RUNS;
+    shared boolean := p_user_cap > slack AND NOT p_exclusive;
 BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     OPEN candidates NO SCROLL FOR
@@ -237,32 +239,30 @@ BEGIN
             END IF;
             RETURN;
         END IF;
-        counted_at := array_position(counted_owners, cand.owner_id);
-        IF p_user_cap > slack AND NOT p_exclusive THEN
-            IF cardinality(array_positions(chosen_owners, cand.owner_id)) >= SHARED_CLAIM_RUNS THEN
+        owner_at := array_position(chosen_owners, cand.owner_id);
+        IF owner_at IS NULL THEN
+            IF shared THEN
+                PERFORM pg_advisory_xact_lock_shared(hashtextextended(cand.owner_id::text, 5));
+            ELSE
+                PERFORM pg_advisory_xact_lock(hashtextextended(cand.owner_id::text, 5));
+            END IF;
+            SELECT count(*) INTO counted FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
+            running := counted;
+        ELSE
+            counted := chosen_counts[owner_at];
+            running := counted + cardinality(array_positions(chosen_owners, cand.owner_id));
+            IF shared AND running - counted >= SHARED_CLAIM_RUNS THEN
                 EXIT;  -- as many as a shared claim may take: the rest are left to other claims
             END IF;
-            IF counted_at IS NULL THEN
-                PERFORM pg_advisory_xact_lock_shared(hashtextextended(cand.owner_id::text, 5));
-            END IF;
-        ELSIF counted_at IS NULL THEN
-            PERFORM pg_advisory_xact_lock(hashtextextended(cand.owner_id::text, 5));
         END IF;
-        IF counted_at IS NULL THEN
-            SELECT count(*) INTO running FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
-            counted_owners := counted_owners || cand.owner_id;
-            counts := counts || running;
-        ELSE
-            running := counts[counted_at];
-        END IF;
-        running := running + cardinality(array_positions(chosen_owners, cand.owner_id));
-        IF p_user_cap > slack AND NOT p_exclusive AND running + slack >= p_user_cap THEN
+        IF shared AND running + slack >= p_user_cap THEN
             RAISE EXCEPTION 'user % is close to the cap: claim with the exclusive lock', cand.owner_id
                 USING ERRCODE = 'serialization_failure';
         END IF;
         IF running < p_user_cap THEN
             chosen := chosen || cand.id;
             chosen_owners := chosen_owners || cand.owner_id;
+            chosen_counts := chosen_counts || counted;
             EXIT WHEN cardinality(chosen) >= p_count;
         ELSE
             skipped := skipped || cand.owner_id;

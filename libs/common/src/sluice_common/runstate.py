@@ -154,10 +154,10 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # in one transaction, each as a claim of its own would, and moves them all with one UPDATE at the
 # end: one executor start-up for the batch, with the 11 indexes of runs it opens. The candidates
 # come from one cursor, read a row at a time (each row is locked as it is read, and no further),
-# until an owner is skipped; after that each is looked for with that owner left out. An owner's
-# lock is taken and their running runs counted once per claim: their next candidates add the runs
-# already chosen to that count, which is kept beside the chosen runs (an owner counted and not
-# chosen is skipped, and not seen again). Under the exclusive lock no other claim can start their runs
+# until an owner is skipped; after that each is looked for with that owner left out. An owner's lock
+# is taken and their running runs counted once per claim: their next candidates add the runs already
+# chosen to that count, which is kept beside the chosen runs (an owner counted and not chosen is
+# skipped, and not seen again). Under the exclusive lock no other claim can start their runs
 # meanwhile; under the shared one, the reasoning above takes each claim's batch as of its one count.
 # The rows come back in no particular order: the worker's threads are alike, and ordering them took
 # a CTE and a sort in every claim, a lone one too. One that runs out of candidates after choosing

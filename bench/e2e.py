@@ -22,7 +22,9 @@ Both: gunicorn with the same workers and threads, worker concurrency 10, 8 clien
 - request -> finished p50/p99 (from the client sending the request to the run's finish on the
   database's clock) at a steady 5/s and 100/s (target p99 <= 15 ms at 5/s), and enqueue -> start
   p99 at 100/s (the run row's insert to its claim; target <= 25 ms), and at both rates each
-  run's time split into request -> row inserted -> started -> finished;
+  run's time split into request -> row inserted -> started -> finished, and how often the
+  machine itself held a thread off for more than 2 ms meanwhile (a bare process beside the
+  phase, sleeping 1 ms at a time: its wake-ups that came late);
 - CPU milliseconds per run of each process group, from /proc (utime + stime of the processes
   and of their reaped children): api (gunicorn master and workers), worker, scheduler,
   PostgreSQL (the backends connected to the side's own database, by pg_stat_activity; and the
@@ -389,10 +391,45 @@ def throughput_round(stack: Stack, stacks: list[Stack], servers: Servers, phase:
     return Round(sent / (last - first), sent, phase_cpu(stack, before, after, sent))
 
 
-def latency_phase(stack: Stack, phase: str, rate: float, seconds: float) -> Timings:
-    sent = load(stack, phase, seconds, rate)
-    wait_finished(stack, phase, sent)
-    return stack.timings(phase)
+# A thread that sleeps 1 ms and wakes up more than this much later was held off a CPU meanwhile.
+STALL_S = 0.002
+
+
+def _stalls(stop: Any, out: Any) -> None:
+    """Sleep 1 ms at a time until ``stop`` is set; put the lateness (s) of each late wake-up."""
+    late: list[float] = []
+    while not stop.is_set():
+        began = time.monotonic()
+        time.sleep(0.001)
+        over = time.monotonic() - began - 0.001
+        if over > STALL_S:
+            late.append(over)
+    out.put(late)
+
+
+@dataclass
+class Phase:
+    """A latency phase's runs and the machine's stalls (seconds each) while it lasted."""
+
+    timings: Timings
+    stalls: list[float]
+
+
+def latency_phase(stack: Stack, phase: str, rate: float, seconds: float) -> Phase:
+    """Runs at a steady ``rate``, with a bare process beside them that counts how often the machine
+    held a thread off for more than STALL_S: a run that meets such a stall in any of its hops is
+    late by it, whatever Sluice does, and at 5/s a p99 is the second slowest of 100 runs."""
+    stop, out = multiprocessing.Event(), multiprocessing.Queue()
+    probe = multiprocessing.Process(target=_stalls, args=(stop, out), daemon=True)
+    probe.start()
+    try:
+        sent = load(stack, phase, seconds, rate)
+        wait_finished(stack, phase, sent)
+    finally:
+        stop.set()
+    stalls: list[float] = out.get(timeout=30)
+    probe.join()
+    return Phase(stack.timings(phase), stalls)
 
 
 def idle(stacks: list[Stack], seconds: float) -> dict[str, dict[str, float]]:
@@ -427,7 +464,7 @@ def median_round(rounds: list[tuple[Round, Round]]) -> tuple[Round, Round, list[
 def report(
     args: argparse.Namespace,
     rounds: list[tuple[Round, Round]],
-    latency: dict[tuple[str, float], Timings],
+    latency: dict[tuple[str, float], Phase],
     rest: dict[str, dict[str, float]],
     commits: dict[str, int],
     embedded: bool,
@@ -443,7 +480,8 @@ def report(
     print(f"{'':34}{'baseline':>10}{'sluice':>10}{'ratio':>8}  target")
     print(f"{'runs/s, median round':34}{base.rate:10.0f}{ours.rate:10.0f}{ours.rate / base.rate:8.2f}  >= 0.80")
     for rate in (5.0, 100.0):
-        b_times, o_times = latency[("baseline", rate)], latency[("sluice", rate)]
+        b_phase, o_phase = latency[("baseline", rate)], latency[("sluice", rate)]
+        b_times, o_times = b_phase.timings, o_phase.timings
         b_fin, o_fin = spans(b_times, SENT, FINISHED), spans(o_times, SENT, FINISHED)
         b_start, o_start = spans(b_times, INSERTED, STARTED), spans(o_times, INSERTED, STARTED)
         target = "  <= 15" if rate == 5.0 else ""
@@ -467,6 +505,11 @@ def report(
                 f"{f'  {what} p50/p99':34}{pct(b_span, 0.5):5.1f}/{pct(b_span, 0.99):<5.1f}"
                 f"{pct(o_span, 0.5):5.1f}/{pct(o_span, 0.99):.1f}"
             )
+        b_late, o_late = (max(p.stalls, default=0.0) * 1000 for p in (b_phase, o_phase))
+        print(
+            f"{'  machine stalls > 2 ms: n/max ms':34}{len(b_phase.stalls):5d}/{b_late:<5.1f}"
+            f"{len(o_phase.stalls):5d}/{o_late:.1f}"
+        )
     # Over all rounds (their CPU over their runs): one round's figure moves with the machine's other load.
     b_cpu, o_cpu = all_rounds([b for b, _ in rounds]), all_rounds([o for _, o in rounds])
     print("CPU ms per run, all rounds (/proc utime+stime, reaped children included):")

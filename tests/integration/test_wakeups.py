@@ -164,6 +164,50 @@ def test_a_lone_wake_up_is_sent_by_its_caller_and_a_close_one_by_the_sender_thre
         assert client.hlen(msgs) == 3
 
 
+def test_a_wake_up_handed_over_well_after_a_busy_batch_does_not_linger(
+    servers: Servers, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sender thread lingers before a batch only while wake-ups keep coming: one handed to it
+    long after its last (big) batch was sent goes at once, not LINGER_S later."""
+    with _doorbell(servers, redis_prefix) as (broker, client):
+        entered, gate = threading.Event(), threading.Event()
+        send_wakeups = broker.send_wakeups
+        batches: list[int] = []
+
+        def held(wakeups: list[Wakeup]) -> None:
+            if threading.current_thread().name == "sluice-wakeups":
+                entered.set()
+                gate.wait(10)  # the thread's first batch waits, so that the next ones gather
+                batches.append(len(wakeups))
+            send_wakeups(wakeups)
+
+        monkeypatch.setattr(broker, "send_wakeups", held)
+        msgs = f"{broker.namespace}:{RUN_QUEUE}.msgs"
+        sender = WakeupSender(broker)
+        monkeypatch.setattr(sender, "LINGER_S", 1.0)
+
+        def arrived(count: int, within: float) -> bool:
+            deadline = time.monotonic() + within
+            while client.hlen(msgs) < count and time.monotonic() < deadline:
+                time.sleep(0.005)
+            return bool(client.hlen(msgs) >= count)
+
+        sender.send("lone")  # light load: its caller sends it
+        sender.send("close")  # within LINGER_S of the previous one: handed to the thread
+        assert entered.wait(5)
+        for i in range(WakeupSender.BUSY_BATCH):
+            sender.send(f"close-{i}")  # these gather while the thread sends the first
+        gate.set()
+        assert arrived(2 + WakeupSender.BUSY_BATCH, 5)
+        assert batches == [1, WakeupSender.BUSY_BATCH]  # the second batch was big: load
+        time.sleep(1.2)  # longer than LINGER_S: that load is over
+        sender.send("light")  # its caller sends it
+        sender.send("right after")  # within LINGER_S of the previous one: handed to the thread
+        assert arrived(4 + WakeupSender.BUSY_BATCH, 0.5)
+        assert batches == [1, WakeupSender.BUSY_BATCH, 1]
+        sender.close()
+
+
 def test_a_consumer_with_nothing_to_fetch_waits_on_its_doorbell_only(servers: Servers, redis_prefix: str) -> None:
     with _doorbell(servers, redis_prefix) as (broker, client):
         # A long poll timeout, as a worker's: Dramatiq's consumer would sleep a growing backoff up

@@ -340,15 +340,17 @@ class WakeupSender:
 
     def _loop(self) -> None:
         busy = False
+        sent_at = 0.0  # monotonic time the last batch was sent
         while True:
             item = self._queue.get()
             if item is self._STOP:
                 return
-            if busy:
+            if busy and time.monotonic() - sent_at < self.LINGER_S:
                 # Under load, let more gather: many wake-ups per round trip cost far less CPU than a
                 # few, for a start at most LINGER_S later. Sleeping (rather than waiting on the
                 # queue) spares a thread switch per wake-up. At light load (the last batch was
-                # small) a wake-up goes at once.
+                # small, or this wake-up came well after it: the load that made it big is over) a
+                # wake-up goes at once.
                 time.sleep(self.LINGER_S)
             batch = [item]
             stop = False
@@ -363,6 +365,7 @@ class WakeupSender:
                 batch.append(more)
             busy = len(batch) >= self.BUSY_BATCH
             self._deliver(batch)
+            sent_at = time.monotonic()
             with self._lock:
                 self._in_hand -= len(batch)
             if stop:

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from sluice_common import runstate
 from sluice_worker.claims import Claimed
 from sluice_worker.engine import Outcome
 from sluice_worker.executor import RunExecutor
@@ -217,3 +218,21 @@ def test_claims_asked_for_together_are_made_together_in_dispatch_order_within_th
             ("running", claimed.claim_id)
         ]
         assert claimed.steps == STEPS
+
+
+@pytest.mark.parametrize("user_cap", [100, 1_000_000], ids=["exclusive", "shared"])
+def test_a_batch_claim_locks_the_runs_it_takes_and_no_more(pipeline: Pipeline, user_cap: int) -> None:
+    """The claim reads its candidates from a cursor a row at a time, each locked as it is read: the
+    runs after the last one it took stay free for other workers' claims while its transaction is
+    open (a cursor that read ahead would hold them, and those claims would skip them)."""
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, STEPS)
+    runs = [str(pipeline.enqueue(wf, owner, trigger_data={"n": n}).run_id) for n in range(12)]
+    params = {"worker": "w", "lease": 30.0, "user_cap": user_cap, "exclusive": False, "count": 3}
+    with pipeline.pool.connection() as c, pipeline.pool.connection() as d, c.transaction(force_rollback=True):
+        taken = [str(row["id"]) for row in c.execute(runstate.CLAIM, params).fetchall()]
+        assert sorted(taken) == sorted(runs[:3])  # the first three in dispatch order
+        free = d.execute(
+            "SELECT id::text FROM runs WHERE id = ANY(%s::uuid[]) FOR UPDATE SKIP LOCKED", (runs,)
+        ).fetchall()
+        assert sorted(row["id"] for row in free) == sorted(runs[3:])

@@ -102,6 +102,7 @@ def finish_params(row: dict[str, Any], *, user_cap: int = 100_000, output: Any =
         "id": row["id"],
         "claim": row["claim_id"],
         "attempt": row["attempt"],
+        "worker": "bench",
         "status": "succeeded",
         "attempt_status": "succeeded",
         "error": None,

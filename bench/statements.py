@@ -194,7 +194,8 @@ def sluice_steps(url: str, together: int = 1) -> dict[str, Step]:
         assert len(rows) == together, "the bench inserts every run it claims"
         finishes = [finish_params(row, user_cap=10_000, output=Jsonb(1)) for row in rows]
         params = {name: [f[name] for f in finishes] for name in runstate.FINISH_ENDED_MANY_ARRAYS}
-        assert len(conn.execute(runstate.FINISH_ENDED_MANY, {**params, "user_cap": 10_000}).fetchall()) == together
+        params.update(user_cap=10_000, worker="bench")
+        assert len(conn.execute(runstate.FINISH_ENDED_MANY, params).fetchall()) == together
 
     if together > 1:
         return {"api: insert": insert_together, "worker: claim + finish": work_together}

@@ -618,3 +618,26 @@ def test_a_parked_run_reads_fine_while_it_waits(api: Api) -> None:
     assert done["status"] == "succeeded", done
     assert {a["status"] for a in done["attempts"]} <= {"parked", "succeeded"}
     assert client.get("/api/runs", params={"status": "waiting"}).status_code == 200
+
+
+def test_a_running_attempt_is_shown_while_it_runs_and_keeps_its_start(api: Api, http_server: LocalServer) -> None:
+    _, client = api.user()
+    wf = client.post("/api/workflows", json=workflow_body(f"{http_server.base}/slow?s=1.5")).json()
+    run_id = client.post(f"/api/workflows/{wf['id']}/run").json()["runId"]
+    running = wait_until(
+        lambda: (r := client.get(f"/api/runs/{run_id}").json())["status"] == "running" and r, timeout=10
+    )
+    [attempt] = running["attempts"]
+    assert (attempt["attempt"], attempt["status"], attempt["lost"], attempt["finishedAt"]) == (
+        1,
+        "running",
+        False,
+        None,
+    )
+    assert attempt["workerId"]
+    assert count(api, "SELECT count(*) FROM run_attempts WHERE run_id = %s", run_id) == 0  # written at its end
+    done = wait_run(client, run_id, {"succeeded", "failed"})
+    assert [(a["attempt"], a["status"], a["workerId"], a["startedAt"]) for a in done["attempts"]] == [
+        (1, done["status"], attempt["workerId"], attempt["startedAt"])
+    ]
+    assert done["attempts"][0]["finishedAt"]

@@ -13,6 +13,7 @@ import pytest
 import redis
 from psycopg.types.json import Jsonb
 
+from sluice_common import runstate
 from sluice_common.broker import make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
 from sluice_common.ratelimit import RedisRateLimiter
@@ -93,11 +94,10 @@ class Pipeline:
         return dict(row)
 
     def attempts(self, run_id: object) -> list[dict[str, Any]]:
+        """The run's attempts as the API shows them (a running one is the run's row), by number."""
         with self.pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT * FROM run_attempts WHERE run_id = %s ORDER BY attempt, lost", (str(run_id),)
-            ).fetchall()
-        return [dict(r) for r in rows]
+            rows = conn.execute(runstate.ATTEMPTS, {"run": str(run_id)}).fetchall()
+        return sorted((dict(r) for r in rows), key=lambda a: (a["attempt"], a["lost"]))
 
     def steps(self, run_id: object) -> list[dict[str, Any]]:
         with self.pool.connection() as conn:

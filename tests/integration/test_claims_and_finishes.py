@@ -146,11 +146,14 @@ def test_an_execution_that_lost_its_claim_is_refused_in_a_batch(pipeline: Pipeli
         assert ex.finish(*current) == "succeeded"
         run = pipeline.run(stale_claimed.run_id)
     assert (run["status"], run["error"]) == ("succeeded", None)
-    # The stale end closed nothing: its attempt is left to recovery, as it would be alone.
-    attempts = [(a["attempt"], a["status"], str(a["claim_id"])) for a in pipeline.attempts(stale_claimed.run_id)]
+    # The stale end closed nothing of the run's: as it would alone, it is recorded as a lost
+    # execution of its own (no recovery closed its attempt here, the test put the run back).
+    attempts = [
+        (a["attempt"], a["lost"], a["status"], str(a["claim_id"])) for a in pipeline.attempts(stale_claimed.run_id)
+    ]
     assert attempts == [
-        (stale_claimed.attempt, "running", stale_claimed.claim_id),
-        (current[0].attempt, "succeeded", current[0].claim_id),
+        (stale_claimed.attempt, True, "failed", stale_claimed.claim_id),
+        (current[0].attempt, False, "succeeded", current[0].claim_id),
     ]
 
 

@@ -289,6 +289,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
             "aging_step": settings.priority_aging_seconds,
         },
         "CLAIM": {"worker": "w", "lease": 30.0, "user_cap": settings.user_concurrency, "exclusive": False, "count": 2},
+        "ATTEMPTS": {"run": running["id"]},
         "CLAIM_CHECKPOINTS": {"run": running["id"]},
         "CHECKPOINT": {
             "step": "a",
@@ -317,6 +318,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
                 for name in runstate.FINISH_ENDED_MANY_ARRAYS
             },
             "user_cap": finish["user_cap"],
+            "worker": finish["worker"],
         },
         "FINISH_MOVED": {**finish, "status": "waiting", "attempt_status": "parked", "child": queued["id"]},
         "WAKE_PARENT": {"parent": queued["id"], "child": running["id"], "aging_step": 1.0},

@@ -271,7 +271,7 @@ BEGIN
     CLOSE candidates;
     RETURN QUERY
     UPDATE runs SET status = 'running', attempt = attempt + 1, claim_id = gen_random_uuid(),
-           started_at = coalesce(started_at, now()), worker_id = p_worker,
+           started_at = coalesce(started_at, now()), attempt_started_at = now(), worker_id = p_worker,
            lease_expires_at = now() + make_interval(secs => p_lease_seconds),
            updated_at = now(), error = NULL
     WHERE id = ANY (chosen)
@@ -359,10 +359,38 @@ WITH req AS (
 SELECT id, status FROM ins
 """
 
+# An attempt's row is written once, when the attempt ends (by the finishes, recovery and
+# RECORD_LOST; see the migration 0017_attempt_at_end): while it runs, the run's row holds its
+# number, worker, claim and start. The statements that end one insert its row with this clause. A
+# row of the same number is there when an earlier attempt gave its number back (it parked the run,
+# or handed it back at shutdown) and is written over, as the claim of the next one used to; or
+# when a claim of the previous release inserted it running, and then its start is this attempt's.
+ATTEMPT_ENDED = """ON CONFLICT (run_id, attempt, lost) DO UPDATE SET status = excluded.status,
+        worker_id = excluded.worker_id, claim_id = excluded.claim_id, finished_at = excluded.finished_at,
+        error = excluded.error,
+        started_at = CASE WHEN run_attempts.status = 'running' THEN run_attempts.started_at
+                          ELSE excluded.started_at END"""
+
+# The attempts of a run as the API shows them, oldest first: the rows of those that ended and,
+# while the run is running, the one it runs now, from the run's row (a row of the same number,
+# written by an earlier attempt that gave its number back or by a claim of the previous release,
+# gives way to it).
+ATTEMPTS = """
+SELECT attempt, status, lost, worker_id, claim_id, started_at, finished_at, error FROM run_attempts a
+WHERE a.run_id = %(run)s
+  AND NOT EXISTS (SELECT 1 FROM runs r WHERE r.id = a.run_id AND r.status = 'running' AND r.attempt = a.attempt
+                  AND NOT a.lost)
+UNION ALL
+SELECT attempt, 'running'::attempt_status, false, worker_id, claim_id, coalesce(attempt_started_at, updated_at),
+       NULL, NULL
+FROM runs WHERE id = %(run)s AND status = 'running'
+ORDER BY attempt, lost DESC
+"""
+
 # Claiming and executing --------------------------------------------------------------------------
 
-# Claims the best runnable run and opens its attempt, and reads what the worker needs: the steps
-# and settings of the version the run was queued with (a primary-key read of workflow_versions),
+# Claims the best runnable run and reads what the worker needs (the attempt it starts is recorded
+# on the run's row until it ends: see ATTEMPT_ENDED): the steps and settings of the version the run was queued with (a primary-key read of workflow_versions),
 # whatever the workflow has become since. A run of a workflow deleted while its wake-up was on the
 # way has no steps: the worker cancels it. ``resumed`` says whether the run was claimed before (a
 # retry, a resumed delay or sub-workflow wait, a recovered run): only then can it have checkpoints,
@@ -373,11 +401,6 @@ SELECT id, status FROM ins
 CLAIM = """
 WITH claimed AS (
     SELECT * FROM sluice_claim_runs(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s, %(count)s)
-), attempt AS (
-    INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id)
-    SELECT id, attempt, 'running', %(worker)s, claim_id FROM claimed
-    ON CONFLICT (run_id, attempt, lost) DO UPDATE SET status = 'running', worker_id = excluded.worker_id,
-        claim_id = excluded.claim_id, started_at = now(), finished_at = NULL, error = NULL
 )
 SELECT c.id, c.claim_id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
        c.trigger_data, c.parent_run_id, c.traceparent, CASE WHEN w.deleted_at IS NULL THEN v.steps END AS steps,
@@ -440,12 +463,13 @@ sequential scans instead: :data:`FINISH_FUNCTION`)."""
 # checkpoint (one round trip less per run) and closes the attempt. The statement's snapshot still
 # counts this run as running: if its owner was at the cap with runs due, wake-ups may have skipped
 # them, so ``wake_next`` tells the caller to send one.
-FINISH_ENDED = """
+FINISH_ENDED = (
+    """
 WITH run AS (
     UPDATE runs SET status = %(status)s::run_status, waiting_for = NULL, not_before = NULL, finished_at = now(),
         error = %(error)s, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = %(id)s AND claim_id = %(claim)s
-    RETURNING id, status
+    RETURNING id, status, attempt_started_at
 ), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
     SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
@@ -455,8 +479,13 @@ WITH run AS (
         position = excluded.position, status = excluded.status, attempt = excluded.attempt,
         output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
 ), attempt AS (
-    UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
-    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s AND NOT lost
+    INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id, started_at, finished_at, error)
+    SELECT id, %(attempt)s::int, %(attempt_status)s::attempt_status, %(worker)s::text, %(claim)s::uuid,
+           coalesce(attempt_started_at, now()), now(), %(error)s::text
+    FROM run
+    """
+    + ATTEMPT_ENDED
+    + """
 )
 SELECT id, status,
        (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
@@ -464,6 +493,7 @@ SELECT id, status,
                    AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
 FROM run
 """
+)
 
 # FINISH_ENDED for the attempts of several runs at once (the worker's group commit,
 # ``sluice_worker.executor``): one statement and one commit (one WAL flush) for all of them. Each
@@ -483,11 +513,12 @@ FROM run
 # would be planned afresh for every batch. The runs the UPDATE moved come back with their
 # attempt's values, so that the step, the attempt and the result read them without joining the
 # batch to them again (three hash joins a batch).
-FINISH_FUNCTION = """
+FINISH_FUNCTION = (
+    """
 CREATE OR REPLACE FUNCTION sluice_finish_runs(
     p_id uuid[], p_claim uuid[], p_status run_status[], p_attempt_status attempt_status[], p_error text[],
     p_attempt integer[], p_owner uuid[], p_step text[], p_pos integer[], p_output jsonb[], p_started timestamptz[],
-    p_user_cap integer
+    p_user_cap integer, p_worker text
 )
 RETURNS TABLE (id uuid, claim uuid, status run_status, wake_next boolean)
 LANGUAGE plpgsql
@@ -506,8 +537,8 @@ BEGIN
             error = r.error, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
         FROM req r
         WHERE runs.id = r.id AND runs.claim_id = r.claim
-        RETURNING runs.id, runs.status, r.claim, r.attempt_status, r.error, r.attempt, r.owner, r.step, r.pos,
-                  r.output, r.started
+        RETURNING runs.id, runs.status, runs.attempt_started_at, r.claim, r.attempt_status, r.error, r.attempt,
+                  r.owner, r.step, r.pos, r.output, r.started
     ), last_step AS (
         INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
         SELECT run.id, run.step, run.pos, 'succeeded', run.attempt, run.output, run.started, now()
@@ -517,9 +548,13 @@ BEGIN
             output = excluded.output, error = NULL, started_at = excluded.started_at,
             finished_at = excluded.finished_at
     ), attempt AS (
-        UPDATE run_attempts a SET status = run.attempt_status, finished_at = now(), error = run.error
+        INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id, started_at, finished_at, error)
+        SELECT run.id, run.attempt, run.attempt_status, p_worker, run.claim, coalesce(run.attempt_started_at, now()),
+               now(), run.error
         FROM run
-        WHERE a.run_id = run.id AND a.attempt = run.attempt AND NOT a.lost
+        """
+    + ATTEMPT_ENDED
+    + """
     )
     SELECT run.id, run.claim, run.status,
            (SELECT count(*) FROM runs WHERE owner_id = run.owner AND status = 'running') >= p_user_cap
@@ -529,6 +564,7 @@ BEGIN
 END
 $$
 """
+)
 
 # FINISH_ENDED_MANY's arrays (one element per attempt, FINISH_ENDED's parameter of that name), in
 # the order of sluice_finish_runs's parameters, with their types. They are sent in binary, as
@@ -551,7 +587,7 @@ FINISH_ENDED_MANY_ARRAYS = {
 FINISH_ENDED_MANY = (
     "SELECT id, claim, status, wake_next FROM sluice_finish_runs("
     + ", ".join(f"%({name})b::{kind}" for name, kind in FINISH_ENDED_MANY_ARRAYS.items())
-    + ", %(user_cap)s)"
+    + ", %(user_cap)s, %(worker)s)"
 )
 
 # The attempt ended without ending its run: ``status`` is ``delayed`` (a retry after its backoff,
@@ -559,7 +595,8 @@ FINISH_ENDED_MANY = (
 # sub-workflow run ``child``). A parked or handed-back attempt gives its number back
 # (``give_back``). A cancel requested while the attempt ran wins over all of these, and a child
 # that ended before its parent parked does not keep the parent waiting. Otherwise as FINISH_ENDED.
-FINISH_MOVED = """
+FINISH_MOVED = (
+    """
 WITH run AS (
     UPDATE runs SET
         status = (CASE WHEN cancel_requested THEN 'cancelled'
@@ -579,7 +616,7 @@ WITH run AS (
         error = CASE WHEN cancel_requested THEN 'cancelled while running' ELSE %(error)s END,
         worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = %(id)s AND claim_id = %(claim)s
-    RETURNING id, status
+    RETURNING id, status, attempt_started_at
 ), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
     SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
@@ -589,8 +626,13 @@ WITH run AS (
         position = excluded.position, status = excluded.status, attempt = excluded.attempt,
         output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
 ), attempt AS (
-    UPDATE run_attempts SET status = %(attempt_status)s, finished_at = now(), error = %(error)s
-    WHERE run_id = (SELECT id FROM run) AND attempt = %(attempt)s AND NOT lost
+    INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id, started_at, finished_at, error)
+    SELECT id, %(attempt)s::int, %(attempt_status)s::attempt_status, %(worker)s::text, %(claim)s::uuid,
+           coalesce(attempt_started_at, now()), now(), %(error)s::text
+    FROM run
+    """
+    + ATTEMPT_ENDED
+    + """
 )
 SELECT id, status,
        (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
@@ -598,6 +640,7 @@ SELECT id, status,
                    AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
 FROM run
 """
+)
 
 # A sub-workflow run has ended: its parent, parked waiting for it, goes back to the queue.
 WAKE_PARENT = """
@@ -624,16 +667,21 @@ RETURNING p.id
 # at its old place in line. Within one lease of the database's own start nothing is recovered:
 # after a restart, live workers need that long to reconnect and renew the leases that lapsed
 # while it was down (see also :class:`sluice_common.runs.Recovery`).
-RECOVER_EXPIRED = """
+RECOVER_EXPIRED = (
+    """
 WITH lost AS (
-    SELECT id, attempt, max_attempts, worker_id, claim_id, cancel_requested FROM runs
+    SELECT id, attempt, max_attempts, worker_id, claim_id, attempt_started_at, cancel_requested FROM runs
     WHERE status = 'running' AND lease_expires_at < now()
       AND pg_postmaster_start_time() < now() - make_interval(secs => %(lease)s)
     FOR UPDATE SKIP LOCKED
 ), attempts AS (
-    UPDATE run_attempts a SET status = 'failed', finished_at = now(),
-           error = 'worker lost (' || coalesce(lost.worker_id, '?') || ')'
-    FROM lost WHERE a.run_id = lost.id AND a.attempt = lost.attempt AND NOT a.lost AND a.status = 'running'
+    INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id, started_at, finished_at, error)
+    SELECT id, attempt, 'failed', worker_id, claim_id, coalesce(attempt_started_at, now()), now(),
+           'worker lost (' || coalesce(worker_id, '?') || ')'
+    FROM lost
+    """
+    + ATTEMPT_ENDED
+    + """
 )
 UPDATE runs r SET
     status = (CASE WHEN lost.cancel_requested THEN 'cancelled'
@@ -644,6 +692,7 @@ UPDATE runs r SET
 FROM lost WHERE r.id = lost.id
 RETURNING r.id, r.status, r.traceparent
 """
+)
 
 # Cancelling and retrying ----------------------------------------------------------------------
 

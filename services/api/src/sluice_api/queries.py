@@ -296,11 +296,7 @@ def get_run(pool: Pool, owner: UUID, run_id: UUID, *, with_definition: bool = Fa
             "FROM run_steps WHERE run_id = %s ORDER BY position, started_at",
             (run_id,),
         ).fetchall()
-        run["attempts"] = conn.execute(
-            "SELECT attempt, status, lost, worker_id, started_at, finished_at, error "
-            "FROM run_attempts WHERE run_id = %s ORDER BY attempt, lost DESC",
-            (run_id,),
-        ).fetchall()
+        run["attempts"] = conn.execute(runstate.ATTEMPTS, {"run": run_id}).fetchall()
     return run
 
 

@@ -355,6 +355,7 @@ class RunExecutor:
             name: [f.params[name] for f in finishes] for name in runstate.FINISH_ENDED_MANY_ARRAYS
         }
         params["user_cap"] = finishes[0].params["user_cap"]
+        params["worker"] = self.worker_id
         with self.pool.connection() as conn:
             rows = conn.execute(runstate.FINISH_ENDED_MANY, params).fetchall()
         ended = {(str(row["id"]), str(row["claim"])): dict(row) for row in rows}

@@ -389,15 +389,16 @@ ORDER BY attempt, lost DESC
 
 # Claiming and executing --------------------------------------------------------------------------
 
-# Claims the best runnable run and reads what the worker needs (the attempt it starts is recorded
-# on the run's row until it ends: see ATTEMPT_ENDED): the steps and settings of the version the
-# run was queued with (a primary-key read of workflow_versions), whatever the workflow has become
-# since. A run of a workflow deleted while its wake-up was on the way has no steps: the worker cancels it. ``resumed`` says whether the run was claimed before (a
-# retry, a resumed delay or sub-workflow wait, a recovered run): only then can it have checkpoints,
-# which the worker reads with CLAIM_CHECKPOINTS. Most claims are first claims, and leaving the
-# checkpoint reads out of this statement spares every one of them two subplans.
-# ``dispatch_lag`` is the time since the run's ``dispatch_at``, on the database's clock: plus the
-# priority's aging (see ``sluice_dispatch_at``), the time since it became ready.
+# Claims the best runnable run and reads what the worker needs (the attempt it starts is recorded on
+# the run's row until it ends: see ATTEMPT_ENDED): the steps and settings of the version the run was
+# queued with (a primary-key read of workflow_versions), whatever the workflow has become since. A
+# run of a workflow deleted while its wake-up was on the way has no steps: the worker cancels it.
+# ``resumed`` says whether the run was claimed before (a retry, a resumed delay or sub-workflow
+# wait, a recovered run): only then can it have checkpoints, which the worker reads with
+# CLAIM_CHECKPOINTS. Most claims are first claims, and leaving the checkpoint reads out of this
+# statement spares every one of them two subplans. ``dispatch_lag`` is the time since the run's
+# ``dispatch_at``, on the database's clock: plus the priority's aging (see ``sluice_dispatch_at``),
+# the time since it became ready.
 CLAIM = """
 WITH claimed AS (
     SELECT * FROM sluice_claim_runs(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s, %(count)s)

@@ -398,16 +398,16 @@ ORDER BY attempt, lost DESC
 # CLAIM_CHECKPOINTS. Most claims are first claims, and leaving the checkpoint reads out of this
 # statement spares every one of them two subplans. ``dispatch_lag`` is the time since the run's
 # ``dispatch_at``, on the database's clock: plus the priority's aging (see ``sluice_dispatch_at``),
-# the time since it became ready.
+# the time since it became ready. The function is called once, as the outer side of the joins
+# (PostgreSQL keeps a function's rows in the scan's own store, so even a plan that read them again
+# would not call it again); a CTE around it cost every claim a scan and a store of its own.
 CLAIM = """
-WITH claimed AS (
-    SELECT * FROM sluice_claim_runs(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s, %(count)s)
-)
 SELECT c.id, c.claim_id, c.workflow_id, c.owner_id, c.attempt, c.max_attempts, c.priority, c.trigger_type,
        c.trigger_data, c.parent_run_id, c.traceparent, CASE WHEN w.deleted_at IS NULL THEN v.steps END AS steps,
        nullif(v.settings, '{}'::jsonb) AS settings, c.started_at < now() AS resumed,
        extract(epoch FROM clock_timestamp() - c.dispatch_at)::float8 AS dispatch_lag
-FROM claimed c LEFT JOIN workflows w ON w.id = c.workflow_id
+FROM sluice_claim_runs(%(worker)s, %(lease)s, %(user_cap)s, %(exclusive)s, %(count)s) AS c
+LEFT JOIN workflows w ON w.id = c.workflow_id
 LEFT JOIN workflow_versions v ON v.workflow_id = c.workflow_id AND v.version = c.workflow_version
 """
 

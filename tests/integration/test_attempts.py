@@ -9,34 +9,32 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import datetime, timedelta
-from importlib import resources
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 
 from sluice_common.db import migrate
 from sluice_common.runs import recover_expired
+from sluice_worker.claims import Claimed
 from sluice_worker.engine import Outcome
 from sluice_worker.executor import RunExecutor
 from tests.integration.conftest import Pipeline
 from tests.integration.test_claims_and_finishes import claim_and_run, finish_behind_a_held_one
-from tests.integration.test_migrations import empty_database, make_run  # noqa: F401 - a fixture
+from tests.integration.test_fencing import executor
+from tests.integration.test_migrations import empty_database, make_run, migrate_before  # noqa: F401 - a fixture
 
 STEPS = [{"id": "a", "type": "transform", "config": {"value": 1}}]
 
 
-def executor(pipeline: Pipeline, worker_id: str = "w-attempts") -> RunExecutor:
-    return RunExecutor(
-        pipeline.settings,
-        pipeline.pool,
-        pipeline.broker,
-        pipeline.limiter,
-        httpx.Client(),
-        worker_id,
-        threading.Event(),
-    )
+def claimed_run(pipeline: Pipeline, worker_id: str) -> tuple[RunExecutor, str, Claimed]:
+    """A new run of a one-step workflow, claimed by a worker of that id."""
+    owner = pipeline.user()
+    pipeline.enqueue(pipeline.workflow(owner, STEPS), owner)
+    ex = executor(pipeline, worker_id)
+    claimed = ex.claim()
+    assert claimed is not None
+    return ex, claimed.run_id, claimed
 
 
 def rows(pipeline: Pipeline, run_id: str) -> list[dict[str, Any]]:
@@ -73,7 +71,7 @@ def test_a_running_attempt_is_the_runs_row_until_its_end_writes_it(pipeline: Pip
     owner = pipeline.user()
     wf = pipeline.workflow(owner, STEPS)
     runs = [pipeline.enqueue(wf, owner).run_id for _ in range(3 if together else 1)]
-    ex = executor(pipeline)
+    ex = executor(pipeline, "w-attempts")
     ran = [claim_and_run(ex) for _ in runs]
     for claimed, _ in ran:
         assert rows(pipeline, claimed.run_id) == []
@@ -95,79 +93,56 @@ def test_a_running_attempt_is_the_runs_row_until_its_end_writes_it(pipeline: Pip
 
 
 def test_an_attempt_that_reuses_a_parked_number_writes_its_own_start(pipeline: Pipeline) -> None:
-    owner = pipeline.user()
-    wf = pipeline.workflow(owner, STEPS)
-    run = pipeline.enqueue(wf, owner)
-    ex = executor(pipeline)
-    parked = ex.claim()
-    assert parked is not None
+    ex, run_id, parked = claimed_run(pipeline, "w-attempts")
     # The attempt parks the run for a moment: its number is given back, its row stays.
     resume_at = datetime.now().astimezone() + timedelta(milliseconds=50)
     assert ex.finish(parked, Outcome("parked", None, resume_at=resume_at)) == "parked"
-    first = rows(pipeline, run.run_id)
+    first = rows(pipeline, run_id)
     assert [(r["attempt"], r["status"]) for r in first] == [(1, "parked")]
     threading.Event().wait(0.1)
     again = executor(pipeline, "w-again").claim()
     assert again is not None
     assert again.attempt == 1
     # While it runs, the shown attempt 1 is the running one, not the parked row.
-    started = pipeline.run(run.run_id)["attempt_started_at"]
+    started = pipeline.run(run_id)["attempt_started_at"]
     assert started > first[0]["started_at"]
-    assert shown(pipeline, run.run_id) == [(1, "running", "w-again", again.claim_id, started, False)]
+    assert shown(pipeline, run_id) == [(1, "running", "w-again", again.claim_id, started, False)]
     assert executor(pipeline, "w-again").finish(again, Outcome("succeeded", None)) == "succeeded"
-    assert [(r["status"], r["worker_id"], str(r["claim_id"]), r["started_at"]) for r in rows(pipeline, run.run_id)] == [
+    assert [(r["status"], r["worker_id"], str(r["claim_id"]), r["started_at"]) for r in rows(pipeline, run_id)] == [
         ("succeeded", "w-again", again.claim_id, started)
     ]
 
 
 def test_the_previous_releases_running_row_keeps_its_start_when_it_ends(pipeline: Pipeline) -> None:
-    owner = pipeline.user()
-    wf = pipeline.workflow(owner, STEPS)
-    run = pipeline.enqueue(wf, owner)
-    ex = executor(pipeline)
-    claimed = ex.claim()
-    assert claimed is not None
+    ex, run_id, claimed = claimed_run(pipeline, "w-attempts")
     earlier = datetime.now().astimezone() - timedelta(minutes=5)
-    previous_release_claim(pipeline, run.run_id, claimed.claim_id, earlier)
-    assert [(a["status"], a["started_at"]) for a in pipeline.attempts(run.run_id)] == [
-        ("running", pipeline.run(run.run_id)["updated_at"])  # shown once, from the run's row
+    previous_release_claim(pipeline, run_id, claimed.claim_id, earlier)
+    assert [(a["status"], a["started_at"]) for a in pipeline.attempts(run_id)] == [
+        ("running", pipeline.run(run_id)["updated_at"])  # shown once, from the run's row
     ]
     assert ex.finish(claimed, ex.run(claimed)) == "succeeded"
-    assert [(r["attempt"], r["status"], r["started_at"]) for r in rows(pipeline, run.run_id)] == [
-        (1, "succeeded", earlier)
-    ]
+    assert [(r["attempt"], r["status"], r["started_at"]) for r in rows(pipeline, run_id)] == [(1, "succeeded", earlier)]
 
 
 @pytest.mark.parametrize("previous_release", [False, True])
 def test_recovery_writes_the_lost_attempt_with_its_start(pipeline: Pipeline, previous_release: bool) -> None:
-    owner = pipeline.user()
-    wf = pipeline.workflow(owner, STEPS)
-    run = pipeline.enqueue(wf, owner)
-    claimed = executor(pipeline, "w-lost").claim()
-    assert claimed is not None
-    started = pipeline.run(run.run_id)["attempt_started_at"]
+    _, run_id, claimed = claimed_run(pipeline, "w-lost")
+    started = pipeline.run(run_id)["attempt_started_at"]
     if previous_release:
         started = datetime.now().astimezone() - timedelta(minutes=5)
-        previous_release_claim(pipeline, run.run_id, claimed.claim_id, started)
+        previous_release_claim(pipeline, run_id, claimed.claim_id, started)
     with pipeline.pool.connection() as conn:
-        conn.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (run.run_id,))
-    assert recover_expired(pipeline.pool, pipeline.broker, 0.0) == [run.run_id]
+        conn.execute("UPDATE runs SET lease_expires_at = now() - interval '1 second' WHERE id = %s", (run_id,))
+    assert [str(r) for r in recover_expired(pipeline.pool, pipeline.broker, 0.0)] == [run_id]
     assert [
         (r["attempt"], r["lost"], r["status"], r["worker_id"], str(r["claim_id"]), r["started_at"])
-        for r in rows(pipeline, run.run_id)
+        for r in rows(pipeline, run_id)
     ] == [(1, False, "failed", "w-lost", claimed.claim_id, started)]
-    assert pipeline.run(run.run_id)["status"] == "queued"
+    assert pipeline.run(run_id)["status"] == "queued"
 
 
 def test_the_migration_gives_running_runs_the_start_of_their_running_attempt(empty_database: str) -> None:  # noqa: F811
-    from yoyo import get_backend, read_migrations
-
-    backend = get_backend("postgresql+psycopg" + empty_database.removeprefix("postgresql"))
-    with resources.as_file(resources.files("sluice_common") / "migrations") as path:
-        earlier = read_migrations(str(path)).filter(lambda m: m.id < "0017")
-    with backend.lock():
-        backend.apply_migrations(backend.to_apply(earlier))
-    backend.connection.close()
+    migrate_before(empty_database, "0017")
     started = datetime.now().astimezone() - timedelta(minutes=5)
     with psycopg.connect(empty_database, autocommit=True) as conn:
         make_run(conn, status="running", attempt=2, claim_id=uuid.uuid4(), worker_id="old")

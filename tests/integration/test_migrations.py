@@ -29,6 +29,19 @@ def empty_database(servers: Servers) -> Iterator[str]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def migrate_before(url: str, first_new: str) -> None:
+    """Apply the migrations that come before ``first_new`` (an id prefix): the database as the
+    release before it left it."""
+    from yoyo import get_backend, read_migrations
+
+    backend = get_backend("postgresql+psycopg" + url.removeprefix("postgresql"))
+    with resources.as_file(MIGRATIONS) as path:
+        earlier = read_migrations(str(path)).filter(lambda m: m.id < first_new)
+    with backend.lock():
+        backend.apply_migrations(backend.to_apply(earlier))
+    backend.connection.close()
+
+
 def tables(url: str) -> set[str]:
     with psycopg.connect(url) as conn:
         rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()

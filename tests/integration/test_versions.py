@@ -3,8 +3,6 @@ from earlier releases, and pruned only when no run needs them."""
 
 from __future__ import annotations
 
-from importlib import resources
-
 import psycopg
 import pytest
 from psycopg.types.json import Jsonb
@@ -12,7 +10,7 @@ from psycopg.types.json import Jsonb
 from sluice_common.db import migrate
 from sluice_scheduler.maintenance import prune_deleted_workflows, prune_history
 from tests.integration.conftest import Pipeline
-from tests.integration.test_migrations import empty_database  # noqa: F401 - a fixture
+from tests.integration.test_migrations import empty_database, migrate_before  # noqa: F401 - a fixture
 
 STEP = [{"id": "a", "type": "transform", "config": {"value": 1}}]
 
@@ -77,14 +75,7 @@ def test_retention_keeps_versions_that_runs_of_a_deleted_workflow_reference(pipe
 
 
 def test_the_migration_gives_existing_workflows_their_versions(empty_database: str) -> None:  # noqa: F811
-    from yoyo import get_backend, read_migrations
-
-    backend = get_backend("postgresql+psycopg" + empty_database.removeprefix("postgresql"))
-    with resources.as_file(resources.files("sluice_common") / "migrations") as path:
-        earlier = read_migrations(str(path)).filter(lambda m: m.id < "0011")
-    with backend.lock():
-        backend.apply_migrations(backend.to_apply(earlier))
-    backend.connection.close()
+    migrate_before(empty_database, "0011")
     with psycopg.connect(empty_database, autocommit=True) as conn:
         owner = conn.execute("INSERT INTO users (name) VALUES ('old') RETURNING id").fetchone()
         assert owner is not None

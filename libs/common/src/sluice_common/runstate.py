@@ -460,18 +460,12 @@ sequential scans instead: :data:`FINISH_FUNCTION`)."""
 
 # Finishing ---------------------------------------------------------------------------------------
 
-# The attempt ended its run: succeeded, failed for good, or cancelled. Writes the last step's
-# checkpoint (one round trip less per run) and closes the attempt. The statement's snapshot still
-# counts this run as running: if its owner was at the cap with runs due, wake-ups may have skipped
-# them, so ``wake_next`` tells the caller to send one.
-FINISH_ENDED = (
-    """
-WITH run AS (
-    UPDATE runs SET status = %(status)s::run_status, waiting_for = NULL, not_before = NULL, finished_at = now(),
-        error = %(error)s, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
-    WHERE id = %(id)s AND claim_id = %(claim)s
-    RETURNING id, status, attempt_started_at
-), last_step AS (
+# What the finishing statements of one attempt (FINISH_ENDED, FINISH_MOVED) do after their
+# UPDATE of the run (``run``, which returns its id, status and attempt_started_at, and nothing once
+# the claim is gone): write the last step's checkpoint and the attempt's row, and say whether the
+# owner's next run needs a wake-up.
+_AFTER_THE_RUN = (
+    """), last_step AS (
     INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
     SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
            now()
@@ -494,6 +488,21 @@ SELECT id, status,
                    AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
 FROM run
 """
+)
+
+# The attempt ended its run: succeeded, failed for good, or cancelled. Writes the last step's
+# checkpoint (one round trip less per run) and closes the attempt. The statement's snapshot still
+# counts this run as running: if its owner was at the cap with runs due, wake-ups may have skipped
+# them, so ``wake_next`` tells the caller to send one.
+FINISH_ENDED = (
+    """
+WITH run AS (
+    UPDATE runs SET status = %(status)s::run_status, waiting_for = NULL, not_before = NULL, finished_at = now(),
+        error = %(error)s, worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
+    WHERE id = %(id)s AND claim_id = %(claim)s
+    RETURNING id, status, attempt_started_at
+"""
+    + _AFTER_THE_RUN
 )
 
 # FINISH_ENDED for the attempts of several runs at once (the worker's group commit,
@@ -618,29 +627,8 @@ WITH run AS (
         worker_id = NULL, claim_id = NULL, lease_expires_at = NULL, updated_at = now()
     WHERE id = %(id)s AND claim_id = %(claim)s
     RETURNING id, status, attempt_started_at
-), last_step AS (
-    INSERT INTO run_steps (run_id, step_id, position, status, attempt, output, started_at, finished_at)
-    SELECT id, %(step)s::text, %(pos)s::int, 'succeeded', %(attempt)s, %(output)s::jsonb, %(started)s::timestamptz,
-           now()
-    FROM run WHERE %(step)s::text IS NOT NULL
-    ON CONFLICT (run_id, step_id) DO UPDATE SET
-        position = excluded.position, status = excluded.status, attempt = excluded.attempt,
-        output = excluded.output, error = NULL, started_at = excluded.started_at, finished_at = excluded.finished_at
-), attempt AS (
-    INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id, started_at, finished_at, error)
-    SELECT id, %(attempt)s::int, %(attempt_status)s::attempt_status, %(worker)s::text, %(claim)s::uuid,
-           coalesce(attempt_started_at, now()), now(), %(error)s::text
-    FROM run
-    """
-    + ATTEMPT_ENDED
-    + """
-)
-SELECT id, status,
-       (SELECT count(*) FROM runs WHERE owner_id = %(owner)s AND status = 'running') >= %(user_cap)s
-       AND EXISTS (SELECT 1 FROM runs WHERE owner_id = %(owner)s AND status IN ('queued', 'delayed')
-                   AND NOT cancel_requested AND coalesce(not_before, '-infinity') <= now()) AS wake_next
-FROM run
 """
+    + _AFTER_THE_RUN
 )
 
 # A sub-workflow run has ended: its parent, parked waiting for it, goes back to the queue.

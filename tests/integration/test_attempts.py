@@ -56,7 +56,8 @@ def shown(pipeline: Pipeline, run_id: str) -> list[tuple[Any, ...]]:
 
 
 def previous_release_claim(pipeline: Pipeline, run_id: str, claim_id: str, started: datetime) -> None:
-    """The running attempt row a claim of the previous release inserted, started at ``started``."""
+    """The running attempt row a claim of the previous release inserted, started at ``started``,
+    made before the new claim function was in (so the run has no ``attempt_started_at``)."""
     with pipeline.pool.connection() as conn:
         conn.execute(
             "INSERT INTO run_attempts (run_id, attempt, status, worker_id, claim_id, started_at) "

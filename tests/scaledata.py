@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from sluice_common.runs import FOLD_FINISH_EVENTS
+from sluice_common.runs import FOLD_FINISH_EVENTS, run_id_at
 
 HISTORY_DAYS = 30
 USERS = 20
@@ -96,10 +96,10 @@ def add_history(conn: psycopg.Connection[Any], fleet: Fleet, count: int, *, seed
         runs, attempts, steps, fires = [], [], [], []
         counts: Counter[tuple[str, str]] = Counter()
         for _ in range(n):
-            run_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
             wf, owner = _pick(rng, fleet)
             finished = now - timedelta(seconds=rng.random() * span)
             queued = finished - timedelta(seconds=1 + rng.random() * 5)
+            run_id = str(run_id_at(int(queued.timestamp() * 1000), rng.getrandbits(74)))  # as the services make them
             roll = rng.random()
             if roll < 0.9:
                 status, error = "succeeded", "\\N"

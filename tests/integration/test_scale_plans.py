@@ -42,6 +42,7 @@ from sluice_common.runs import (
     fold_finish_events,
     get_queue_stats,
     insert_run,
+    new_run_id,
     queue_history,
     reconcile,
     recover_expired,
@@ -260,6 +261,7 @@ def runstate_params(conn: DictConnection, settings: Settings) -> dict[str, dict[
     wf, owner = queued["workflow_id"], queued["owner_id"]
     return {
         "INSERT_RUN": {
+            "id": new_run_id(),
             "wf": wf,
             "owner": owner,
             "parent": None,

@@ -303,7 +303,8 @@ def install_functions(conn: psycopg.Connection[Any]) -> None:
 
 # Creating ---------------------------------------------------------------------------------------
 
-# The workflow check and the insert in one statement. The run is pinned to the workflow's current
+# The workflow check and the insert in one statement, with the id the caller made for the run
+# (``runs.new_run_id``: ids in time order). The run is pinned to the workflow's current
 # version (what it executes on every attempt); an idempotency hit inserts nothing. A webhook's run
 # also checks the hook's secret (``hook``, its hash) here, so that its request needs no lookup of
 # its own once the API knows which workflow the secret named: a secret rotated since finds none.
@@ -313,9 +314,9 @@ WITH wf AS (
     WHERE id = %(wf)s AND owner_id = %(owner)s AND deleted_at IS NULL
       AND (%(hook)s::bytea IS NULL OR webhook_secret_hash = %(hook)s::bytea)
 ), ins AS (
-    INSERT INTO runs (workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data, priority,
-                      status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
-    SELECT wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s::run_trigger, %(data)s, %(priority)s,
+    INSERT INTO runs (id, workflow_id, owner_id, workflow_version, parent_run_id, trigger_type, trigger_data,
+                      priority, status, max_attempts, not_before, dispatch_at, idempotency_key, traceparent)
+    SELECT %(id)s::uuid, wf.id, %(owner)s, wf.version, %(parent)s, %(trigger)s::run_trigger, %(data)s, %(priority)s,
            (CASE WHEN %(delay)s > 0 THEN 'delayed' ELSE 'queued' END)::run_status,
            coalesce((wf.settings ->> 'maxAttempts')::int, %(max_attempts)s),
            CASE WHEN %(delay)s > 0 THEN t.ready END, sluice_dispatch_at(t.ready, %(priority)s, %(aging_step)s),

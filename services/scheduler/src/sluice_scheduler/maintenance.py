@@ -46,16 +46,22 @@ def prune_history(pool: Pool, retention_days: float, *, batch: int = PRUNE_BATCH
     """
     runs = fires = 0
     while True:
+        # The batch's ids as an array, looked up one by one in the primary key: as a join of the
+        # batch to runs, a plan costed close to it hashed the batch against a sequential scan of
+        # every run. Unprepared, so that each batch is planned with its cut-off and size: the
+        # generic plan of a prepared statement, which knows neither, read runs in physical order
+        # until it had found a batch.
         with pool.connection() as conn:
             cur = conn.execute(
                 f"""
-                DELETE FROM runs WHERE id IN (
+                DELETE FROM runs WHERE id = ANY (ARRAY(
                     SELECT id FROM runs
                     WHERE status IN {_TERMINAL}
                       AND finished_at < now() - make_interval(secs => %(secs)s)
-                    LIMIT %(batch)s)
+                    LIMIT %(batch)s))
                 """,
                 {"secs": retention_days * 86400, "batch": batch},
+                prepare=False,
             )
         runs += cur.rowcount
         if cur.rowcount < batch:

@@ -3,17 +3,19 @@ group commit, and by the column default (migration 0018) for rows written any ot
 
 from __future__ import annotations
 
+import time
 import uuid
 
+from sluice_common.db import DictConnection
 from sluice_common.runs import NewRun, insert_many, insert_run
 from tests.integration.conftest import Pipeline
 
 NOOP = [{"id": "a", "type": "transform", "config": {"value": 1}}]
 
 
-def _millis(conn: object, run_id: uuid.UUID) -> tuple[int, int]:
+def _millis(conn: DictConnection, run_id: uuid.UUID) -> tuple[int, int]:
     """The id's time and the run's queued_at, in Unix milliseconds."""
-    row = conn.execute(  # type: ignore[attr-defined]
+    row = conn.execute(
         "SELECT (extract(epoch FROM queued_at) * 1000)::bigint AS queued FROM runs WHERE id = %s", (run_id,)
     ).fetchone()
     assert row is not None
@@ -25,7 +27,9 @@ def test_every_way_a_run_is_inserted_gives_it_a_time_ordered_id(pipeline: Pipeli
     wf = pipeline.workflow(owner, NOOP)
     with pipeline.pool.connection() as conn:
         alone = insert_run(conn, pipeline.settings, NewRun(wf, owner)).run_id
+        time.sleep(0.002)  # a later millisecond, so that the order of the ids is the order made
         batch = insert_many(conn, pipeline.settings, [NewRun(wf, owner, trigger_data={"n": n}) for n in range(3)])
+        time.sleep(0.002)
         row = conn.execute(
             "INSERT INTO runs (workflow_id, owner_id, workflow_version, trigger_type, status, max_attempts,"
             " dispatch_at) VALUES (%s, %s, 1, 'manual', 'queued', 1, now()) RETURNING id",
@@ -43,8 +47,8 @@ def test_every_way_a_run_is_inserted_gives_it_a_time_ordered_id(pipeline: Pipeli
             # database during it (its transaction's start is queued_at).
             assert queued_ms - 1_000 <= id_ms <= queued_ms + 1_000
         order = conn.execute("SELECT id FROM runs WHERE workflow_id = %s ORDER BY id", (wf,)).fetchall()
-    # Made one after the other, they sort in that order (to the millisecond: the batch's own ids
-    # may share one, so only its place among the others is checked).
+    # Made in different milliseconds, they sort in that order (the batch's own ids may share one,
+    # so only its place between the others is checked).
     ids = [uuid.UUID(str(r["id"])) for r in order]
     assert ids[0] == uuid.UUID(str(alone))
     assert ids[-1] == uuid.UUID(str(by_default))

@@ -22,7 +22,7 @@ import pytest
 from psycopg.types.json import Jsonb
 
 from sluice_api.resources.workflows import schedule_body
-from sluice_common.cron import PlannedFire, RedisSchedulerLink, schedule_preview
+from sluice_common.cron import PlannedFire, RedisSchedulerLink, leader_key, schedule_preview
 from sluice_common.db import open_pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_common.workflow import CronConfig
@@ -419,6 +419,33 @@ def test_lease_one_leader_takeover_on_expiry_and_job_slots_claimed_once(pipeline
     claims = [lease.claim_job("prune", 42, 60) for lease in (a, b, a)]
     assert claims == [True, False, False]
     assert b.claim_job("prune", 43, 60)
+
+
+def test_only_the_lease_holder_writes_the_status_even_racing_a_clean_stop(
+    pipeline: Pipeline, link: RedisSchedulerLink
+) -> None:
+    lease = RedisLease(pipeline.redis, pipeline.settings.redis_prefix, 5.0)
+
+    def publish(done: threading.Event) -> None:
+        while not done.is_set():
+            lease.publish_status({"initialized": True, "scheduledWorkflows": 1})
+
+    for _ in range(5):
+        assert lease.tick()
+        done = threading.Event()
+        writer = threading.Thread(target=publish, args=(done,))
+        writer.start()
+        assert wait_until(lambda: link.status()["initialized"], timeout=2)
+        lease.release()
+        time.sleep(0.02)  # the writer keeps trying after the release
+        done.set()
+        writer.join()
+        assert link.status() == {"initialized": False, "scheduledWorkflows": 0}
+    # A key left holding this replica's name (a tick that acquired it while release() ran) is
+    # taken back by the next tick rather than blocking every replica until it lapses.
+    pipeline.redis.set(leader_key(pipeline.settings.redis_prefix), lease.instance, px=5000)
+    assert not lease.is_leader()
+    assert lease.tick()
 
 
 def test_dropped_database_connections_lose_no_slot(pipeline: Pipeline, link: RedisSchedulerLink) -> None:

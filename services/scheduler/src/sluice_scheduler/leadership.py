@@ -32,8 +32,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# The status is written and cleared only by the lease's holder, checked inside Redis: a status
+# write racing a clean stop then either lands before the release (which clears it) or is refused,
+# so no stale status outlives the leader.
+_PUBLISH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+end
+return 0
+"""
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('DEL', KEYS[2])
     return redis.call('DEL', KEYS[1])
 end
 return 0
@@ -77,8 +87,12 @@ class RedisLease:
         self._lease_ms = int(lease_seconds * 1000)
         self._lease = lease_seconds
         self._extend = client.register_script(_EXTEND)
+        self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
         self._valid_until = 0.0  # monotonic deadline of our leadership
+        # Bumped by release(): a tick that was under way when the lease was given up must not
+        # restore the deadline it computed before.
+        self._epoch = 0
         self._lock = threading.Lock()
 
     def is_leader(self) -> bool:
@@ -86,19 +100,26 @@ class RedisLease:
 
     def tick(self) -> bool:
         started = time.monotonic()
+        with self._lock:
+            epoch = self._epoch
         try:
             if self.is_leader():
                 held = bool(self._extend(keys=[self._key], args=[self.instance, self._lease_ms]))
                 if not held:
                     log.warning("scheduler lost its leader lease")
             else:
-                held = bool(self._client.set(self._key, self.instance, nx=True, px=self._lease_ms))
+                # The key may still be ours: a tick that acquired it while release() ran.
+                held = bool(self._client.set(self._key, self.instance, nx=True, px=self._lease_ms)) or bool(
+                    self._extend(keys=[self._key], args=[self.instance, self._lease_ms])
+                )
                 if held:
                     log.info("scheduler %s is now the leader", self.instance)
         except redis.RedisError:
             log.warning("cannot reach Redis for the leader lease", exc_info=True)
             return self.is_leader()
         with self._lock:
+            if epoch != self._epoch:
+                return False
             self._valid_until = started + self._lease - _SAFETY if held else 0.0
         return held
 
@@ -113,16 +134,16 @@ class RedisLease:
 
     def publish_status(self, status: dict[str, object]) -> None:
         body = json.dumps({**status, "leader": self.instance})
-        self._client.set(status_key(self._prefix), body, px=self._lease_ms)
+        self._publish(keys=[self._key, status_key(self._prefix)], args=[self.instance, body, self._lease_ms])
 
     def release(self) -> None:
         with self._lock:
             was = self.is_leader()
             self._valid_until = 0.0
+            self._epoch += 1
         if was:
             try:
-                self._release(keys=[self._key], args=[self.instance])
-                self._client.delete(status_key(self._prefix))
+                self._release(keys=[self._key, status_key(self._prefix)], args=[self.instance])
             except redis.RedisError:
                 log.warning("could not release the leader lease; it lapses by itself", exc_info=True)
 

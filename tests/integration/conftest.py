@@ -13,7 +13,7 @@ import pytest
 import redis
 from psycopg.types.json import Jsonb
 
-from sluice_common import runstate
+from sluice_common import groupcommit, runstate
 from sluice_common.broker import make_broker, ready_queue_key
 from sluice_common.db import Pool, open_pool
 from sluice_common.ratelimit import RedisRateLimiter
@@ -161,3 +161,10 @@ def pipeline(pipeline_factory: Callable[..., Pipeline]) -> Pipeline:
 def http_server() -> Iterator[LocalServer]:
     with serve() as server:
         yield server
+
+
+@pytest.fixture
+def steady_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Group commits as under steady load: a caller that finds a write in flight queues for the
+    next batch (at light load a second one would go beside a lone write; see groupcommit)."""
+    monkeypatch.setattr(groupcommit, "LONE_WRITES", 1)

@@ -68,6 +68,7 @@ def previous_release_claim(pipeline: Pipeline, run_id: str, claim_id: str, start
 
 
 @pytest.mark.parametrize("together", [False, True])
+@pytest.mark.usefixtures("steady_load")
 def test_a_running_attempt_is_the_runs_row_until_its_end_writes_it(pipeline: Pipeline, together: bool) -> None:
     owner = pipeline.user()
     wf = pipeline.workflow(owner, STEPS)

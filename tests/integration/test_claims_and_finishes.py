@@ -22,6 +22,10 @@ from sluice_worker.engine import Outcome
 from sluice_worker.executor import RunExecutor
 from tests.integration.conftest import Pipeline
 
+# These tests hold a write and let others arrive behind it, to be batched.
+pytestmark = pytest.mark.usefixtures("steady_load")
+
+
 STEPS = [{"id": "a", "type": "transform", "config": {"value": "{{ trigger.n }}"}}]
 
 
@@ -61,7 +65,7 @@ def finish_behind_a_held_one(
     with ThreadPoolExecutor(len(rest) + 1) as threads:
         with run_row_locked(pipeline, first[0].run_id):
             leader = threads.submit(ex.finish, *first)
-            wait_for(lambda: ex._finishes._busy)
+            wait_for(lambda: ex._finishes._writes > 0)
             futures = [threads.submit(ex.finish, *r) for r in rest]
             wait_for(lambda: len(ex._finishes._queued) == len(rest))
         return leader.result(timeout=10), futures
@@ -175,7 +179,7 @@ def test_ends_in_a_batch_wake_the_next_run_of_an_owner_at_the_cap(pipeline: Pipe
     with ThreadPoolExecutor(3) as threads:
         with run_row_locked(pipeline, str(blocker_run)):
             leader = threads.submit(ex._finish_with_retries, ex.finish_for(*ran[0]))
-            wait_for(lambda: ex._finishes._busy)
+            wait_for(lambda: ex._finishes._writes > 0)
             futures = [threads.submit(ex._finish_with_retries, f) for f in finishes]
             wait_for(lambda: len(ex._finishes._queued) == 2)
         assert leader.result(timeout=10) is not None
@@ -195,7 +199,7 @@ def test_claims_asked_for_together_are_made_together_in_dispatch_order_within_th
             # The capped owner's lock: the first claim (of their first run) waits for it.
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 5))", (capped,))
             leader = threads.submit(ex.claim)
-            wait_for(lambda: ex._claims._busy)
+            wait_for(lambda: ex._claims._writes > 0)
             futures = [threads.submit(ex.claim) for _ in range(4)]
             wait_for(lambda: len(ex._claims._queued) == 4)
         claims = [leader.result(timeout=10), *(f.result(timeout=10) for f in futures)]

@@ -21,6 +21,10 @@ from sluice_common.groupcommit import GroupCommit
 from sluice_common.runs import EnqueuedRun, NewRun, enqueue_run, group_inserts
 from tests.integration.conftest import Pipeline
 
+# These tests hold a write and let others arrive behind it, to be batched.
+pytestmark = pytest.mark.usefixtures("steady_load")
+
+
 NOOP = [{"id": "a", "type": "transform", "config": {"value": 1}}]
 
 
@@ -45,7 +49,7 @@ def submit_behind_a_held_insert(
     with ThreadPoolExecutor(len(calls) + 1) as threads:
         with workflow_locked(pipeline, blocker):
             first = threads.submit(enqueue, pipeline, inserts, blocker, owner)
-            wait_for(lambda: inserts._busy)
+            wait_for(lambda: inserts._writes > 0)
             futures = [threads.submit(call) for call in calls]
             wait_for(lambda: len(inserts._queued) == len(calls))
         return first.result(timeout=10), futures
@@ -192,7 +196,7 @@ def test_a_lone_request_inserts_at_once_and_leaves_no_leader_behind(pipeline: Pi
     assert enqueue(pipeline, inserts, wf, owner).created
     with pytest.raises(NotFoundError):
         enqueue(pipeline, inserts, str(uuid.uuid4()), owner)
-    assert not inserts._busy
+    assert inserts._writes == 0
     assert not inserts._queued
     assert inserts.batches == 0
     # Many at once from many threads: all in, none lost, whatever the batches were.
@@ -203,6 +207,6 @@ def test_a_lone_request_inserts_at_once_and_leaves_no_leader_behind(pipeline: Pi
         row = conn.execute("SELECT count(*) AS n FROM runs WHERE workflow_id = %s", (wf,)).fetchone()
     assert row is not None
     assert row["n"] == 201
-    assert not inserts._busy
+    assert inserts._writes == 0
     assert not inserts._queued
     assert threading.active_count() < 50

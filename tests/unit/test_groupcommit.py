@@ -12,6 +12,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
+from sluice_common import groupcommit
 from sluice_common.groupcommit import GroupCommit, _Signal
 
 
@@ -20,10 +21,10 @@ class Interrupted(BaseException):
 
 
 class Store:
-    """``one`` and ``many`` that record their calls; ``one`` of item ``hold`` waits for ``go``."""
+    """``one`` and ``many`` that record their calls; ``one`` of the item(s) ``hold`` waits for ``go``."""
 
-    def __init__(self, hold: int | None = None, left_out: frozenset[int] = frozenset()) -> None:
-        self.hold = hold
+    def __init__(self, hold: int | frozenset[int] | None = None, left_out: frozenset[int] = frozenset()) -> None:
+        self.hold = frozenset() if hold is None else frozenset({hold}) if isinstance(hold, int) else hold
         self.left_out = left_out
         self.go = threading.Event()
         self.ones: list[int] = []
@@ -33,7 +34,7 @@ class Store:
 
     def one(self, item: int) -> str:
         self.ones.append(item)
-        if item == self.hold:
+        if item in self.hold:
             assert self.go.wait(10)
         if item in self.fail_one:
             raise ValueError(f"bad {item}")
@@ -69,26 +70,26 @@ def behind_a_held_write(store: Store, group: GroupCommit[int, str], items: list[
 
 def test_a_lone_caller_writes_alone_at_once() -> None:
     store = Store()
-    group = GroupCommit(store.one, store.many)
+    group = GroupCommit(store.one, store.many, lone_writes=1)
     assert [group(1), group(2)] == ["one:1", "one:2"]
     assert (store.ones, store.manys, group.batches) == ([1, 2], [], 0)
-    assert not group._busy
+    assert (group._writes, group._items) == (0, 0)  # idle
 
 
 def test_callers_behind_a_write_go_in_together_each_with_its_result() -> None:
     store = Store(hold=0)
-    group = GroupCommit(store.one, store.many)
+    group = GroupCommit(store.one, store.many, lone_writes=1)
     results = [f.result() for f in behind_a_held_write(store, group, [1, 2, 3])]
     assert results == ["one:0", "many:1", "many:2", "many:3"]
     assert store.manys == [[1, 2, 3]]
     assert (group.batches, group.batched) == (1, 3)
-    assert not group._busy
+    assert (group._writes, group._items) == (0, 0)  # idle
     assert not group._queued
 
 
 def test_a_batch_takes_at_most_max_batch_and_the_rest_follow() -> None:
     store = Store(hold=0)
-    group = GroupCommit(store.one, store.many, max_batch=2)
+    group = GroupCommit(store.one, store.many, max_batch=2, lone_writes=1)
     results = [f.result() for f in behind_a_held_write(store, group, [1, 2, 3])]
     assert results == ["one:0", "many:1", "many:2", "one:3"]
     assert store.manys == [[1, 2]]
@@ -96,7 +97,7 @@ def test_a_batch_takes_at_most_max_batch_and_the_rest_follow() -> None:
 
 def test_an_item_the_batch_leaves_out_is_written_alone_by_its_caller() -> None:
     store = Store(hold=0, left_out=frozenset({2}))
-    group = GroupCommit(store.one, store.many)
+    group = GroupCommit(store.one, store.many, lone_writes=1)
     results = [f.result() for f in behind_a_held_write(store, group, [1, 2, 3])]
     assert results == ["one:0", "many:1", "one:2", "many:3"]
 
@@ -105,20 +106,20 @@ def test_a_failed_batch_is_written_alone_and_only_the_bad_item_fails() -> None:
     store = Store(hold=0)
     store.fail_many = True
     store.fail_one = frozenset({2})
-    group = GroupCommit(store.one, store.many)
+    group = GroupCommit(store.one, store.many, lone_writes=1)
     futures = behind_a_held_write(store, group, [1, 2, 3])
     assert [futures[i].result() for i in (0, 1, 3)] == ["one:0", "one:1", "one:3"]
     with pytest.raises(ValueError, match="bad 2"):
         futures[2].result()
     assert group.batches == 0
-    assert not group._busy
+    assert (group._writes, group._items) == (0, 0)  # idle
 
 
 def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     """The first queued thread gets an asynchronous exception; it arrives when the thread wakes to
     lead the next batch. The batch's other member must still be written, and the group go idle."""
     store = Store(hold=0)
-    group = GroupCommit(store.one, store.many)
+    group = GroupCommit(store.one, store.many, lone_writes=1)
     outcomes: dict[int, object] = {}
 
     def call(item: int) -> None:
@@ -144,9 +145,70 @@ def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     assert isinstance(outcomes[1], Interrupted)
     assert outcomes[2] == "one:2"  # led by itself, alone
     assert store.manys == []
-    assert not group._busy
+    assert (group._writes, group._items) == (0, 0)  # idle
     assert not group._queued
     assert group(4) == "one:4"
+
+
+def test_with_two_lone_writes_a_second_caller_goes_beside_a_lone_write_and_a_third_waits() -> None:
+    store = Store(hold=frozenset({0, 1}))
+    group = GroupCommit(store.one, store.many)
+    threads = ThreadPoolExecutor(4)
+    futures = [threads.submit(group, 0)]
+    wait_for(lambda: store.ones == [0])
+    futures.append(threads.submit(group, 1))  # beside the lone write, at once
+    wait_for(lambda: store.ones == [0, 1])
+    futures.append(threads.submit(group, 2))  # two writes in flight: it waits
+    wait_for(lambda: len(group._queued) == 1)
+    futures.append(threads.submit(group, 3))
+    wait_for(lambda: len(group._queued) == 2)
+    store.go.set()
+    threads.shutdown(wait=True)
+    assert [f.result() for f in futures] == ["one:0", "one:1", "many:2", "many:3"]
+    assert store.manys == [[2, 3]]
+    assert (group._writes, group._items) == (0, 0)  # idle
+
+
+def test_with_two_lone_writes_under_steady_load_a_second_caller_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No idle gap before the write in flight: the load is steady, so callers queue and batch."""
+    monkeypatch.setattr(groupcommit, "LIGHT_GAP_S", 60.0)
+    store = Store(hold=0)
+    group = GroupCommit(store.one, store.many)
+    assert group(5) == "one:5"  # the group was idle a moment ago, not 60 s
+    store.ones.clear()
+    futures = behind_a_held_write(store, group, [1, 2])
+    assert [f.result() for f in futures] == ["one:0", "many:1", "many:2"]
+    assert store.manys == [[1, 2]]
+
+
+def test_with_two_lone_writes_a_caller_behind_a_batch_waits() -> None:
+    """A batch in flight means load: a newcomer joins the next batch rather than writing beside it."""
+    store = Store(hold=frozenset({0, 1}))
+    in_batch = threading.Event()
+    go = threading.Event()
+
+    def many(items: Sequence[int]) -> list[str | None]:
+        in_batch.set()
+        assert go.wait(10)
+        return store.many(items)
+
+    group = GroupCommit(store.one, many)
+    threads = ThreadPoolExecutor(4)
+    futures = [threads.submit(group, 0)]
+    wait_for(lambda: store.ones == [0])
+    futures.append(threads.submit(group, 1))  # beside the lone write 0
+    wait_for(lambda: store.ones == [0, 1])
+    futures += [threads.submit(group, 2), threads.submit(group, 3)]
+    wait_for(lambda: len(group._queued) == 2)
+    store.go.set()  # 0 ends; 2 and 3 go in a batch
+    assert in_batch.wait(10)
+    futures.append(threads.submit(group, 4))
+    wait_for(lambda: len(group._queued) == 1)  # it waits, though only one write is in flight
+    go.set()
+    threads.shutdown(wait=True)
+    assert [f.result() for f in futures] == ["one:0", "one:1", "many:2", "many:3", "one:4"]
+    assert (store.ones, store.manys) == ([0, 1, 4], [[2, 3]])
+    assert (group._writes, group._items) == (0, 0)
 
 
 def test_a_signal_wakes_its_waiter_whether_set_before_or_during_the_wait() -> None:

@@ -9,6 +9,12 @@ returns, the first of them leads the next one with all of them. Nothing waits fo
 thread that finds no write in flight goes at once with the statement for one item, so a lone
 caller costs what it did, and batches grow only with the load.
 
+Requests that arrive together at light load (two webhooks sent at once) would still queue, one
+behind the other's whole write, for a batch of one. So a second caller goes at once too, beside a
+lone write, when that write began after the group had been idle for ``LIGHT_GAP_S``
+(``lone_writes``, :data:`LONE_WRITES` by default): under steady load the group is never idle that
+long, and its callers queue and batch as before.
+
 An item the batch leaves out (``many`` returns None for it) is written again by its own thread
 with ``one``, which then says why (raises, or returns what a write of that item alone returns).
 So is every item of a batch whose statement failed: one bad item cannot fail the others.
@@ -17,6 +23,7 @@ So is every item of a batch whose statement failed: one bad item cannot fail the
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -26,6 +33,10 @@ R = TypeVar("R")
 
 # Items per statement at most: a larger queue of waiting threads goes in several.
 MAX_BATCH = 64
+# A line of writes that begins after the group was idle this long is light load; up to this many
+# lone writes of such a moment go side by side.
+LIGHT_GAP_S = 0.01
+LONE_WRITES = 2
 _UNWRITTEN: Any = object()
 
 
@@ -63,7 +74,8 @@ class _Waiter(Generic[T, R]):
 
 class GroupCommit(Generic[T, R]):
     """Writes items for the threads of one process: ``one`` writes one item, ``many`` several in
-    one statement (None for each item it left out)."""
+    one statement (None for each item it left out). ``lone_writes``: how many lone writes of a
+    light moment may be in flight side by side (see the module's docstring)."""
 
     def __init__(
         self,
@@ -71,22 +83,38 @@ class GroupCommit(Generic[T, R]):
         many: Callable[[Sequence[T]], Sequence[R | None]],
         *,
         max_batch: int = MAX_BATCH,
+        lone_writes: int | None = None,
     ) -> None:
         self._one = one
         self._many = many
         self._max_batch = max_batch
+        self._lone_writes = LONE_WRITES if lone_writes is None else lone_writes
         self._lock = threading.Lock()
         self._queued: list[_Waiter[T, R]] = []
-        self._busy = False  # a write is in flight
+        self._writes = 0  # writes in flight
+        self._items = 0  # items in them
+        self._idle_since = float("-inf")  # monotonic time the last write in flight ended
+        self._light = False  # the writes in flight began after an idle gap
         self.batches = 0  # statements of more than one item, and the items in them (read by the tests)
         self.batched = 0
 
     def __call__(self, item: T) -> R:
         me: _Waiter[T, R] = _Waiter(item)
         with self._lock:
-            lead = not self._busy
+            if self._writes == 0:
+                lead = True
+                self._light = time.monotonic() - self._idle_since >= LIGHT_GAP_S
+            else:
+                # Beside lone writes of a light moment, with nobody waiting (up to lone_writes).
+                lead = (
+                    self._light
+                    and self._writes < self._lone_writes
+                    and self._items == self._writes
+                    and not self._queued
+                )
             if lead:
-                self._busy = True
+                self._writes += 1
+                self._items += 1
                 me.batch = [me]
             else:
                 self._queued.append(me)
@@ -117,17 +145,22 @@ class GroupCommit(Generic[T, R]):
                 raise  # the leader's own write: it fails as it would alone
             # Each of the others writes its item alone (in __call__), with its own outcome.
         finally:
-            self._hand_over()
+            self._hand_over(len(batch))
             for waiter in batch[1:]:
                 waiter.done.set()
 
-    def _hand_over(self) -> None:
-        """Make the first queued thread the next leader, with the items queued so far, or go idle."""
+    def _hand_over(self, ended: int) -> None:
+        """After a write of ``ended`` items: make the first queued thread the next leader, with the
+        items queued so far, or end this line of writes."""
         with self._lock:
+            self._items -= ended
             if not self._queued:
-                self._busy = False
+                self._writes -= 1
+                if self._writes == 0:
+                    self._idle_since = time.monotonic()
                 return
             batch, self._queued = self._queued[: self._max_batch], self._queued[self._max_batch :]
+            self._items += len(batch)
             batch[0].batch = batch
         batch[0].done.set()
 
@@ -144,8 +177,9 @@ class GroupCommit(Generic[T, R]):
             return  # a member of a batch in flight (its leader tells it), or it led already
         rest = batch[1:]
         if not rest:
-            self._hand_over()
+            self._hand_over(1)
             return
         with self._lock:
+            self._items -= 1
             rest[0].batch = rest
         rest[0].done.set()

@@ -100,7 +100,9 @@ class RunExecutor:
         self._in_flight: dict[str, str] = {}  # run id -> claim id
         self._in_flight_lock = threading.Lock()
         # Claims and ends of runs that this process's threads ask for at the same time go to
-        # PostgreSQL together (see sluice_common.groupcommit).
+        # PostgreSQL together (see sluice_common.groupcommit); two wake-ups of a light moment
+        # (two runs accepted at once) are claimed and finished side by side, as two worker
+        # processes would.
         self._claims: GroupCommit[None, dict[str, Any] | None] = GroupCommit(self._claim_alone, self._claim_many)
         self._finishes = GroupCommit(self._finish_alone, self._finish_many)
 

@@ -169,6 +169,24 @@ def test_with_two_lone_writes_a_second_caller_goes_beside_a_lone_write_and_a_thi
     assert (group._writes, group._items) == (0, 0)  # idle
 
 
+def test_a_light_moment_lets_one_pair_go_side_by_side_then_callers_batch_until_the_group_idles() -> None:
+    """Once two lone writes have gone side by side, the line is load until the group goes idle:
+    writes that keep overlapping one by one would otherwise never batch."""
+    store = Store(hold=frozenset({0, 2}))
+    group = GroupCommit(store.one, store.many)
+    threads = ThreadPoolExecutor(4)
+    futures = [threads.submit(group, 0)]
+    wait_for(lambda: store.ones == [0])
+    assert group(1) == "one:1"  # beside the held write, and done
+    futures.append(threads.submit(group, 2))  # one lone write in flight again, but the moment is used
+    wait_for(lambda: len(group._queued) == 1)
+    store.go.set()
+    threads.shutdown(wait=True)
+    assert [f.result() for f in futures] == ["one:0", "one:2"]
+    assert store.ones == [0, 1, 2]  # 2 went after 0, not beside it
+    assert (group._writes, group._items) == (0, 0)
+
+
 def test_with_two_lone_writes_under_steady_load_a_second_caller_waits(monkeypatch: pytest.MonkeyPatch) -> None:
     """No idle gap before the write in flight: the load is steady, so callers queue and batch."""
     monkeypatch.setattr(groupcommit, "LIGHT_GAP_S", 60.0)

@@ -12,8 +12,9 @@ caller costs what it did, and batches grow only with the load.
 Requests that arrive together at light load (two webhooks sent at once) would still queue, one
 behind the other's whole write, for a batch of one. So a second caller goes at once too, beside a
 lone write, when that write began after the group had been idle for ``LIGHT_GAP_S``
-(``lone_writes``, :data:`LONE_WRITES` by default): under steady load the group is never idle that
-long, and its callers queue and batch as before.
+(``lone_writes``, :data:`LONE_WRITES` by default). That is one such pair per light moment: after
+it, callers queue and batch until the group has been idle again, and under steady load the group
+is never idle that long.
 
 An item the batch leaves out (``many`` returns None for it) is written again by its own thread
 with ``one``, which then says why (raises, or returns what a write of that item alone returns).
@@ -94,7 +95,9 @@ class GroupCommit(Generic[T, R]):
         self._writes = 0  # writes in flight
         self._items = 0  # items in them
         self._idle_since = float("-inf")  # monotonic time the last write in flight ended
-        self._light = False  # the writes in flight began after an idle gap
+        # The writes in flight began after an idle gap, and no more than one light moment's
+        # writes have gone side by side since: a line that keeps busy is load, not a moment.
+        self._light = False
         self.batches = 0  # statements of more than one item, and the items in them (read by the tests)
         self.batched = 0
 
@@ -115,6 +118,8 @@ class GroupCommit(Generic[T, R]):
             if lead:
                 self._writes += 1
                 self._items += 1
+                if self._writes >= self._lone_writes:
+                    self._light = False
                 me.batch = [me]
             else:
                 self._queued.append(me)

@@ -32,6 +32,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# A follower's acquire; a key that still names this replica (a tick that acquired it while
+# release() ran) is taken back rather than left to block every replica until it lapses.
+_ACQUIRE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+return 0
+"""
 # The status is written and cleared only by the lease's holder, checked inside Redis: a status
 # write racing a clean stop then either lands before the release (which clears it) or is refused,
 # so no stale status outlives the leader.
@@ -86,6 +97,7 @@ class RedisLease:
         self._key = leader_key(prefix)
         self._lease_ms = int(lease_seconds * 1000)
         self._lease = lease_seconds
+        self._acquire = client.register_script(_ACQUIRE)
         self._extend = client.register_script(_EXTEND)
         self._publish = client.register_script(_PUBLISH)
         self._release = client.register_script(_RELEASE)
@@ -108,10 +120,7 @@ class RedisLease:
                 if not held:
                     log.warning("scheduler lost its leader lease")
             else:
-                # The key may still be ours: a tick that acquired it while release() ran.
-                held = bool(self._client.set(self._key, self.instance, nx=True, px=self._lease_ms)) or bool(
-                    self._extend(keys=[self._key], args=[self.instance, self._lease_ms])
-                )
+                held = bool(self._acquire(keys=[self._key], args=[self.instance, self._lease_ms]))
                 if held:
                     log.info("scheduler %s is now the leader", self.instance)
         except redis.RedisError:

@@ -16,10 +16,12 @@ import psycopg
 import pytest
 
 from sluice_common.broker import ready_queue_key
+from sluice_common.db import open_pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_common.groupcommit import GroupCommit
 from sluice_common.runs import EnqueuedRun, NewRun, enqueue_run, group_inserts
 from tests.integration.conftest import Pipeline
+from tests.pgrelay import CuttingRelay
 
 # These tests hold a write and let others arrive behind it, to be batched.
 pytestmark = pytest.mark.usefixtures("steady_load")
@@ -187,6 +189,45 @@ def test_one_request_that_fails_the_batch_statement_fails_alone(pipeline: Pipeli
     assert [stored(pipeline, r.run_id)["trigger_data"] for r in good] == [{"n": 1}, {"n": 2}]
     with pytest.raises(psycopg.errors.ForeignKeyViolation):
         futures[1].result()
+
+
+def test_a_batch_that_committed_unheard_is_not_inserted_again(pipeline: Pipeline) -> None:
+    """The connection breaks after PostgreSQL committed the batch and before its answer came back.
+    Its requests must not insert their runs again alone (each request would make two runs): each
+    gets the error, as a lone request does in the same case, and the reconciler wakes the runs."""
+    owner = pipeline.user()
+    blocker, wf = pipeline.workflow(owner, NOOP), pipeline.workflow(owner, NOOP)
+    relay = CuttingRelay(pipeline.settings.database_url or "")
+    relayed = open_pool(pipeline.settings, relay.url, name="relayed", max_size=10)
+    try:
+        inserts = group_inserts(relayed, pipeline.settings)
+        calls = [
+            lambda n=n: enqueue_run(
+                relayed, pipeline.broker, pipeline.settings, NewRun(wf, owner, trigger_data={"n": n}), inserts=inserts
+            )
+            for n in range(3)
+        ]
+        with ThreadPoolExecutor(4) as threads:
+            with workflow_locked(pipeline, blocker):
+                first = threads.submit(
+                    enqueue_run, relayed, pipeline.broker, pipeline.settings, NewRun(blocker, owner), inserts=inserts
+                )
+                wait_for(lambda: inserts._writes > 0)
+                futures = [threads.submit(call) for call in calls]
+                wait_for(lambda: len(inserts._queued) == len(calls))
+                relay.cut_after(b"unnest(")  # the batch's statement: INSERT_RUN_MANY
+            assert first.result(timeout=10).created
+            errors = [f.exception(timeout=10) for f in futures]
+        assert relay.cuts == 1
+        assert all(isinstance(e, psycopg.OperationalError) for e in errors), errors
+        with pipeline.pool.connection() as conn:
+            rows = conn.execute("SELECT trigger_data FROM runs WHERE workflow_id = %s", (wf,)).fetchall()
+        assert sorted(r["trigger_data"]["n"] for r in rows) == [0, 1, 2]  # each once
+        assert inserts._writes == 0
+        assert not inserts._queued
+    finally:
+        relayed.close()
+        relay.close()
 
 
 def test_a_lone_request_inserts_at_once_and_leaves_no_leader_behind(pipeline: Pipeline) -> None:

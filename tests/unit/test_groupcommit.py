@@ -10,10 +10,12 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import psycopg
+import psycopg_pool
 import pytest
 
 from sluice_common import groupcommit
-from sluice_common.groupcommit import GroupCommit, _Signal
+from sluice_common.groupcommit import GroupCommit, _Signal, outcome_unknown
 
 
 class Interrupted(BaseException):
@@ -29,7 +31,7 @@ class Store:
         self.go = threading.Event()
         self.ones: list[int] = []
         self.manys: list[list[int]] = []
-        self.fail_many = False
+        self.fail_many: Exception | None = None
         self.fail_one: frozenset[int] = frozenset()
 
     def one(self, item: int) -> str:
@@ -42,8 +44,8 @@ class Store:
 
     def many(self, items: Sequence[int]) -> list[str | None]:
         self.manys.append(list(items))
-        if self.fail_many:
-            raise RuntimeError("the statement failed")
+        if self.fail_many is not None:
+            raise self.fail_many
         return [None if i in self.left_out else f"many:{i}" for i in items]
 
 
@@ -104,7 +106,7 @@ def test_an_item_the_batch_leaves_out_is_written_alone_by_its_caller() -> None:
 
 def test_a_failed_batch_is_written_alone_and_only_the_bad_item_fails() -> None:
     store = Store(hold=0)
-    store.fail_many = True
+    store.fail_many = psycopg.errors.UniqueViolation("refused by PostgreSQL: rolled back")
     store.fail_one = frozenset({2})
     group = GroupCommit(store.one, store.many, lone_writes=1)
     futures = behind_a_held_write(store, group, [1, 2, 3])
@@ -113,6 +115,47 @@ def test_a_failed_batch_is_written_alone_and_only_the_bad_item_fails() -> None:
         futures[2].result()
     assert group.batches == 0
     assert (group._writes, group._items) == (0, 0)  # idle
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.OperationalError("the connection broke before PostgreSQL answered"),
+        psycopg_pool.PoolTimeout("no connection in time"),
+        psycopg.errors.AdminShutdown("terminating connection due to administrator command"),
+    ],
+    ids=["connection-lost", "pool-timeout", "backend-terminated"],
+)
+def test_a_batch_whose_outcome_is_unknown_is_not_written_again_and_each_caller_gets_the_error(error: Exception) -> None:
+    """The statement may have committed: written again alone, every item would be stored twice."""
+    store = Store(hold=0)
+    store.fail_many = error
+    group = GroupCommit(store.one, store.many, lone_writes=1)
+    futures = behind_a_held_write(store, group, [1, 2, 3])
+    assert futures[0].result() == "one:0"
+    assert futures[1].exception() is error  # the batch's leader, whose statement it was
+    for future in futures[2:]:
+        raised = future.exception()
+        assert type(raised) is type(error)
+        assert raised is not error  # one exception object per thread
+        assert raised.__cause__ is error
+    assert store.ones == [0]  # nothing written again
+    assert store.manys == [[1, 2, 3]]
+    assert (group._writes, group._items) == (0, 0)  # idle
+    assert not group._queued
+    assert group(4) == "one:4"
+
+
+def test_only_errors_that_leave_the_outcome_open_count_as_unknown() -> None:
+    assert outcome_unknown(psycopg.OperationalError("server closed the connection unexpectedly"))
+    assert outcome_unknown(psycopg.InterfaceError("the connection is closed"))
+    assert outcome_unknown(psycopg_pool.PoolTimeout("couldn't get a connection"))
+    assert outcome_unknown(psycopg.errors.AdminShutdown("terminating connection"))
+    assert outcome_unknown(psycopg.errors.ConnectionFailure("connection failure"))
+    assert not outcome_unknown(psycopg.errors.UniqueViolation("duplicate key"))
+    assert not outcome_unknown(psycopg.errors.SerializationFailure("could not serialize"))
+    assert not outcome_unknown(psycopg.errors.LockNotAvailable("busy"))
+    assert not outcome_unknown(ValueError("a bug before the statement was sent"))
 
 
 def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:

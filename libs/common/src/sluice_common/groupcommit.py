@@ -18,7 +18,11 @@ is never idle that long.
 
 An item the batch leaves out (``many`` returns None for it) is written again by its own thread
 with ``one``, which then says why (raises, or returns what a write of that item alone returns).
-So is every item of a batch whose statement failed: one bad item cannot fail the others.
+So is every item of a batch whose statement PostgreSQL refused: one bad item cannot fail the
+others. A batch whose outcome is unknown is not written again: when the connection failed before
+PostgreSQL answered, the statement may have committed, and writing its items again would store
+them twice (two runs for one request, runs claimed by no thread). Every caller of such a batch
+gets the error, as it would have alone (:func:`outcome_unknown`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+import psycopg
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -39,6 +45,20 @@ MAX_BATCH = 64
 LIGHT_GAP_S = 0.01
 LONE_WRITES = 2
 _UNWRITTEN: Any = object()
+
+
+def outcome_unknown(exc: Exception) -> bool:
+    """Whether a write that raised ``exc`` may have been done all the same.
+
+    PostgreSQL answers a statement it refused with an error that has a SQLSTATE, and rolls it back.
+    An error without one (the connection broke, or no connection was had: a pool timeout) or of a
+    connection exception (class 08) or an operator's intervention (class 57: a backend terminated,
+    a server shutting down, which can end a session after its commit) leaves the outcome unknown.
+    """
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    return state is None or state[:2] in ("08", "57")
 
 
 class _Signal:
@@ -71,6 +91,7 @@ class _Waiter(Generic[T, R]):
     batch: list[_Waiter[T, R]] | None = None  # set when this thread is to lead the next write
     led: bool = False  # it has started to lead it
     result: R = _UNWRITTEN  # what its write returned; unwritten: its thread writes it alone
+    error: Exception | None = None  # its batch's outcome is unknown: raised by its thread
 
 
 class GroupCommit(Generic[T, R]):
@@ -131,6 +152,10 @@ class GroupCommit(Generic[T, R]):
         except BaseException:
             self._abandon(me)
             raise
+        if me.error is not None:
+            # A new error of the same kind for each caller: one exception raised in several threads
+            # would collect all their tracebacks.
+            raise type(me.error)(*me.error.args) from me.error
         return self._one(item) if me.result is _UNWRITTEN else me.result
 
     def _lead(self, batch: list[_Waiter[T, R]]) -> None:
@@ -145,10 +170,14 @@ class GroupCommit(Generic[T, R]):
                         waiter.result = result
                 self.batches += 1
                 self.batched += len(batch)
-        except Exception:
+        except Exception as exc:
             if len(batch) == 1:
                 raise  # the leader's own write: it fails as it would alone
-            # Each of the others writes its item alone (in __call__), with its own outcome.
+            if outcome_unknown(exc):
+                for waiter in batch[1:]:
+                    waiter.error = exc
+                raise
+            # Refused: each of the others writes its item alone (in __call__), with its own outcome.
         finally:
             self._hand_over(len(batch))
             for waiter in batch[1:]:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from sluice_common import runstate
@@ -243,3 +244,73 @@ def test_a_batch_claim_locks_the_runs_it_takes_and_no_more(pipeline: Pipeline, u
             "SELECT id::text FROM runs WHERE id = ANY(%s::uuid[]) FOR UPDATE SKIP LOCKED", (runs,)
         ).fetchall()
         assert sorted(row["id"] for row in free) == sorted(runs[3:])
+
+
+def advisory_waiters(pipeline: Pipeline) -> int:
+    with pipeline.pool.connection() as conn:
+        row = conn.execute(
+            "SELECT count(*) AS n FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
+    assert row is not None
+    return int(row["n"])
+
+
+def test_claims_that_meet_two_owners_in_opposite_orders_do_not_deadlock(pipeline: Pipeline) -> None:
+    """Claim 1 waits for owner A's lock (held here) with A's first run locked. Claim 2 skips that
+    run, takes B's first run and B's lock, then meets A's second run. Waiting for A's lock there, it
+    would hold B's, which claim 1 comes to next: a deadlock, which PostgreSQL breaks after a second
+    by failing one claim. Holding a lock, a claim only tries for the next."""
+    a, b = pipeline.user(), pipeline.user()
+    wf_a, wf_b = pipeline.workflow(a, STEPS), pipeline.workflow(b, STEPS)
+    runs = []
+    for n in range(3):  # dispatch order: A, B, A, B, A, B
+        runs.append(str(pipeline.enqueue(wf_a, a, trigger_data={"n": n}).run_id))
+        runs.append(str(pipeline.enqueue(wf_b, b, trigger_data={"n": n}).run_id))
+    params = {"worker": "w", "lease": 30.0, "user_cap": 5, "exclusive": False, "count": 4}
+    outcomes: dict[int, Any] = {}
+
+    def claim(n: int) -> None:
+        with pipeline.pool.connection() as conn:
+            try:
+                outcomes[n] = [str(row["id"]) for row in conn.execute(runstate.CLAIM, params).fetchall()]
+            except Exception as exc:
+                outcomes[n] = exc
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in (1, 2)]
+    with pipeline.pool.connection() as conn, conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 5))", (a,))
+        threads[0].start()
+        wait_for(lambda: advisory_waiters(pipeline) == 1)  # claim 1, on A's first run
+        threads[1].start()
+        # Claim 2 takes B's first run and ends at A's second: it does not wait while holding B.
+        threads[1].join(5)
+        assert not threads[1].is_alive()
+        assert outcomes[2] == [runs[1]]
+    threads[0].join(10)
+    assert not threads[0].is_alive()
+    # Claim 1 goes on once A's lock is free, and finds B's lock free by then too.
+    assert sorted(outcomes[1]) == sorted([runs[0], runs[2], runs[3], runs[4]])
+
+
+def test_a_claim_that_cannot_lock_its_second_owner_and_chose_nothing_says_busy(pipeline: Pipeline) -> None:
+    """Its first owner is at the cap, and the next candidate's owner is locked by another claim:
+    rather than wait for it (holding the first owner's lock), the claim raises lock_not_available,
+    and the worker sends its wake-up again."""
+    capped, other = pipeline.user(), pipeline.user()
+    wf_capped, wf_other = pipeline.workflow(capped, STEPS), pipeline.workflow(other, STEPS)
+    held = str(pipeline.enqueue(wf_capped, capped).run_id)
+    waiting = str(pipeline.enqueue(wf_capped, capped).run_id)
+    free = str(pipeline.enqueue(wf_other, other).run_id)
+    params = {"worker": "w", "lease": 30.0, "user_cap": 1, "exclusive": False, "count": 1}
+    with pipeline.pool.connection() as conn:
+        assert [str(r["id"]) for r in conn.execute(runstate.CLAIM, params).fetchall()] == [held]
+    with pipeline.pool.connection() as other_claim, other_claim.transaction(force_rollback=True):
+        other_claim.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s::text, 5))", (other,))
+        with pipeline.pool.connection() as conn, conn.transaction(force_rollback=True):
+            conn.execute("SET LOCAL statement_timeout = '5s'")  # a claim that waited would hang here
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                conn.execute(runstate.CLAIM, params)
+    with pipeline.pool.connection() as conn:  # once the other claim is over, the free run is taken
+        assert [str(r["id"]) for r in conn.execute(runstate.CLAIM, params).fetchall()] == [free]
+    assert pipeline.run(waiting)["status"] == "queued"

@@ -150,6 +150,13 @@ AS $$ SELECT p_ready + make_interval(secs => (p_priority - 1) * p_aging_seconds)
 # may be waiting for. The result type is unchanged (no DROP FUNCTION under running workers), and
 # workers of earlier releases take the error as a failed message, which Dramatiq retries.
 #
+# A claim waits for the lock of the first owner it meets only. Holding one owner's lock, it only
+# tries for the next one's: two claims that met two owners in opposite orders (each skips the rows
+# the other has locked) would otherwise each hold one lock and wait for the other's, until
+# PostgreSQL's deadlock check (deadlock_timeout, 1 s) failed one of them. One that finds the lock
+# taken ends there, with the runs it has chosen; having chosen none, it raises lock_not_available,
+# as above, and its wake-up comes back a moment later.
+#
 # A claim for several runs (``p_count``, the worker's group commit) chooses them one after the other
 # in one transaction, each as a claim of its own would, and moves them all with one UPDATE at the
 # end: one executor start-up for the batch, with the 11 indexes of runs it opens. The candidates
@@ -241,10 +248,19 @@ BEGIN
         END IF;
         owner_at := array_position(chosen_owners, cand.owner_id);
         IF owner_at IS NULL THEN
-            IF shared THEN
-                PERFORM pg_advisory_xact_lock_shared(hashtextextended(cand.owner_id::text, 5));
-            ELSE
-                PERFORM pg_advisory_xact_lock(hashtextextended(cand.owner_id::text, 5));
+            IF cardinality(chosen_owners) = 0 AND cardinality(skipped) = 0 THEN
+                IF shared THEN
+                    PERFORM pg_advisory_xact_lock_shared(hashtextextended(cand.owner_id::text, 5));
+                ELSE
+                    PERFORM pg_advisory_xact_lock(hashtextextended(cand.owner_id::text, 5));
+                END IF;
+            ELSIF NOT (CASE WHEN shared THEN pg_try_advisory_xact_lock_shared(hashtextextended(cand.owner_id::text, 5))
+                            ELSE pg_try_advisory_xact_lock(hashtextextended(cand.owner_id::text, 5)) END) THEN
+                IF cardinality(chosen) > 0 THEN
+                    EXIT;
+                END IF;
+                RAISE EXCEPTION 'the lock of user % is held by another claim: wake up again shortly', cand.owner_id
+                    USING ERRCODE = 'lock_not_available';
             END IF;
             SELECT count(*) INTO counted FROM runs WHERE owner_id = cand.owner_id AND status = 'running';
             running := counted;

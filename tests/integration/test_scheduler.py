@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from unittest import mock
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -446,6 +447,27 @@ def test_only_the_lease_holder_writes_the_status_even_racing_a_clean_stop(
     pipeline.redis.set(leader_key(pipeline.settings.redis_prefix), lease.instance, px=5000)
     assert not lease.is_leader()
     assert lease.tick()
+
+
+@pytest.mark.parametrize("leading", [False, True], ids=["follower", "leader"])
+def test_a_tick_racing_a_clean_stop_leaves_no_lease_behind(pipeline: Pipeline, leading: bool) -> None:
+    """release() runs while a tick's call to Redis is on its way: whichever lands first, the key
+    must not be left naming the stopped replica, keeping every other one out for a whole lease."""
+    lease = RedisLease(pipeline.redis, pipeline.settings.redis_prefix, 30.0)
+    other = RedisLease(pipeline.redis, pipeline.settings.redis_prefix, 30.0)
+    if leading:
+        assert lease.tick()
+    script = lease._extend if leading else lease._acquire
+
+    def released_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        lease.release()  # the stop, just before the tick's call reaches Redis
+        return script(*args, **kwargs)
+
+    with mock.patch.object(lease, "_extend" if leading else "_acquire", released_meanwhile):
+        assert not lease.tick()
+    assert not lease.is_leader()
+    assert pipeline.redis.get(leader_key(pipeline.settings.redis_prefix)) is None
+    assert other.tick()  # at once, not a lease later
 
 
 def test_dropped_database_connections_lose_no_slot(pipeline: Pipeline, link: RedisSchedulerLink) -> None:

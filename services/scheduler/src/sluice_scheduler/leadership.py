@@ -127,9 +127,15 @@ class RedisLease:
             log.warning("cannot reach Redis for the leader lease", exc_info=True)
             return self.is_leader()
         with self._lock:
-            if epoch != self._epoch:
-                return False
-            self._valid_until = started + self._lease - _SAFETY if held else 0.0
+            released = epoch != self._epoch
+            if not released:
+                self._valid_until = started + self._lease - _SAFETY if held else 0.0
+        if released:
+            if held:
+                # Taken or kept after release() gave the lease up: give it back, rather than keep
+                # every replica out until it lapses.
+                self._give_back()
+            return False
         return held
 
     def interval(self) -> float:
@@ -147,14 +153,18 @@ class RedisLease:
 
     def release(self) -> None:
         with self._lock:
-            was = self.is_leader()
             self._valid_until = 0.0
             self._epoch += 1
-        if was:
-            try:
-                self._release(keys=[self._key, status_key(self._prefix)], args=[self.instance])
-            except redis.RedisError:
-                log.warning("could not release the leader lease; it lapses by itself", exc_info=True)
+        # Whether or not this replica thinks it leads: a follower's tick may have just taken the
+        # key, and a leader's own deadline may have passed while the key is still its own. The
+        # script deletes the key only while it names this replica.
+        self._give_back()
+
+    def _give_back(self) -> None:
+        try:
+            self._release(keys=[self._key, status_key(self._prefix)], args=[self.instance])
+        except redis.RedisError:
+            log.warning("could not release the leader lease; it lapses by itself", exc_info=True)
 
 
 class LocalLease:

@@ -105,3 +105,31 @@ def test_a_late_finish_after_recovery_is_refused_and_not_recorded_twice(pipeline
         (1, False, "failed"),
         (2, False, "running"),
     ]
+
+
+def test_a_stale_execution_ending_leaves_the_new_claims_lease_renewed(pipeline: Pipeline) -> None:
+    """Both executions of the run in one process (its claim was lost in a crash and the same worker
+    claimed it again): when the stale one ends, the process goes on renewing the new claim's lease."""
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "a", "type": "transform", "config": {"value": 1}}])
+    run = pipeline.enqueue(wf, owner)
+    worker = executor(pipeline, "w1")
+    old = worker.claim()
+    assert old is not None
+    worker._track(old, add=True)  # as _claim_and_run does around each execution
+    forget_the_claim(pipeline, old.run_id)
+    new = worker.claim()
+    assert new is not None
+    worker._track(new, add=True)
+    worker._track(old, add=False)  # the stale execution ends first
+    with pipeline.pool.connection() as conn:
+        conn.execute("UPDATE runs SET lease_expires_at = now() + interval '0.1 second' WHERE id = %s", (run.run_id,))
+    assert worker.renew_leases() == 1
+    row = pipeline.run(run.run_id)
+    assert str(row["claim_id"]) == new.claim_id
+    with pipeline.pool.connection() as conn:
+        left = conn.execute("SELECT lease_expires_at - now() AS left FROM runs WHERE id = %s", (run.run_id,)).fetchone()
+    assert left is not None
+    assert left["left"].total_seconds() > pipeline.settings.lease_seconds / 2  # renewed: a whole lease again
+    worker._track(new, add=False)
+    assert worker.renew_leases() == 0

@@ -202,8 +202,10 @@ class RunExecutor:
         with self._in_flight_lock:
             if add:
                 self._in_flight[claimed.run_id] = claimed.claim_id
-            else:
-                self._in_flight.pop(claimed.run_id, None)
+            elif self._in_flight.get(claimed.run_id) == claimed.claim_id:
+                # Only its own claim: a stale execution of the run that ends while this process runs
+                # a newer claim of it must not stop that claim's lease renewals.
+                del self._in_flight[claimed.run_id]
 
     def claim(self) -> Claimed | None:
         """Claim the best runnable run: one statement, one round trip (``runstate.CLAIM``), shared

@@ -27,6 +27,7 @@ from sluice_common.cron import PlannedFire, RedisSchedulerLink, leader_key, sche
 from sluice_common.db import open_pool
 from sluice_common.errors import ConflictError, NotFoundError
 from sluice_common.workflow import CronConfig
+from sluice_scheduler import firing
 from sluice_scheduler.firing import CronWorkflow, fire
 from sluice_scheduler.leadership import RedisLease
 from sluice_scheduler.maintenance import prune_history
@@ -521,6 +522,35 @@ def test_a_slot_claimed_twice_has_one_run_and_a_paused_workflow_none(pipeline: P
     later = PlannedFire(datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), "fired")
     assert fire(pipeline.pool, pipeline.broker, pipeline.settings, wf, later) == ("stale", None)
     assert len(runs(pipeline, wf_id)) == 1
+
+
+def test_a_fire_that_starts_a_run_waits_for_the_wal_flush_and_a_missed_slot_does_not(pipeline: Pipeline) -> None:
+    """The run of a fire may start, and call out, before a commit that did not wait for the flush
+    reaches the disk: a crash would then lose the fire and its run, and the slot, fired again, would
+    run twice under another run id and idempotency key. What PostgreSQL says of each fire's commit:"""
+    owner = pipeline.user()
+    wf_id = cron_workflow(pipeline, owner, "* * * * * *")
+    trigger = {"type": "cron", "config": {"schedule": "* * * * * *"}}
+    wf = CronWorkflow(wf_id, owner, trigger, CronConfig.model_validate(trigger["config"]))
+    modes: list[str] = []
+    real = firing._lock_workflow
+
+    def lock_workflow(*args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        row = real(*args, **kwargs)
+        assert row is not None
+        modes.append(row["commit_mode"])  # the transaction's synchronous_commit, as set
+        return row
+
+    slots = [
+        PlannedFire(datetime(2026, 1, 1, tzinfo=UTC), "fired"),
+        PlannedFire(datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC), "catch_up", missed_slots=3),
+        PlannedFire(datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC), "missed"),
+    ]
+    with mock.patch.object(firing, "_lock_workflow", lock_workflow):
+        outcomes = [fire(pipeline.pool, pipeline.broker, pipeline.settings, wf, slot)[0] for slot in slots]
+    assert outcomes == ["fired", "catch_up", "missed"]
+    assert modes == ["on", "on", "off"]
+    assert len(runs(pipeline, wf_id)) == 2
 
 
 def test_a_schedule_fires_at_its_local_wall_time(pipeline: Pipeline, scheduler: Callable[..., CronScheduler]) -> None:

@@ -91,11 +91,14 @@ def fire(
     run_id: UUID | None = None
     try:
         with pool.connection() as conn, conn.transaction():
-            # Not waiting for the WAL flush makes a fire several times cheaper. The claim and its
-            # run commit or vanish together, and a later durable commit flushes this one too; a
-            # fire lost in a database crash is fired again because the scheduler reloads its
-            # anchors from the database after any failed fire (see CronScheduler.fire_due).
-            row = _lock_workflow(conn, wf, fast_commit=True)
+            # A fire that records a missed slot does not wait for the WAL flush, which makes it
+            # several times cheaper: lost in a database crash, it is recorded again, since the
+            # scheduler reloads its anchors from the database after any failed fire (see
+            # CronScheduler.fire_due). A fire that may start a run waits, as every run's insert
+            # does: its run may have started (the claim does not wait for the flush either) and
+            # called out before a crash lost both, and the slot, fired again, would then run twice
+            # under two run ids, so two idempotency keys.
+            row = _lock_workflow(conn, wf, fast_commit=not planned.creates_run)
             if row is None:
                 return "stale", None
             outcome: FireResult = planned.outcome

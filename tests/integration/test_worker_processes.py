@@ -120,6 +120,41 @@ def test_sigterm_lets_the_worker_finish_and_exit(pipeline: Pipeline, http_server
     assert (row["status"], row["attempt"]) == ("succeeded", 1)
 
 
+def test_sigterm_waits_for_a_step_no_longer_than_the_grace_and_names_the_run_it_leaves(
+    pipeline: Pipeline, http_server: LocalServer
+) -> None:
+    owner = pipeline.user()
+    wf = pipeline.workflow(owner, [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=6"}}])
+    env = process_env(
+        pipeline.settings.database_url or "",
+        pipeline.redis_url,
+        pipeline.settings.redis_prefix,
+        SLUICE_STOP_GRACE_SECONDS="1",
+        SLUICE_RATE_LIMIT_PER_MINUTE="100000",
+        SLUICE_HTTP_ALLOW_PRIVATE="true",
+    )
+    worker = subprocess.Popen([sys.executable, "-m", "sluice_worker"], env=env, stderr=subprocess.PIPE)
+    try:
+        run = pipeline.enqueue(wf, owner)
+        pipeline.wait_for([run.run_id], {"running"}, timeout=30)
+        deadline = time.monotonic() + 10
+        while http_server.hits["/slow"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        signalled = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=30)
+        took = time.monotonic() - signalled
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0
+    assert took < 5  # the grace, not the 6 s step
+    assert f"still in a step after 1 s (SLUICE_STOP_GRACE_SECONDS): {run.run_id}" in err.decode()
+    # Left running, with its lease: recovery takes it once the lease lapses.
+    assert pipeline.run(run.run_id)["status"] == "running"
+
+
 def test_scheduler_maintenance_wakes_runs_redis_lost(pipeline: Pipeline, spawn: object) -> None:
     owner = pipeline.user()
     wf = pipeline.workflow(owner, [{"id": "a", "type": "transform", "config": {"value": 1}}])

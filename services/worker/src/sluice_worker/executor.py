@@ -398,6 +398,11 @@ class RunExecutor:
 
     # Leases ---------------------------------------------------------------------------------------
 
+    def in_flight(self) -> list[str]:
+        """The runs this process is executing right now."""
+        with self._in_flight_lock:
+            return list(self._in_flight)
+
     def renew_leases(self) -> int:
         """Extend the leases of the runs this process is executing right now (and only those)."""
         with self._in_flight_lock:

@@ -61,9 +61,23 @@ class WorkerApp:
             thread.timeout = THREAD_IDLE_S
         self.housekeeping.start()
 
-    def stop(self, timeout_ms: int = 30_000) -> None:
+    def stop(self, timeout_ms: int | None = None) -> None:
+        """Let each run end its current step and be handed back, for up to ``timeout_ms``
+        (``SLUICE_STOP_GRACE_SECONDS`` by default)."""
         self.stopping.set()  # runs stop at their next step boundary and are handed back
+        if timeout_ms is None:
+            timeout_ms = int(self.executor.settings.stop_grace_seconds * 1000)
         self.worker.stop(timeout=timeout_ms)
+        left = self.executor.in_flight()
+        if left:
+            # Still in a step: their leases lapse once this process is gone, and they are recovered
+            # (the attempt counts as lost with its worker) and run again.
+            log.warning(
+                "worker stopped with %d run(s) still in a step after %g s (SLUICE_STOP_GRACE_SECONDS): %s",
+                len(left),
+                timeout_ms / 1000,
+                ", ".join(left),
+            )
         # Leases are renewed until the last in-flight step has ended.
         self.housekeeping_stop.set()
         self.housekeeping.join(timeout=5)

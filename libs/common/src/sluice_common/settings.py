@@ -74,9 +74,9 @@ class Settings(BaseSettings):
     lease_seconds: Annotated[float, Field(ge=1, le=600, validation_alias=_env("SLUICE_LEASE_SECONDS"))] = 15.0
     # How long a stopping worker waits for its runs' current steps to end; under the deployments'
     # grace period (60 s), so that the worker says which runs it leaves before it is killed.
-    stop_grace_seconds: Annotated[
-        float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_STOP_GRACE_SECONDS"))
-    ] = 50.0
+    stop_grace_seconds: Annotated[float, Field(ge=0, le=86400, validation_alias=_env("SLUICE_STOP_GRACE_SECONDS"))] = (
+        50.0
+    )
     reconcile_seconds: Annotated[float, Field(gt=0, le=3600, validation_alias=_env("SLUICE_RECONCILE_SECONDS"))] = 5.0
     redis_prefix: Annotated[str, Field(min_length=1, validation_alias=_env("SLUICE_REDIS_PREFIX"))] = "sluice"
     db_pool_min: Annotated[int, Field(ge=0, le=100, validation_alias=_env("SLUICE_DB_POOL_MIN"))] = 1

@@ -193,6 +193,91 @@ def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     assert group(4) == "one:4"
 
 
+def interrupt(thread: threading.Thread) -> None:
+    """Raise Interrupted in ``thread`` the next time it runs Python, as Dramatiq's time limit does."""
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Interrupted))
+
+
+def interrupted_once_it_has_the_lock(group: GroupCommit[int, str], thread: threading.Thread) -> None:
+    """Start ``thread`` while the group's lock is held, and interrupt it: the exception lands at
+    the first point it checks for one after it has taken the lock, inside the group's bookkeeping."""
+    with group._lock:
+        thread.start()
+        time.sleep(0.05)  # it waits for the lock, where no exception is delivered
+        interrupt(thread)
+
+
+@pytest.mark.parametrize("lone_writes", [1, 2], ids=["queued-behind", "beside"])
+def test_a_thread_interrupted_as_it_joins_the_group_leaves_it_as_it_found_it(lone_writes: int) -> None:
+    """Behind a write (it queues) or beside a lone one (it leads its own): either way the
+    exception comes after its bookkeeping, which it must undo, or the group waits for it for ever."""
+    store = Store(hold=0)
+    group = GroupCommit(store.one, store.many, lone_writes=lone_writes)
+    outcomes: dict[int, object] = {}
+
+    def call(item: int) -> None:
+        try:
+            outcomes[item] = group(item)
+        except Interrupted as exc:
+            outcomes[item] = exc
+
+    first = threading.Thread(target=call, args=(0,))
+    first.start()
+    wait_for(lambda: store.ones == [0])
+    joining = threading.Thread(target=call, args=(1,))
+    interrupted_once_it_has_the_lock(group, joining)
+    joining.join(10)
+    assert isinstance(outcomes[1], Interrupted)
+    store.go.set()
+    first.join(10)
+    assert outcomes[0] == "one:0"
+    assert (group._writes, group._items, group._queued) == (0, 0, [])  # idle
+    assert group(2) == "one:2"
+
+
+def test_a_leader_interrupted_as_it_hands_over_still_wakes_its_batch_and_the_next_leader() -> None:
+    store = Store(hold=0)
+    in_many, go_many = threading.Event(), threading.Event()
+
+    def many(items: Sequence[int]) -> list[str | None]:
+        in_many.set()
+        assert go_many.wait(10)
+        return store.many(items)
+
+    group = GroupCommit(store.one, many, lone_writes=1)
+    outcomes: dict[int, object] = {}
+
+    def call(item: int) -> None:
+        try:
+            outcomes[item] = group(item)
+        except Interrupted as exc:
+            outcomes[item] = exc
+
+    threads = {i: threading.Thread(target=call, args=(i,)) for i in range(4)}
+    threads[0].start()
+    wait_for(lambda: store.ones == [0])
+    threads[1].start()
+    wait_for(lambda: len(group._queued) == 1)
+    threads[2].start()
+    wait_for(lambda: len(group._queued) == 2)
+    store.go.set()  # 0's write ends: 1 leads [1, 2]
+    assert in_many.wait(10)
+    threads[3].start()
+    wait_for(lambda: len(group._queued) == 1)
+    with group._lock:
+        go_many.set()  # 1's batch is written; it waits for the lock to hand over to 3
+        time.sleep(0.05)
+        interrupt(threads[1])
+    for thread in threads.values():
+        thread.join(10)
+        assert not thread.is_alive()
+    assert isinstance(outcomes[1], Interrupted)  # after its batch was written
+    assert (outcomes[0], outcomes[2], outcomes[3]) == ("one:0", "many:2", "one:3")
+    assert store.manys == [[1, 2]]
+    assert (group._writes, group._items, group._queued) == (0, 0, [])  # idle
+    assert group(4) == "one:4"
+
+
 def test_with_two_lone_writes_a_second_caller_goes_beside_a_lone_write_and_a_third_waits() -> None:
     store = Store(hold=frozenset({0, 1}))
     group = GroupCommit(store.one, store.many)
@@ -263,6 +348,8 @@ def test_with_two_lone_writes_a_caller_behind_a_batch_waits() -> None:
     wait_for(lambda: len(group._queued) == 2)
     store.go.set()  # 0 ends; 2 and 3 go in a batch
     assert in_batch.wait(10)
+    # Both lone writes have ended (the later one to end would otherwise hand its line on to 4).
+    assert [futures[0].result(timeout=10), futures[1].result(timeout=10)] == ["one:0", "one:1"]
     futures.append(threads.submit(group, 4))
     wait_for(lambda: len(group._queued) == 1)  # it waits, though only one write is in flight
     go.set()

@@ -124,27 +124,30 @@ class GroupCommit(Generic[T, R]):
 
     def __call__(self, item: T) -> R:
         me: _Waiter[T, R] = _Waiter(item)
-        with self._lock:
-            if self._writes == 0:
-                lead = True
-                self._light = time.monotonic() - self._idle_since >= LIGHT_GAP_S
-            else:
-                # Beside lone writes of a light moment, with nobody waiting (up to lone_writes).
-                lead = (
-                    self._light
-                    and self._writes < self._lone_writes
-                    and self._items == self._writes
-                    and not self._queued
-                )
-            if lead:
-                self._writes += 1
-                self._items += 1
-                if self._writes >= self._lone_writes:
-                    self._light = False
-                me.batch = [me]
-            else:
-                self._queued.append(me)
         try:
+            with self._lock:
+                # An asynchronous exception is raised when a call returns (or a function begins):
+                # the calls come before the changes, and _abandon undoes the changes as they stand.
+                now = time.monotonic()
+                if self._writes == 0:
+                    lead = True
+                    self._light = now - self._idle_since >= LIGHT_GAP_S
+                else:
+                    # Beside lone writes of a light moment, with nobody waiting (up to lone_writes).
+                    lead = (
+                        self._light
+                        and self._writes < self._lone_writes
+                        and self._items == self._writes
+                        and not self._queued
+                    )
+                if lead:
+                    me.batch = [me]
+                    self._writes += 1
+                    self._items += 1
+                    if self._writes >= self._lone_writes:
+                        self._light = False
+                else:
+                    self._queued.append(me)
             if not lead:
                 me.done.wait()
             if me.batch is not None:
@@ -159,9 +162,10 @@ class GroupCommit(Generic[T, R]):
         return self._one(item) if me.result is _UNWRITTEN else me.result
 
     def _lead(self, batch: list[_Waiter[T, R]]) -> None:
+        ended = len(batch)
         batch[0].led = True
         try:
-            if len(batch) == 1:
+            if ended == 1:
                 batch[0].result = self._one(batch[0].item)
             else:
                 results = self._many([w.item for w in batch])
@@ -169,9 +173,9 @@ class GroupCommit(Generic[T, R]):
                     if result is not None:
                         waiter.result = result
                 self.batches += 1
-                self.batched += len(batch)
+                self.batched += ended
         except Exception as exc:
-            if len(batch) == 1:
+            if ended == 1:
                 raise  # the leader's own write: it fails as it would alone
             if outcome_unknown(exc):
                 for waiter in batch[1:]:
@@ -179,29 +183,46 @@ class GroupCommit(Generic[T, R]):
                 raise
             # Refused: each of the others writes its item alone (in __call__), with its own outcome.
         finally:
-            self._hand_over(len(batch))
-            for waiter in batch[1:]:
-                waiter.done.set()
+            handed = [False]
+            try:
+                self._hand_over(ended, handed)
+            except BaseException:
+                if not handed[0]:  # interrupted before it changed anything: the line must go on
+                    self._hand_over(ended, handed)
+                raise
+            finally:
+                for waiter in batch[1:]:
+                    waiter.done.set()
 
-    def _hand_over(self, ended: int) -> None:
+    def _hand_over(self, ended: int, handed: list[bool] | None = None) -> None:
         """After a write of ``ended`` items: make the first queued thread the next leader, with the
-        items queued so far, or end this line of writes."""
-        with self._lock:
-            self._items -= ended
-            if not self._queued:
-                self._writes -= 1
-                if self._writes == 0:
-                    self._idle_since = time.monotonic()
-                return
-            batch, self._queued = self._queued[: self._max_batch], self._queued[self._max_batch :]
-            self._items += len(batch)
-            batch[0].batch = batch
-        batch[0].done.set()
+        items queued so far, or end this line of writes. ``handed`` is set once that is done."""
+        now = time.monotonic()
+        leader = None
+        try:
+            with self._lock:
+                batch = self._queued[: self._max_batch]
+                size = len(batch)  # the last call before the changes (see __call__)
+                self._items -= ended
+                if size:
+                    self._queued = self._queued[self._max_batch :]
+                    self._items += size
+                    batch[0].batch = batch
+                    leader = batch[0]
+                else:
+                    self._writes -= 1
+                    if self._writes == 0:
+                        self._idle_since = now
+                if handed is not None:
+                    handed[0] = True
+        finally:
+            if leader is not None:
+                leader.done.set()
 
     def _abandon(self, me: _Waiter[T, R]) -> None:
         """A thread interrupted before it led what it was given (an asynchronous exception, such as
         Dramatiq's time limit raises): it leaves the queue, or passes the lead on, so that no thread
-        is left waiting for a leader that has gone."""
+        is left waiting for a leader that has gone. (One that led hands over in ``_lead``.)"""
         with self._lock:
             if me in self._queued:
                 self._queued.remove(me)

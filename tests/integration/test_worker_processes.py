@@ -31,8 +31,8 @@ def spawn(pipeline: Pipeline) -> Iterator[object]:
         SLUICE_HTTP_ALLOW_PRIVATE="true",  # the test HTTP server is on 127.0.0.1
     )
 
-    def start(service: str = "worker") -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", f"sluice_{service}"], env=env)
+    def start(service: str = "worker", stderr: int | None = None, **settings: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen([sys.executable, "-m", f"sluice_{service}"], env=env | settings, stderr=stderr)
         procs.append(proc)
         return proc
 
@@ -121,33 +121,20 @@ def test_sigterm_lets_the_worker_finish_and_exit(pipeline: Pipeline, http_server
 
 
 def test_sigterm_waits_for_a_step_no_longer_than_the_grace_and_names_the_run_it_leaves(
-    pipeline: Pipeline, http_server: LocalServer
+    pipeline: Pipeline, http_server: LocalServer, spawn: object
 ) -> None:
     owner = pipeline.user()
     wf = pipeline.workflow(owner, [{"id": "s", "type": "http", "config": {"url": f"{http_server.base}/slow?s=6"}}])
-    env = process_env(
-        pipeline.settings.database_url or "",
-        pipeline.redis_url,
-        pipeline.settings.redis_prefix,
-        SLUICE_STOP_GRACE_SECONDS="1",
-        SLUICE_RATE_LIMIT_PER_MINUTE="100000",
-        SLUICE_HTTP_ALLOW_PRIVATE="true",
-    )
-    worker = subprocess.Popen([sys.executable, "-m", "sluice_worker"], env=env, stderr=subprocess.PIPE)
-    try:
-        run = pipeline.enqueue(wf, owner)
-        pipeline.wait_for([run.run_id], {"running"}, timeout=30)
-        deadline = time.monotonic() + 10
-        while http_server.hits["/slow"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        signalled = time.monotonic()
-        worker.send_signal(signal.SIGTERM)
-        _, err = worker.communicate(timeout=30)
-        took = time.monotonic() - signalled
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+    worker = spawn(stderr=subprocess.PIPE, SLUICE_STOP_GRACE_SECONDS="1")  # type: ignore[operator]
+    run = pipeline.enqueue(wf, owner)
+    pipeline.wait_for([run.run_id], {"running"}, timeout=30)
+    deadline = time.monotonic() + 10
+    while http_server.hits["/slow"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    signalled = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=30)
+    took = time.monotonic() - signalled
     assert worker.returncode == 0
     assert took < 5  # the grace, not the 6 s step
     assert f"still in a step after 1 s (SLUICE_STOP_GRACE_SECONDS): {run.run_id}" in err.decode()

@@ -56,6 +56,23 @@ def wait_for(check: Callable[[], bool]) -> None:
         time.sleep(0.002)
 
 
+def interrupt(thread: threading.Thread) -> None:
+    """Raise Interrupted in ``thread`` the next time it runs Python, as Dramatiq's time limit does."""
+    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Interrupted))
+
+
+def recording(group: GroupCommit[int, str], outcomes: dict[int, object]) -> Callable[[int], None]:
+    """A thread's target: call ``group`` and record what it returned, or the Interrupted it raised."""
+
+    def call(item: int) -> None:
+        try:
+            outcomes[item] = group(item)
+        except Interrupted as exc:
+            outcomes[item] = exc
+
+    return call
+
+
 def behind_a_held_write(store: Store, group: GroupCommit[int, str], items: list[int]) -> list[Future[str]]:
     """Start the held write (item 0), queue ``items`` behind it, let it go; futures of all of them."""
     threads = ThreadPoolExecutor(len(items) + 1)
@@ -164,12 +181,7 @@ def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     store = Store(hold=0)
     group = GroupCommit(store.one, store.many, lone_writes=1)
     outcomes: dict[int, object] = {}
-
-    def call(item: int) -> None:
-        try:
-            outcomes[item] = group(item)
-        except Interrupted as exc:
-            outcomes[item] = exc
+    call = recording(group, outcomes)
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(3)]
     threads[0].start()
@@ -179,7 +191,7 @@ def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     threads[2].start()
     wait_for(lambda: len(group._queued) == 2)
     # Delivered once the thread runs Python again: when the held write ends and it is woken to lead.
-    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threads[1].ident), ctypes.py_object(Interrupted))
+    interrupt(threads[1])
     store.go.set()
     for t in threads:
         t.join(10)
@@ -191,11 +203,6 @@ def test_a_thread_interrupted_when_made_leader_passes_the_lead_on() -> None:
     assert (group._writes, group._items) == (0, 0)  # idle
     assert not group._queued
     assert group(4) == "one:4"
-
-
-def interrupt(thread: threading.Thread) -> None:
-    """Raise Interrupted in ``thread`` the next time it runs Python, as Dramatiq's time limit does."""
-    assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(Interrupted))
 
 
 def interrupted_once_it_has_the_lock(group: GroupCommit[int, str], thread: threading.Thread) -> None:
@@ -214,12 +221,7 @@ def test_a_thread_interrupted_as_it_joins_the_group_leaves_it_as_it_found_it(lon
     store = Store(hold=0)
     group = GroupCommit(store.one, store.many, lone_writes=lone_writes)
     outcomes: dict[int, object] = {}
-
-    def call(item: int) -> None:
-        try:
-            outcomes[item] = group(item)
-        except Interrupted as exc:
-            outcomes[item] = exc
+    call = recording(group, outcomes)
 
     first = threading.Thread(target=call, args=(0,))
     first.start()
@@ -246,12 +248,7 @@ def test_a_leader_interrupted_as_it_hands_over_still_wakes_its_batch_and_the_nex
 
     group = GroupCommit(store.one, many, lone_writes=1)
     outcomes: dict[int, object] = {}
-
-    def call(item: int) -> None:
-        try:
-            outcomes[item] = group(item)
-        except Interrupted as exc:
-            outcomes[item] = exc
+    call = recording(group, outcomes)
 
     threads = {i: threading.Thread(target=call, args=(i,)) for i in range(4)}
     threads[0].start()
